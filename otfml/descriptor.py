@@ -1,0 +1,456 @@
+"""Atom-centred power-spectrum descriptor (B2 / SOAP-like) with exact gradients.
+
+For every atom *i* the neighbour density within the cutoff ``r_c`` is expanded
+per neighbour species *s*, radial channel *n* and real spherical harmonic
+``(l, m)``::
+
+    c[i, s, n, lm] = sum_j g_n(r_ij) f_c(r_ij) Y_lm(r_ij / |r_ij|)
+
+with Gaussian radial functions ``g_n`` and the cosine cutoff
+``f_c(r) = (1 + cos(pi r / r_c)) / 2``.  The power spectrum::
+
+    p[i, l, (a, b)] = w_ab * sum_m c[i, a, lm] c[i, b, lm],   a <= b
+
+(``a = (s, n)``, ``w_ab = sqrt(2)`` off the diagonal so that ``p.p`` equals the
+dot product of the full symmetric matrices) is invariant to rotation,
+translation and permutation of like atoms.
+
+Two gradient paths are provided, both compiled with numba:
+
+* :meth:`Descriptor.backprop` pushes ``dE/dp`` back to forces without ever
+  building ``dp/dr`` (the adjoint pass, used at every MD step);
+* :meth:`Descriptor.gradient` builds ``dp_i/dr_j`` for every centre/neighbour
+  pair (used when a labelled frame is turned into force rows for training).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from ase import Atoms
+from ase.neighborlist import primitive_neighbor_list
+from numba import njit
+
+__all__ = ["Descriptor", "Environments"]
+
+
+# --------------------------------------------------------------------------
+# compiled kernels
+# --------------------------------------------------------------------------
+@njit(cache=True, fastmath=False)
+def _solid_harmonics(x, y, z, l_max, norm, Y, dY):
+    """Real solid harmonics R_lm(x, y, z) and their Cartesian gradients.
+
+    ``R_lm`` is a homogeneous polynomial of degree l; on the unit sphere it is
+    the orthonormal real spherical harmonic Y_lm.  Index ``l*l + l + m``.
+    """
+    rr = x * x + y * y + z * z
+    L1 = l_max + 1
+    # Q[l, m](z, rr) and its partial derivatives in z and rr
+    Q = np.zeros((L1, L1))
+    Qz = np.zeros((L1, L1))
+    Qr = np.zeros((L1, L1))
+    for m in range(L1):
+        dfact = 1.0
+        for k in range(1, 2 * m, 2):
+            dfact *= k
+        Q[m, m] = dfact
+        if m + 1 <= l_max:
+            Q[m + 1, m] = (2 * m + 1) * z * dfact
+            Qz[m + 1, m] = (2 * m + 1) * dfact
+        for l in range(m + 2, L1):
+            a = 2 * l - 1
+            b = l + m - 1
+            d = l - m
+            Q[l, m] = (a * z * Q[l - 1, m] - b * rr * Q[l - 2, m]) / d
+            Qz[l, m] = (a * (Q[l - 1, m] + z * Qz[l - 1, m]) - b * rr * Qz[l - 2, m]) / d
+            Qr[l, m] = (a * z * Qr[l - 1, m] - b * (Q[l - 2, m] + rr * Qr[l - 2, m])) / d
+    # C_m + i S_m = (x + i y)^m
+    C = np.zeros(L1)
+    S = np.zeros(L1)
+    C[0] = 1.0
+    for m in range(1, L1):
+        C[m] = x * C[m - 1] - y * S[m - 1]
+        S[m] = x * S[m - 1] + y * C[m - 1]
+    for l in range(L1):
+        for m in range(l + 1):
+            q = Q[l, m]
+            # gradient of Q(z, rr(x, y, z))
+            gqx = Qr[l, m] * 2.0 * x
+            gqy = Qr[l, m] * 2.0 * y
+            gqz = Qz[l, m] + Qr[l, m] * 2.0 * z
+            nlm = norm[l * l + l + m]
+            if m == 0:
+                k = l * l + l
+                Y[k] = nlm * q
+                dY[k, 0] = nlm * gqx
+                dY[k, 1] = nlm * gqy
+                dY[k, 2] = nlm * gqz
+            else:
+                cm = C[m]
+                sm = S[m]
+                dcx = m * C[m - 1]
+                dcy = -m * S[m - 1]
+                dsx = m * S[m - 1]
+                dsy = m * C[m - 1]
+                kp = l * l + l + m
+                km = l * l + l - m
+                Y[kp] = nlm * q * cm
+                dY[kp, 0] = nlm * (gqx * cm + q * dcx)
+                dY[kp, 1] = nlm * (gqy * cm + q * dcy)
+                dY[kp, 2] = nlm * gqz * cm
+                Y[km] = nlm * q * sm
+                dY[km, 0] = nlm * (gqx * sm + q * dsx)
+                dY[km, 1] = nlm * (gqy * sm + q * dsy)
+                dY[km, 2] = nlm * gqz * sm
+
+
+@njit(cache=True)
+def _pair_basis(D, r_c, mu, width, l_max, norm, B, dB):
+    """Basis values B[n, lm] = g_n f_c Y_lm of one pair vector and dB/dD.
+
+    B has shape (n_max, L); dB has shape (n_max, L, 3).
+    """
+    r = math.sqrt(D[0] * D[0] + D[1] * D[1] + D[2] * D[2])
+    ux = D[0] / r
+    uy = D[1] / r
+    uz = D[2] / r
+    L = (l_max + 1) * (l_max + 1)
+    Y = np.empty(L)
+    dYh = np.empty((L, 3))
+    _solid_harmonics(ux, uy, uz, l_max, norm, Y, dYh)
+    # gradient of Y(u(D)) = (grad_hom - l Y u) / r  (Euler: u . grad_hom = l Y)
+    dY = np.empty((L, 3))
+    for l in range(l_max + 1):
+        for k in range(l * l, (l + 1) * (l + 1)):
+            dY[k, 0] = (dYh[k, 0] - l * Y[k] * ux) / r
+            dY[k, 1] = (dYh[k, 1] - l * Y[k] * uy) / r
+            dY[k, 2] = (dYh[k, 2] - l * Y[k] * uz) / r
+    fc = 0.5 * (math.cos(math.pi * r / r_c) + 1.0)
+    dfc = -0.5 * math.pi / r_c * math.sin(math.pi * r / r_c)
+    inv_w2 = 1.0 / (width * width)
+    for n in range(mu.shape[0]):
+        t = r - mu[n]
+        g = math.exp(-0.5 * t * t * inv_w2)
+        dg = -t * inv_w2 * g
+        rad = g * fc
+        drad = dg * fc + g * dfc
+        for k in range(L):
+            B[n, k] = rad * Y[k]
+            dB[n, k, 0] = drad * ux * Y[k] + rad * dY[k, 0]
+            dB[n, k, 1] = drad * uy * Y[k] + rad * dY[k, 1]
+            dB[n, k, 2] = drad * uz * Y[k] + rad * dY[k, 2]
+
+
+@njit(cache=True)
+def _expansion(n_atoms, n_species, pi, pj, D, sj, r_c, mu, width, l_max, norm):
+    """Density coefficients c[i, s*n_max + n, lm]."""
+    n_max = mu.shape[0]
+    L = (l_max + 1) * (l_max + 1)
+    c = np.zeros((n_atoms, n_species * n_max, L))
+    B = np.empty((n_max, L))
+    dB = np.empty((n_max, L, 3))
+    for q in range(pi.shape[0]):
+        _pair_basis(D[q], r_c, mu, width, l_max, norm, B, dB)
+        i = pi[q]
+        off = sj[q] * n_max
+        for n in range(n_max):
+            for k in range(L):
+                c[i, off + n, k] += B[n, k]
+    return c
+
+
+@njit(cache=True)
+def _power(c, l_max, qa, qb, qw):
+    """Power spectrum p[i, l*KK + q] from coefficients c (n_atoms, K, L)."""
+    n_atoms = c.shape[0]
+    KK = qa.shape[0]
+    p = np.zeros((n_atoms, (l_max + 1) * KK))
+    for i in range(n_atoms):
+        for l in range(l_max + 1):
+            for q in range(KK):
+                a = qa[q]
+                b = qb[q]
+                s = 0.0
+                for k in range(l * l, (l + 1) * (l + 1)):
+                    s += c[i, a, k] * c[i, b, k]
+                p[i, l * KK + q] = qw[q] * s
+    return p
+
+
+@njit(cache=True)
+def _backprop(gp, c, pi, pj, D, sj, r_c, mu, width, l_max, norm, qa, qb, qw):
+    """Forces -dE/dr given gp = dE/dp (n_atoms, F) (adjoint pass)."""
+    n_atoms, K, L = c.shape
+    n_max = mu.shape[0]
+    KK = qa.shape[0]
+    # dE/dc[i, a, lm]
+    gc = np.zeros((n_atoms, K, L))
+    for i in range(n_atoms):
+        for l in range(l_max + 1):
+            for q in range(KK):
+                g = gp[i, l * KK + q] * qw[q]
+                if g == 0.0:
+                    continue
+                a = qa[q]
+                b = qb[q]
+                for k in range(l * l, (l + 1) * (l + 1)):
+                    gc[i, a, k] += g * c[i, b, k]
+                    gc[i, b, k] += g * c[i, a, k]
+    forces = np.zeros((n_atoms, 3))
+    B = np.empty((n_max, L))
+    dB = np.empty((n_max, L, 3))
+    for q in range(pi.shape[0]):
+        _pair_basis(D[q], r_c, mu, width, l_max, norm, B, dB)
+        i = pi[q]
+        j = pj[q]
+        off = sj[q] * n_max
+        fx = 0.0
+        fy = 0.0
+        fz = 0.0
+        for n in range(n_max):
+            for k in range(L):
+                g = gc[i, off + n, k]
+                fx += g * dB[n, k, 0]
+                fy += g * dB[n, k, 1]
+                fz += g * dB[n, k, 2]
+        # D = r_j - r_i, so dE/dr_j = dE/dD and dE/dr_i = -dE/dD
+        forces[j, 0] -= fx
+        forces[j, 1] -= fy
+        forces[j, 2] -= fz
+        forces[i, 0] += fx
+        forces[i, 1] += fy
+        forces[i, 2] += fz
+    return forces
+
+
+@njit(cache=True)
+def _gradient(c, pi, pj, D, sj, r_c, mu, width, l_max, norm, qa, qb, qw):
+    """dp_i/dD_ij for every pair: array (n_pairs, 3, F)."""
+    n_atoms, K, L = c.shape
+    n_max = mu.shape[0]
+    KK = qa.shape[0]
+    F = (l_max + 1) * KK
+    G = np.zeros((pi.shape[0], 3, F))
+    B = np.empty((n_max, L))
+    dB = np.empty((n_max, L, 3))
+    for q in range(pi.shape[0]):
+        _pair_basis(D[q], r_c, mu, width, l_max, norm, B, dB)
+        i = pi[q]
+        off = sj[q] * n_max
+        for l in range(l_max + 1):
+            for t in range(KK):
+                a = qa[t]
+                b = qb[t]
+                a_in = a >= off and a < off + n_max
+                b_in = b >= off and b < off + n_max
+                if not (a_in or b_in):
+                    continue
+                gx = 0.0
+                gy = 0.0
+                gz = 0.0
+                for k in range(l * l, (l + 1) * (l + 1)):
+                    if a_in:
+                        cb = c[i, b, k]
+                        gx += dB[a - off, k, 0] * cb
+                        gy += dB[a - off, k, 1] * cb
+                        gz += dB[a - off, k, 2] * cb
+                    if b_in:
+                        ca = c[i, a, k]
+                        gx += dB[b - off, k, 0] * ca
+                        gy += dB[b - off, k, 1] * ca
+                        gz += dB[b - off, k, 2] * ca
+                f = l * KK + t
+                G[q, 0, f] = qw[t] * gx
+                G[q, 1, f] = qw[t] * gy
+                G[q, 2, f] = qw[t] * gz
+    return G
+
+
+# --------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------
+@dataclass
+class Environments:
+    """Local environments of one structure.
+
+    Attributes
+    ----------
+    p : ndarray, shape (n_atoms, F)
+        Power-spectrum descriptor of every atom.
+    species : ndarray of int, shape (n_atoms,)
+        Species index of every atom (position in ``Descriptor.species``).
+    numbers : ndarray of int, shape (n_atoms,)
+        Atomic numbers.
+    """
+
+    p: np.ndarray
+    species: np.ndarray
+    numbers: np.ndarray
+    # internal state reused by the gradient passes
+    c: np.ndarray = field(repr=False)
+    pi: np.ndarray = field(repr=False)
+    pj: np.ndarray = field(repr=False)
+    D: np.ndarray = field(repr=False)
+    sj: np.ndarray = field(repr=False)
+
+
+class Descriptor:
+    """Power-spectrum descriptor settings and evaluation.
+
+    Parameters
+    ----------
+    species : sequence of int
+        Atomic numbers the descriptor distinguishes (neighbour channels).
+    cutoff : float, default 5.0
+        Cutoff radius r_c in Å.
+    n_max : int, default 6
+        Number of Gaussian radial functions.
+    l_max : int, default 4
+        Largest angular momentum.
+    r_min : float, default 0.8
+        Centre of the first radial Gaussian in Å; the last sits 0.5 Å inside the
+        cutoff and their width equals their spacing.
+    """
+
+    def __init__(
+        self,
+        species: list[int] | tuple[int, ...],
+        cutoff: float = 5.0,
+        n_max: int = 6,
+        l_max: int = 4,
+        r_min: float = 0.8,
+    ) -> None:
+        species = sorted({int(z) for z in species})
+        if not species:
+            raise ValueError("Descriptor needs at least one species (atomic number)")
+        if not cutoff > r_min + 0.5:
+            raise ValueError(f"cutoff={cutoff} Å must exceed r_min + 0.5 = {r_min + 0.5} Å")
+        if n_max < 1 or l_max < 0:
+            raise ValueError(f"n_max={n_max} must be >= 1 and l_max={l_max} >= 0")
+        self.species = tuple(species)
+        self.cutoff = float(cutoff)
+        self.n_max = int(n_max)
+        self.l_max = int(l_max)
+        self.r_min = float(r_min)
+        self._index = np.full(max(species) + 1, -1, dtype=np.int64)
+        self._index[list(species)] = np.arange(len(species))
+        self.mu = np.linspace(r_min, cutoff - 0.5, n_max) if n_max > 1 else np.array([r_min])
+        self.width = float(self.mu[1] - self.mu[0]) if n_max > 1 else 1.0
+        norm = np.zeros((l_max + 1) ** 2)
+        for lv in range(l_max + 1):
+            for m in range(lv + 1):
+                f = (2 * lv + 1) / (4 * math.pi)
+                if m > 0:
+                    f *= 2.0 * math.factorial(lv - m) / math.factorial(lv + m)
+                norm[lv * lv + lv + m] = math.sqrt(f)
+        self._norm = norm
+        K = len(species) * n_max
+        qa, qb = np.triu_indices(K)
+        self._qa = qa.astype(np.int64)
+        self._qb = qb.astype(np.int64)
+        self._qw = np.where(qa == qb, 1.0, math.sqrt(2.0))
+
+    # ------------------------------------------------------------------
+    @property
+    def n_features(self) -> int:
+        """Length F of one descriptor vector."""
+        return len(self._qa) * (self.l_max + 1)
+
+    def to_dict(self) -> dict:
+        """Settings as a plain dict (for saving; :meth:`from_dict` inverts it)."""
+        return {
+            "species": list(self.species),
+            "cutoff": self.cutoff,
+            "n_max": self.n_max,
+            "l_max": self.l_max,
+            "r_min": self.r_min,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Descriptor:
+        """Rebuild a descriptor from :meth:`to_dict` output."""
+        return cls(**d)
+
+    def species_index(self, numbers: np.ndarray) -> np.ndarray:
+        """Map atomic numbers to species indices, refusing unknown elements."""
+        numbers = np.asarray(numbers, dtype=np.int64)
+        bad = sorted(
+            {int(z) for z in numbers if z >= len(self._index) or z < 0 or self._index[z] < 0}
+        )
+        if bad:
+            from ase.data import chemical_symbols
+
+            names = [chemical_symbols[z] if 0 < z < len(chemical_symbols) else str(z) for z in bad]
+            known = [chemical_symbols[z] for z in self.species]
+            raise ValueError(
+                f"element(s) {names} are not among the model's species {known}; "
+                "list them in the model's species when it is created"
+            )
+        return self._index[numbers]
+
+    def environments(self, atoms: Atoms) -> Environments:
+        """Compute the descriptors of all atoms of ``atoms``.
+
+        Parameters
+        ----------
+        atoms : ase.Atoms
+            Structure (periodic cells are handled through ASE's neighbour list).
+
+        Returns
+        -------
+        Environments
+            Descriptors ``p`` (n_atoms, F) and what the gradient passes need.
+        """
+        numbers = atoms.get_atomic_numbers()
+        spec = self.species_index(numbers)
+        pos = np.asarray(atoms.get_positions(), dtype=float)
+        pbc = atoms.get_pbc()
+        if pbc.any():
+            pi, pj, D = primitive_neighbor_list(
+                "ijD", pbc, atoms.get_cell().array, pos, self.cutoff
+            )
+        else:
+            pi, pj, D = _molecular_pairs(pos, self.cutoff)
+        pi = pi.astype(np.int64)
+        pj = pj.astype(np.int64)
+        D = np.ascontiguousarray(D, dtype=float)
+        sj = spec[pj]
+        c = _expansion(
+            len(numbers), len(self.species), pi, pj, D, sj,
+            self.cutoff, self.mu, self.width, self.l_max, self._norm,
+        )
+        p = _power(c, self.l_max, self._qa, self._qb, self._qw)
+        return Environments(p=p, species=spec, numbers=numbers, c=c, pi=pi, pj=pj, D=D, sj=sj)
+
+    def backprop(self, env: Environments, dE_dp: np.ndarray) -> np.ndarray:
+        """Forces ``-dE/dr`` (n_atoms, 3) in eV/Å given ``dE/dp`` (n_atoms, F)."""
+        return _backprop(
+            np.ascontiguousarray(dE_dp, dtype=float), env.c, env.pi, env.pj, env.D, env.sj,
+            self.cutoff, self.mu, self.width, self.l_max, self._norm,
+            self._qa, self._qb, self._qw,
+        )
+
+    def gradient(self, env: Environments) -> np.ndarray:
+        """``dp_i/dD_ij`` for every neighbour pair, shape (n_pairs, 3, F).
+
+        ``D_ij = r_j - r_i``: the gradient with respect to ``r_j`` is ``G[q]``
+        and with respect to ``r_i`` it is ``-G[q]`` (pairs in ``env.pi``,
+        ``env.pj``).
+        """
+        return _gradient(
+            env.c, env.pi, env.pj, env.D, env.sj,
+            self.cutoff, self.mu, self.width, self.l_max, self._norm,
+            self._qa, self._qb, self._qw,
+        )
+
+
+def _molecular_pairs(pos: np.ndarray, cutoff: float):
+    """All ordered pairs closer than ``cutoff`` in a non-periodic structure."""
+    D = pos[None, :, :] - pos[:, None, :]
+    d2 = np.einsum("ijk,ijk->ij", D, D)
+    np.fill_diagonal(d2, np.inf)
+    pi, pj = np.nonzero(d2 < cutoff * cutoff)
+    return pi, pj, D[pi, pj]

@@ -1,0 +1,693 @@
+"""Sparse Gaussian process on local atomic environments.
+
+Model (see ``DESIGN.md`` §3)::
+
+    E = sum_i [ e0[z_i] + eps_i ],   eps_i = sum_{s in S(z_i)} alpha_s k(p_i, p_s)
+    k(p, q) = sigma^2 (p.q / |p||q|)^2
+
+trained on total energies and all force components with the DTC/SoR
+approximation.  Energies and forces are labels with noise ``sigma_e * sqrt(N)``
+(eV, per-atom noise ``sigma_e`` summed over ``N`` independent atoms) and
+``sigma_f`` (eV/Å).
+
+Everything the solution and the log marginal likelihood need is kept in
+accumulators of size M x M (M = number of sparse environments), in units of the
+normalized kernel ``kt = k / sigma^2``::
+
+    A_E = sum_f r_f r_f^T / N_f     A_F = sum_f R_f^T R_f
+    c_E = sum_f r_f E_f / N_f       C_E = sum_f r_f n_f^T / N_f     b_F = sum_f R_f^T F_f
+
+where ``r_f`` (M,) is the energy row and ``R_f`` (3N, M) the force rows of
+frame *f* and ``n_f`` its composition.  Adding a frame adds to them (O(rows M^2));
+adding sparse environments adds columns (O(rows M new)); changing the
+hyperparameters or the per-species baselines ``e0`` needs no pass over the data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.linalg
+import scipy.optimize
+import scipy.sparse
+from ase import Atoms
+
+from .descriptor import Descriptor, Environments
+
+__all__ = ["SparseGP", "Prediction", "Hyperparameters"]
+
+log = logging.getLogger(__name__)
+
+_JITTER = 1e-8
+_MODEL_FORMAT = "otfml-sparse-gp"
+_MODEL_VERSION = 1
+
+
+@dataclass
+class Hyperparameters:
+    """GP hyperparameters.
+
+    Attributes
+    ----------
+    sigma : float
+        Signal standard deviation of one local energy, eV.
+    sigma_e : float
+        Energy noise per atom, eV (a frame of N atoms has noise ``sigma_e*sqrt(N)``).
+    sigma_f : float
+        Force-component noise, eV/Å.
+    """
+
+    sigma: float = 1.0
+    sigma_e: float = 0.005
+    sigma_f: float = 0.05
+
+    def as_array(self) -> np.ndarray:
+        return np.array([self.sigma, self.sigma_e, self.sigma_f])
+
+
+#: bounds (low, high) of the fitted hyperparameters: sigma (eV), sigma_e (eV), sigma_f (eV/Å)
+DEFAULT_BOUNDS = ((1e-2, 1e2), (1e-3, 1.0), (2e-3, 2.0))
+
+
+@dataclass
+class Prediction:
+    """What the model predicts for one structure.
+
+    Attributes
+    ----------
+    energy : float
+        Total energy, eV.
+    forces : ndarray, shape (n_atoms, 3)
+        Forces, eV/Å (exact negative gradient of ``energy``).
+    local_energies : ndarray, shape (n_atoms,)
+        Local energies including the species baseline, eV.
+    local_std : ndarray, shape (n_atoms,)
+        Predictive standard deviation of each local energy, eV.
+    energy_std : float
+        Predictive standard deviation of the total energy, eV.
+    """
+
+    energy: float
+    forces: np.ndarray
+    local_energies: np.ndarray
+    local_std: np.ndarray
+    energy_std: float
+    env: Environments = field(repr=False)
+
+
+@dataclass
+class _Frame:
+    numbers: np.ndarray
+    env: Environments
+    energy: float
+    forces: np.ndarray
+    counts: np.ndarray
+    rows_e: np.ndarray  # (M,) energy row in normalized kernel units
+    rows_f: np.ndarray  # (3N, M) force rows
+
+
+def _normalize(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    norm = np.linalg.norm(p, axis=1)
+    if np.any(norm == 0.0):
+        raise ValueError(
+            "an atom has no neighbour within the cutoff (isolated atom); "
+            "increase the descriptor cutoff or check the structure"
+        )
+    return p / norm[:, None], norm
+
+
+class SparseGP:
+    """Sparse GP force field on power-spectrum descriptors.
+
+    Parameters
+    ----------
+    descriptor : Descriptor
+        Descriptor settings (its species are the model's species).
+    hyperparameters : Hyperparameters, optional
+        Starting hyperparameters.
+    bounds : tuple of 3 (low, high) pairs, optional
+        Bounds of sigma (eV), sigma_e (eV) and sigma_f (eV/Å) in the fit.
+    max_sparse_per_species : int, default 600
+        Cap on the sparse environments of one species.
+    sparse_tolerance : float, default 0.05
+        An environment joins the sparse set when the part of it the sparse
+        set cannot represent, ``sqrt(1 - k^T K_mm^-1 k)`` in normalized kernel
+        units (0: fully represented, 1: new), exceeds this value.
+    """
+
+    def __init__(
+        self,
+        descriptor: Descriptor,
+        hyperparameters: Hyperparameters | None = None,
+        bounds=DEFAULT_BOUNDS,
+        max_sparse_per_species: int = 600,
+        sparse_tolerance: float = 0.05,
+    ) -> None:
+        self.descriptor = descriptor
+        self.hyp = hyperparameters or Hyperparameters()
+        self.bounds = tuple(tuple(map(float, b)) for b in bounds)
+        self.max_sparse_per_species = int(max_sparse_per_species)
+        self.sparse_tolerance = float(sparse_tolerance)
+        F = descriptor.n_features
+        S = len(descriptor.species)
+        self.Z = np.zeros((0, F))  # normalized sparse descriptors (M, F)
+        self.zs = np.zeros(0, dtype=np.int64)  # species index of each column
+        self.frames: list[_Frame] = []
+        self.e0 = np.zeros(S)
+        self._trainable = True
+        self._reset_accumulators(0)
+        self._Kt = np.zeros((0, 0))
+        self._beta = np.zeros(0)
+        self._V = np.zeros((0, 0))
+        self._fitted = False
+
+    # ------------------------------------------------------------------
+    # bookkeeping
+    # ------------------------------------------------------------------
+    @property
+    def n_sparse(self) -> int:
+        """Total number M of sparse environments."""
+        return len(self.zs)
+
+    @property
+    def n_frames(self) -> int:
+        """Number of labelled frames the model was trained on."""
+        return self._n_e
+
+    def sparse_counts(self) -> dict[int, int]:
+        """Sparse environments per atomic number."""
+        return {
+            z: int(np.sum(self.zs == k)) for k, z in enumerate(self.descriptor.species)
+        }
+
+    def _cols(self, s: int) -> np.ndarray:
+        return np.flatnonzero(self.zs == s)
+
+    def _reset_accumulators(self, M: int) -> None:
+        S = len(self.descriptor.species)
+        self.A_E = np.zeros((M, M))
+        self.A_F = np.zeros((M, M))
+        self.c_E = np.zeros(M)
+        self.C_E = np.zeros((M, S))
+        self.b_F = np.zeros(M)
+        self._EE = 0.0  # sum E^2/N
+        self._En = np.zeros(S)  # sum E n/N
+        self._nn = np.zeros((S, S))  # sum n n^T / N
+        self._ff = 0.0
+        self._n_e = 0
+        self._n_f = 0
+        self._logN = 0.0
+
+    def _kmm(self) -> np.ndarray:
+        """Normalized K_mm (block diagonal over species), cached."""
+        return self._Kt
+
+    # ------------------------------------------------------------------
+    # rows of the design matrix
+    # ------------------------------------------------------------------
+    def _rows(self, env: Environments, cols: np.ndarray, G: np.ndarray | None = None):
+        """Energy row (len(cols),) and force rows (3N, len(cols)) of one frame.
+
+        Normalized kernel units (sigma = 1); force rows are ``-d(row_e)/dr``.
+        """
+        N = len(env.species)
+        ph, norm = _normalize(env.p)
+        zc = self.zs[cols]
+        Zc = self.Z[cols]
+        row_e = np.zeros(len(cols))
+        dEdr = np.zeros((N, 3, len(cols)))
+        if len(cols) == 0:
+            return row_e, dEdr.reshape(3 * N, 0)
+        if G is None:
+            G = self.descriptor.gradient(env)
+        pi, pj = env.pi, env.pj
+        for s in np.unique(env.species):
+            cs = np.flatnonzero(zc == s)
+            if len(cs) == 0:
+                continue
+            atoms_s = env.species == s
+            d_at = ph[atoms_s] @ Zc[cs].T
+            row_e[cs] = np.sum(d_at**2, axis=0)
+            sel = np.flatnonzero(atoms_s[pi])
+            if len(sel) == 0:
+                continue
+            Gs = G[sel]  # (P, 3, F)
+            ci = pi[sel]
+            T = (Gs.reshape(-1, Gs.shape[2]) @ Zc[cs].T).reshape(len(sel), 3, len(cs))
+            u = np.einsum("qcf,qf->qc", Gs, ph[ci])
+            d = ph[ci] @ Zc[cs].T  # (P, Ms)
+            contrib = (2.0 * d / norm[ci][:, None])[:, None, :] * (
+                T - d[:, None, :] * u[:, :, None]
+            )
+            # D = r_j - r_i: +contrib on j, -contrib on i
+            P = len(sel)
+            inc = scipy.sparse.csr_matrix(
+                (np.concatenate([np.ones(P), -np.ones(P)]),
+                 (np.concatenate([pj[sel], ci]), np.concatenate([np.arange(P)] * 2))),
+                shape=(N, P),
+            )
+            dEdr[:, :, cs] += (inc @ contrib.reshape(P, -1)).reshape(N, 3, len(cs))
+        return row_e, -dEdr.reshape(3 * N, len(cols))
+
+    # ------------------------------------------------------------------
+    # training
+    # ------------------------------------------------------------------
+    def coverage(self, env: Environments) -> np.ndarray:
+        """Unrepresented fraction ``sqrt(1 - k^T K_mm^-1 k)`` of each atom (n_atoms,).
+
+        Unitless: 0 for an environment the sparse set spans, 1 for one
+        orthogonal to all of it.
+        """
+        ph, _ = _normalize(env.p)
+        out = np.ones(len(ph))
+        for s in np.unique(env.species):
+            cols = self._cols(s)
+            at = np.flatnonzero(env.species == s)
+            if len(cols) == 0:
+                continue
+            Zs = self.Z[cols]
+            Kmm = (Zs @ Zs.T) ** 2 + _JITTER * np.eye(len(cols))
+            k = (ph[at] @ Zs.T) ** 2
+            L = scipy.linalg.cho_factor(Kmm, lower=True)
+            q = np.sum(k * scipy.linalg.cho_solve(L, k.T).T, axis=1)
+            out[at] = np.sqrt(np.clip(1.0 - q, 0.0, 1.0))
+        return out
+
+    def _select_sparse(
+        self, env: Environments, candidates: np.ndarray | None, max_new: int | None
+    ) -> list[int]:
+        """Greedy choice of the atoms of ``env`` that join the sparse set.
+
+        Pivoted Cholesky on the kernel of the candidates conditioned on the
+        current sparse set: repeatedly take the candidate the set (plus the
+        ones taken so far) represents worst, while its unrepresented fraction
+        exceeds ``sparse_tolerance``.
+        """
+        ph, _ = _normalize(env.p)
+        if candidates is None:
+            candidates = np.arange(len(ph))
+        candidates = np.asarray(candidates, dtype=np.int64)
+        chosen: list[int] = []
+        for s in np.unique(env.species[candidates]):
+            room = self.max_sparse_per_species - int(np.sum(self.zs == s))
+            if max_new is not None:
+                room = min(room, max_new)
+            at = candidates[env.species[candidates] == s]
+            cols = self._cols(s)
+            C = (ph[at] @ ph[at].T) ** 2
+            if len(cols):
+                L = scipy.linalg.cholesky(
+                    self._Kt[np.ix_(cols, cols)] + _JITTER * np.eye(len(cols)), lower=True)
+                W = scipy.linalg.solve_triangular(L, ((ph[at] @ self.Z[cols].T) ** 2).T,
+                                                  lower=True)
+                C -= W.T @ W
+            tol2 = self.sparse_tolerance**2
+            while room > 0:
+                diag = np.diag(C)
+                best = int(np.argmax(diag))
+                if diag[best] <= tol2:
+                    break
+                chosen.append(int(at[best]))
+                room -= 1
+                C = C - np.outer(C[:, best], C[best, :]) / C[best, best]
+            if room <= 0 and self.max_sparse_per_species <= np.sum(self.zs == s):
+                log.info("sparse set of species Z=%d is full (%d)",
+                         self.descriptor.species[s], self.max_sparse_per_species)
+        return chosen
+
+    def _add_columns(self, new_Z: np.ndarray, new_zs: np.ndarray) -> None:
+        """Append sparse environments and the matching accumulator columns."""
+        M0 = self.n_sparse
+        n_new = len(new_zs)
+        self.Z = np.vstack([self.Z, new_Z])
+        self.zs = np.concatenate([self.zs, new_zs])
+        cols = np.arange(M0, M0 + n_new)
+        M = M0 + n_new
+        Kt = np.zeros((M, M))
+        Kt[:M0, :M0] = self._Kt
+        block = (self.Z @ new_Z.T) ** 2
+        block[self.zs[:, None] != new_zs[None, :]] = 0.0
+        Kt[:, M0:] = block
+        Kt[M0:, :M0] = block[:M0].T
+        self._Kt = Kt
+        A_E = np.zeros((M, M))
+        A_F = np.zeros((M, M))
+        A_E[:M0, :M0] = self.A_E
+        A_F[:M0, :M0] = self.A_F
+        self.A_E, self.A_F = A_E, A_F
+        self.c_E = np.concatenate([self.c_E, np.zeros(n_new)])
+        self.C_E = np.vstack([self.C_E, np.zeros((n_new, self.C_E.shape[1]))])
+        self.b_F = np.concatenate([self.b_F, np.zeros(n_new)])
+        for fr in self.frames:
+            e_new, f_new = self._rows(fr.env, cols)
+            N = len(fr.numbers)
+            # cross terms with the old columns and the new block
+            self.A_E[:M0, M0:] += np.outer(fr.rows_e, e_new) / N
+            self.A_E[M0:, M0:] += np.outer(e_new, e_new) / N
+            self.A_F[:M0, M0:] += fr.rows_f.T @ f_new
+            self.A_F[M0:, M0:] += f_new.T @ f_new
+            self.c_E[M0:] += e_new * fr.energy / N
+            self.C_E[M0:] += np.outer(e_new, fr.counts) / N
+            self.b_F[M0:] += f_new.T @ fr.forces.ravel()
+            fr.rows_e = np.concatenate([fr.rows_e, e_new])
+            fr.rows_f = np.hstack([fr.rows_f, f_new])
+        self.A_E[M0:, :M0] = self.A_E[:M0, M0:].T
+        self.A_F[M0:, :M0] = self.A_F[:M0, M0:].T
+
+    def add_frame(
+        self,
+        atoms: Atoms,
+        energy: float,
+        forces: np.ndarray,
+        env: Environments | None = None,
+        candidates: np.ndarray | None = None,
+        max_new_sparse: int | None = None,
+        solve: bool = True,
+    ) -> int:
+        """Add one labelled structure and update the model incrementally.
+
+        Parameters
+        ----------
+        atoms : ase.Atoms
+            The structure.
+        energy : float
+            Reference energy, eV.
+        forces : ndarray, shape (n_atoms, 3)
+            Reference forces, eV/Å.
+        env : Environments, optional
+            Descriptors of ``atoms`` if already computed.
+        candidates : array of int, optional
+            Atoms that may join the sparse set (default: all).
+        max_new_sparse : int, optional
+            At most this many new sparse environments per species from this frame.
+        solve : bool, default True
+            Re-solve for the weights afterwards (set False when adding a batch).
+
+        Returns
+        -------
+        int
+            Number of environments added to the sparse set.
+        """
+        if not self._trainable:
+            raise RuntimeError(
+                "this model was loaded from a model file and can only predict; "
+                "rebuild it from its store (SparseGP.from_store) to train further"
+            )
+        forces = np.asarray(forces, dtype=float).reshape(-1, 3)
+        if len(forces) != len(atoms):
+            raise ValueError(f"forces have {len(forces)} rows for {len(atoms)} atoms")
+        if not np.isfinite(energy) or not np.all(np.isfinite(forces)):
+            raise ValueError("reference energy/forces contain NaN or inf; frame refused")
+        if env is None:
+            env = self.descriptor.environments(atoms)
+        ph, _ = _normalize(env.p)
+        picked = self._select_sparse(env, candidates, max_new_sparse)
+        if picked:
+            self._add_columns(ph[picked], env.species[picked])
+        G = self.descriptor.gradient(env)
+        row_e, rows_f = self._rows(env, np.arange(self.n_sparse), G)
+        N = len(atoms)
+        counts = np.bincount(env.species, minlength=len(self.descriptor.species)).astype(float)
+        f = forces.ravel()
+        self.A_E += np.outer(row_e, row_e) / N
+        self.A_F += rows_f.T @ rows_f
+        self.c_E += row_e * energy / N
+        self.C_E += np.outer(row_e, counts) / N
+        self.b_F += rows_f.T @ f
+        self._EE += energy * energy / N
+        self._En += energy * counts / N
+        self._nn += np.outer(counts, counts) / N
+        self._ff += float(f @ f)
+        self._n_e += 1
+        self._n_f += len(f)
+        self._logN += math.log(N)
+        self.frames.append(
+            _Frame(env.numbers.copy(), env, float(energy), forces.copy(), counts, row_e, rows_f)
+        )
+        if solve:
+            self.solve()
+        return len(picked)
+
+    def fit_baseline(self) -> np.ndarray:
+        """Per-species energy baselines e0 (eV) by least squares on energy per atom.
+
+        Minimum-norm solution where the compositions do not determine every
+        species (e.g. a single molecule).
+        """
+        if self._n_e == 0:
+            return self.e0
+        # weighted normal equations: (sum n n^T/N) e0 = sum E n/N
+        self.e0 = np.linalg.lstsq(self._nn, self._En, rcond=1e-10)[0]
+        return self.e0
+
+    # ------------------------------------------------------------------
+    # solution and likelihood
+    # ------------------------------------------------------------------
+    def _whitened(self):
+        """Accumulators whitened by the Cholesky factor L of K_mm: L^-1 A L^-T etc.
+
+        In this basis ``P = K_mm + K_mn Lam^-1 K_nm = sigma^2 L B L^T`` with
+        ``B = I + sigma^2 (AEw/se^2 + AFw/sf^2)``, whose eigenvalues are >= 1,
+        so the solve stays well conditioned however small the noises get.
+        """
+        L = scipy.linalg.cholesky(self._Kt + _JITTER * np.eye(self.n_sparse), lower=True)
+
+        def w(X):
+            Y = scipy.linalg.solve_triangular(L, X, lower=True)
+            return scipy.linalg.solve_triangular(L, Y.T, lower=True).T
+
+        c = self.c_E - self.C_E @ self.e0
+        # energy block from the rows themselves: PSD by construction (its rank is
+        # only the number of frames; whitening A_E would amplify rounding into
+        # negative eigenvalues)
+        if self.frames:
+            R = np.array([fr.rows_e / math.sqrt(len(fr.numbers)) for fr in self.frames])
+            W = scipy.linalg.solve_triangular(L, R.T, lower=True)
+            AE = W @ W.T
+        else:
+            AE = w(self.A_E)
+        return {
+            "L": L,
+            "AE": AE,
+            "AF": w(self.A_F),
+            "c": scipy.linalg.solve_triangular(L, c, lower=True),
+            "bF": scipy.linalg.solve_triangular(L, self.b_F, lower=True),
+        }
+
+    def log_marginal_likelihood(
+        self, theta: np.ndarray | None = None, eval_gradient: bool = False, _wh=None
+    ):
+        """DTC log marginal likelihood of the training labels.
+
+        Parameters
+        ----------
+        theta : array (3,), optional
+            (sigma, sigma_e, sigma_f) in eV, eV, eV/Å; current values by default.
+        eval_gradient : bool, default False
+            Also return the gradient with respect to ``log(theta)``.
+
+        Returns
+        -------
+        float, or (float, ndarray (3,))
+            Log likelihood (and its gradient); ``-inf`` if the system is singular.
+        """
+        theta = self.hyp.as_array() if theta is None else np.asarray(theta, float)
+        sigma, se, sf = theta
+        if self.n_sparse == 0 or self._n_e == 0:
+            return (0.0, np.zeros(3)) if eval_gradient else 0.0
+        wh = self._whitened() if _wh is None else _wh
+        M = self.n_sparse
+        s2 = sigma**2
+        B = np.eye(M) + s2 * (wh["AE"] / se**2 + wh["AF"] / sf**2)
+        u = wh["c"] / se**2 + wh["bF"] / sf**2
+        try:
+            LB = scipy.linalg.cho_factor(B, lower=True)
+        except np.linalg.LinAlgError:
+            return (-np.inf, np.zeros(3)) if eval_gradient else -np.inf
+        beta = scipy.linalg.cho_solve(LB, u)
+        T = s2 * u @ beta  # = b^T P^-1 b
+        e0 = self.e0
+        yWy = self._EE - 2 * e0 @ self._En + e0 @ self._nn @ e0
+        Q = (yWy / se**2 + self._ff / sf**2 - T
+             + self._n_e * math.log(se**2) + self._logN + self._n_f * math.log(sf**2)
+             + 2 * np.sum(np.log(np.diag(LB[0])))
+             + (self._n_e + self._n_f) * math.log(2 * math.pi))
+        lml = float(-0.5 * Q)
+        if not eval_gradient:
+            return lml
+        Binv = scipy.linalg.cho_solve(LB, np.eye(M))
+        # dQ/dlog(theta); T = s2 u^T B^-1 u, dT = s2 (2 beta.du - beta^T dB beta) (+ 2T for sigma)
+        dB_s = 2 * (B - np.eye(M))
+        dQ_s = -(2 * T - s2 * beta @ dB_s @ beta) + np.sum(Binv * dB_s)
+        dB_e = -2 * s2 * wh["AE"] / se**2
+        du_e = -2 * wh["c"] / se**2
+        dQ_e = (-2 * yWy / se**2 + 2 * self._n_e
+                - s2 * (2 * beta @ du_e - beta @ dB_e @ beta) + np.sum(Binv * dB_e))
+        dB_f = -2 * s2 * wh["AF"] / sf**2
+        du_f = -2 * wh["bF"] / sf**2
+        dQ_f = (-2 * self._ff / sf**2 + 2 * self._n_f
+                - s2 * (2 * beta @ du_f - beta @ dB_f @ beta) + np.sum(Binv * dB_f))
+        return lml, -0.5 * np.array([dQ_s, dQ_e, dQ_f])
+
+    def fit_hyperparameters(self, maxiter: int = 100) -> Hyperparameters:
+        """Maximize the log marginal likelihood within ``self.bounds``.
+
+        L-BFGS-B on log-parameters with the analytic gradient; the result always
+        lies within the bounds, so a run cannot be derailed by a diverging
+        signal variance.  Keeps the previous values if the optimizer does not
+        improve on them.
+        """
+        if self._n_e == 0 or self.n_sparse == 0:
+            return self.hyp
+        self.fit_baseline()
+        lb = np.log([b[0] for b in self.bounds])
+        ub = np.log([b[1] for b in self.bounds])
+        x0 = np.clip(np.log(self.hyp.as_array()), lb, ub)
+
+        wh = self._whitened()
+
+        def neg(x):
+            v, g = self.log_marginal_likelihood(np.exp(x), eval_gradient=True, _wh=wh)
+            if not np.isfinite(v):
+                return 1e300, np.zeros(3)
+            return -v, -g
+
+        f0 = neg(x0)[0]
+        res = scipy.optimize.minimize(neg, x0, jac=True, method="L-BFGS-B",
+                                      bounds=list(zip(lb, ub)), options={"maxiter": maxiter})
+        if res.fun < f0 and np.all(np.isfinite(res.x)):
+            self.hyp = Hyperparameters(*(float(v) for v in np.exp(np.clip(res.x, lb, ub))))
+        log.debug("hyperparameters %s (log-likelihood %.3f)", self.hyp, -min(res.fun, f0))
+        self.solve()
+        return self.hyp
+
+    def solve(self) -> None:
+        """Solve for the weights and the variance matrix at the current hyperparameters."""
+        if self._n_e == 0 or self.n_sparse == 0:
+            self._fitted = False
+            return
+        if not self._fitted:
+            self.fit_baseline()
+        sigma, se, sf = self.hyp.as_array()
+        wh = self._whitened()
+        M = self.n_sparse
+        s2 = sigma**2
+        B = np.eye(M) + s2 * (wh["AE"] / se**2 + wh["AF"] / sf**2)
+        LB = scipy.linalg.cho_factor(B, lower=True)
+        u = wh["c"] / se**2 + wh["bF"] / sf**2
+        Linv = scipy.linalg.solve_triangular(wh["L"], np.eye(M), lower=True)
+        # weights alpha = P^-1 b = L^-T B^-1 u; local energy eps = kt^T (s2 alpha)
+        self._beta = s2 * Linv.T @ scipy.linalg.cho_solve(LB, u)
+        # variance sigma^2 + kt^T V kt with V = s2 L^-T (B^-1 - I) L^-1
+        self._V = s2 * Linv.T @ (scipy.linalg.cho_solve(LB, np.eye(M)) - np.eye(M)) @ Linv
+        self._V = 0.5 * (self._V + self._V.T)
+        self._fitted = True
+
+    # ------------------------------------------------------------------
+    # prediction
+    # ------------------------------------------------------------------
+    @property
+    def is_fitted(self) -> bool:
+        """True once the model has data to predict from."""
+        return self._fitted
+
+    def predict(self, atoms: Atoms, env: Environments | None = None) -> Prediction:
+        """Energy, forces and uncertainties of one structure.
+
+        Parameters
+        ----------
+        atoms : ase.Atoms
+            Structure to predict.
+        env : Environments, optional
+            Precomputed descriptors of ``atoms``.
+        """
+        if not self._fitted:
+            raise RuntimeError("the model has no training data yet; add a labelled frame first")
+        if env is None:
+            env = self.descriptor.environments(atoms)
+        ph, norm = _normalize(env.p)
+        N = len(ph)
+        sigma2 = self.hyp.sigma**2
+        eps = self.e0[env.species].astype(float).copy()
+        var = np.full(N, sigma2)
+        dE_dp = np.zeros_like(ph)
+        kappa = np.zeros(self.n_sparse)
+        e_var_prior = 0.0
+        for s in np.unique(env.species):
+            at = np.flatnonzero(env.species == s)
+            cols = self._cols(s)
+            pa = ph[at]
+            e_var_prior += sigma2 * np.sum((pa @ pa.T) ** 2)
+            if len(cols) == 0:
+                continue
+            Zs = self.Z[cols]
+            d = pa @ Zs.T
+            k = d * d
+            beta = self._beta[cols]
+            eps[at] += k @ beta
+            g = 2.0 * (d * beta) @ Zs  # d eps / d p_hat
+            g -= np.sum(g * pa, axis=1)[:, None] * pa
+            dE_dp[at] = g / norm[at][:, None]
+            Vs = self._V[np.ix_(cols, cols)]
+            var[at] += np.sum((k @ Vs) * k, axis=1)
+            kappa[cols] = k.sum(axis=0)
+        forces = self.descriptor.backprop(env, dE_dp)
+        e_var = e_var_prior + kappa @ self._V @ kappa
+        return Prediction(
+            energy=float(eps.sum()),
+            forces=forces,
+            local_energies=eps,
+            local_std=np.sqrt(np.clip(var, 0.0, None)),
+            energy_std=float(math.sqrt(max(e_var, 0.0))),
+            env=env,
+        )
+
+    # ------------------------------------------------------------------
+    # persistence
+    # ------------------------------------------------------------------
+    def save(self, path: str) -> None:
+        """Save what prediction needs to an ``.npz`` file (exact round trip)."""
+        meta = {
+            "format": _MODEL_FORMAT,
+            "version": _MODEL_VERSION,
+            "descriptor": self.descriptor.to_dict(),
+            "hyperparameters": [float(x) for x in self.hyp.as_array()],
+            "bounds": self.bounds,
+            "max_sparse_per_species": self.max_sparse_per_species,
+            "sparse_tolerance": self.sparse_tolerance,
+            "n_frames": self._n_e,
+        }
+        with open(path, "wb") as fh:
+            np.savez(fh, meta=np.array(json.dumps(meta)), Z=self.Z, zs=self.zs,
+                     e0=self.e0, beta=self._beta, V=self._V)
+
+    @classmethod
+    def load(cls, path: str) -> SparseGP:
+        """Load a model saved by :meth:`save` (prediction only)."""
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                meta = json.loads(str(data["meta"]))
+                arrays = {k: data[k] for k in ("Z", "zs", "e0", "beta", "V")}
+        except (OSError, ValueError, KeyError) as err:
+            raise ValueError(f"{path!r} is not an otfml model file ({err})") from err
+        if meta.get("format") != _MODEL_FORMAT:
+            raise ValueError(f"{path!r} is not an otfml model file")
+        if meta.get("version") != _MODEL_VERSION:
+            raise ValueError(
+                f"{path!r} has model format version {meta.get('version')}, "
+                f"this otfml reads version {_MODEL_VERSION}; retrain it from its store"
+            )
+        gp = cls(Descriptor.from_dict(meta["descriptor"]),
+                 Hyperparameters(*meta["hyperparameters"]), bounds=meta["bounds"],
+                 max_sparse_per_species=meta["max_sparse_per_species"],
+                 sparse_tolerance=meta["sparse_tolerance"])
+        gp.Z, gp.zs, gp.e0 = arrays["Z"], arrays["zs"].astype(np.int64), arrays["e0"]
+        gp._beta, gp._V = arrays["beta"], arrays["V"]
+        gp._n_e = int(meta["n_frames"])
+        gp._fitted = gp.n_sparse > 0
+        gp._trainable = False
+        return gp
