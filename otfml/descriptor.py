@@ -304,23 +304,30 @@ class Descriptor:
     ----------
     species : sequence of int
         Atomic numbers the descriptor distinguishes (neighbour channels).
-    cutoff : float, default 5.0
+    cutoff : float, default 3.0
         Cutoff radius r_c in Å.
-    n_max : int, default 6
+    n_max : int, default 8
         Number of Gaussian radial functions.
-    l_max : int, default 4
+    l_max : int, default 3
         Largest angular momentum.
     r_min : float, default 0.8
         Centre of the first radial Gaussian in Å; the last sits 0.5 Å inside the
         cutoff and their width equals their spacing.
+
+    Notes
+    -----
+    The defaults were chosen on ethanol/PM7 at 500 K (40 training frames of one
+    trajectory, force MAE on another): a short cutoff with fine radial
+    resolution (3.0 Å, 8 Gaussians, 0.07 eV/Å) beat the usual 5 Å / 6 functions
+    (0.27 eV/Å) by a wide margin.
     """
 
     def __init__(
         self,
         species: list[int] | tuple[int, ...],
-        cutoff: float = 5.0,
-        n_max: int = 6,
-        l_max: int = 4,
+        cutoff: float = 3.0,
+        n_max: int = 8,
+        l_max: int = 3,
         r_min: float = 0.8,
     ) -> None:
         species = sorted({int(z) for z in species})

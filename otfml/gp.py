@@ -89,6 +89,11 @@ class Prediction:
         Predictive standard deviation of each local energy, eV.
     energy_std : float
         Predictive standard deviation of the total energy, eV.
+    novelty : ndarray, shape (n_atoms,)
+        ``sigma * sqrt(1 - kt^T Kt_mm^-1 kt)``: the prior std of each local
+        energy that the sparse set leaves unexplained, eV.  Unlike
+        ``local_std`` it carries no floor from the per-species energy offsets
+        (which forces cannot determine), so it ranks force errors.
     """
 
     energy: float
@@ -96,6 +101,7 @@ class Prediction:
     local_energies: np.ndarray
     local_std: np.ndarray
     energy_std: float
+    novelty: np.ndarray
     env: Environments = field(repr=False)
 
 
@@ -108,6 +114,7 @@ class _Frame:
     counts: np.ndarray
     rows_e: np.ndarray  # (M,) energy row in normalized kernel units
     rows_f: np.ndarray  # (3N, M) force rows
+    geom: dict | None = None  # cached SparseGP._geometry (None: over the cache budget)
 
 
 def _normalize(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -137,6 +144,9 @@ class SparseGP:
         An environment joins the sparse set when the part of it the sparse
         set cannot represent, ``sqrt(1 - k^T K_mm^-1 k)`` in normalized kernel
         units (0: fully represented, 1: new), exceeds this value.
+    cache_bytes : int, default 2 GiB
+        Memory for the descriptor gradients of training frames, which new
+        sparse environments need; frames beyond it are recomputed on demand.
     """
 
     def __init__(
@@ -146,12 +156,15 @@ class SparseGP:
         bounds=DEFAULT_BOUNDS,
         max_sparse_per_species: int = 600,
         sparse_tolerance: float = 0.05,
+        cache_bytes: int = 2 * 1024**3,
     ) -> None:
         self.descriptor = descriptor
         self.hyp = hyperparameters or Hyperparameters()
         self.bounds = tuple(tuple(map(float, b)) for b in bounds)
         self.max_sparse_per_species = int(max_sparse_per_species)
         self.sparse_tolerance = float(sparse_tolerance)
+        self.cache_bytes = int(cache_bytes)
+        self._cache_bytes = 0
         F = descriptor.n_features
         S = len(descriptor.species)
         self.Z = np.zeros((0, F))  # normalized sparse descriptors (M, F)
@@ -209,48 +222,62 @@ class SparseGP:
     # ------------------------------------------------------------------
     # rows of the design matrix
     # ------------------------------------------------------------------
-    def _rows(self, env: Environments, cols: np.ndarray, G: np.ndarray | None = None):
+    def _geometry(self, env: Environments) -> dict:
+        """What the rows of one frame need besides the sparse set (cached per frame).
+
+        Per centre species ``s``: the pairs it owns as a contiguous block of
+        ``G = dp_i/dD_ij`` (P, 3, F), ``u = G p_hat_i`` (P, 3), the centres' unit
+        descriptors and norms, and the sparse incidence matrix (n_atoms x P,
+        +1 on the neighbour, -1 on the centre) that scatters pair terms to atoms.
+        """
+        N = len(env.species)
+        ph, norm = _normalize(env.p)
+        G = self.descriptor.gradient(env)
+        blocks = {}
+        for s in np.unique(env.species):
+            sel = np.flatnonzero(env.species[env.pi] == s)
+            P = len(sel)
+            ci = env.pi[sel]
+            Gs = np.ascontiguousarray(G[sel]).reshape(P * 3, -1)
+            inc = scipy.sparse.csr_matrix(
+                (np.concatenate([np.ones(P), -np.ones(P)]),
+                 (np.concatenate([env.pj[sel], ci]), np.concatenate([np.arange(P)] * 2))),
+                shape=(N, P),
+            )
+            u = np.einsum("qcf,qf->qc", Gs.reshape(P, 3, -1), ph[ci])
+            blocks[int(s)] = {"G": Gs, "u": u, "ph": ph[ci], "scale": 2.0 / norm[ci],
+                              "inc": inc, "atoms": ph[env.species == s]}
+        nbytes = sum(blk["G"].nbytes for blk in blocks.values())
+        return {"blocks": blocks, "nbytes": nbytes}
+
+    def _rows(self, env: Environments, cols: np.ndarray, geom: dict | None = None):
         """Energy row (len(cols),) and force rows (3N, len(cols)) of one frame.
 
         Normalized kernel units (sigma = 1); force rows are ``-d(row_e)/dr``.
         """
         N = len(env.species)
-        ph, norm = _normalize(env.p)
         zc = self.zs[cols]
-        Zc = self.Z[cols]
         row_e = np.zeros(len(cols))
         dEdr = np.zeros((N, 3, len(cols)))
         if len(cols) == 0:
             return row_e, dEdr.reshape(3 * N, 0)
-        if G is None:
-            G = self.descriptor.gradient(env)
-        pi, pj = env.pi, env.pj
-        for s in np.unique(env.species):
+        if geom is None:
+            geom = self._geometry(env)
+        for s, blk in geom["blocks"].items():
             cs = np.flatnonzero(zc == s)
             if len(cs) == 0:
                 continue
-            atoms_s = env.species == s
-            d_at = ph[atoms_s] @ Zc[cs].T
-            row_e[cs] = np.sum(d_at**2, axis=0)
-            sel = np.flatnonzero(atoms_s[pi])
-            if len(sel) == 0:
+            Zc = self.Z[cols[cs]]
+            row_e[cs] = np.sum((blk["atoms"] @ Zc.T) ** 2, axis=0)
+            P = len(blk["u"])
+            if P == 0:
                 continue
-            Gs = G[sel]  # (P, 3, F)
-            ci = pi[sel]
-            T = (Gs.reshape(-1, Gs.shape[2]) @ Zc[cs].T).reshape(len(sel), 3, len(cs))
-            u = np.einsum("qcf,qf->qc", Gs, ph[ci])
-            d = ph[ci] @ Zc[cs].T  # (P, Ms)
-            contrib = (2.0 * d / norm[ci][:, None])[:, None, :] * (
-                T - d[:, None, :] * u[:, :, None]
-            )
-            # D = r_j - r_i: +contrib on j, -contrib on i
-            P = len(sel)
-            inc = scipy.sparse.csr_matrix(
-                (np.concatenate([np.ones(P), -np.ones(P)]),
-                 (np.concatenate([pj[sel], ci]), np.concatenate([np.arange(P)] * 2))),
-                shape=(N, P),
-            )
-            dEdr[:, :, cs] += (inc @ contrib.reshape(P, -1)).reshape(N, 3, len(cs))
+            T = (blk["G"] @ Zc.T).reshape(P, 3, len(cs))
+            d = blk["ph"] @ Zc.T  # (P, Ms)
+            # d kt_is / d D_ij = 2 d_is / |p_i| (G z_s - d_is G p_hat_i)
+            T -= d[:, None, :] * blk["u"][:, :, None]
+            T *= (blk["scale"][:, None] * d)[:, None, :]
+            dEdr[:, :, cs] += (blk["inc"] @ T.reshape(P, -1)).reshape(N, 3, len(cs))
         return row_e, -dEdr.reshape(3 * N, len(cols))
 
     # ------------------------------------------------------------------
@@ -343,7 +370,7 @@ class SparseGP:
         self.C_E = np.vstack([self.C_E, np.zeros((n_new, self.C_E.shape[1]))])
         self.b_F = np.concatenate([self.b_F, np.zeros(n_new)])
         for fr in self.frames:
-            e_new, f_new = self._rows(fr.env, cols)
+            e_new, f_new = self._rows(fr.env, cols, fr.geom)
             N = len(fr.numbers)
             # cross terms with the old columns and the new block
             self.A_E[:M0, M0:] += np.outer(fr.rows_e, e_new) / N
@@ -408,8 +435,8 @@ class SparseGP:
         picked = self._select_sparse(env, candidates, max_new_sparse)
         if picked:
             self._add_columns(ph[picked], env.species[picked])
-        G = self.descriptor.gradient(env)
-        row_e, rows_f = self._rows(env, np.arange(self.n_sparse), G)
+        geom = self._geometry(env)
+        row_e, rows_f = self._rows(env, np.arange(self.n_sparse), geom)
         N = len(atoms)
         counts = np.bincount(env.species, minlength=len(self.descriptor.species)).astype(float)
         f = forces.ravel()
@@ -425,8 +452,14 @@ class SparseGP:
         self._n_e += 1
         self._n_f += len(f)
         self._logN += math.log(N)
+        size = geom["nbytes"]
+        if self._cache_bytes + size <= self.cache_bytes:
+            self._cache_bytes += size
+        else:
+            geom = None  # recomputed when new sparse columns need it
         self.frames.append(
-            _Frame(env.numbers.copy(), env, float(energy), forces.copy(), counts, row_e, rows_f)
+            _Frame(env.numbers.copy(), env, float(energy), forces.copy(), counts, row_e, rows_f,
+                   geom)
         )
         if solve:
             self.solve()
@@ -585,6 +618,7 @@ class SparseGP:
         # variance sigma^2 + kt^T V kt with V = s2 L^-T (B^-1 - I) L^-1
         self._V = s2 * Linv.T @ (scipy.linalg.cho_solve(LB, np.eye(M)) - np.eye(M)) @ Linv
         self._V = 0.5 * (self._V + self._V.T)
+        self._Linv = Linv  # block diagonal: K_mm is block diagonal over species
         self._fitted = True
 
     # ------------------------------------------------------------------
@@ -616,6 +650,7 @@ class SparseGP:
         var = np.full(N, sigma2)
         dE_dp = np.zeros_like(ph)
         kappa = np.zeros(self.n_sparse)
+        nov = np.ones(N)
         e_var_prior = 0.0
         for s in np.unique(env.species):
             at = np.flatnonzero(env.species == s)
@@ -634,6 +669,8 @@ class SparseGP:
             dE_dp[at] = g / norm[at][:, None]
             Vs = self._V[np.ix_(cols, cols)]
             var[at] += np.sum((k @ Vs) * k, axis=1)
+            w = k @ self._Linv[np.ix_(cols, cols)].T
+            nov[at] = np.sqrt(np.clip(1.0 - np.sum(w * w, axis=1), 0.0, 1.0))
             kappa[cols] = k.sum(axis=0)
         forces = self.descriptor.backprop(env, dE_dp)
         e_var = e_var_prior + kappa @ self._V @ kappa
@@ -643,6 +680,7 @@ class SparseGP:
             local_energies=eps,
             local_std=np.sqrt(np.clip(var, 0.0, None)),
             energy_std=float(math.sqrt(max(e_var, 0.0))),
+            novelty=self.hyp.sigma * nov,
             env=env,
         )
 
@@ -663,7 +701,7 @@ class SparseGP:
         }
         with open(path, "wb") as fh:
             np.savez(fh, meta=np.array(json.dumps(meta)), Z=self.Z, zs=self.zs,
-                     e0=self.e0, beta=self._beta, V=self._V)
+                     e0=self.e0, beta=self._beta, V=self._V, Linv=self._Linv)
 
     @classmethod
     def load(cls, path: str) -> SparseGP:
@@ -671,7 +709,7 @@ class SparseGP:
         try:
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
-                arrays = {k: data[k] for k in ("Z", "zs", "e0", "beta", "V")}
+                arrays = {k: data[k] for k in ("Z", "zs", "e0", "beta", "V", "Linv")}
         except (OSError, ValueError, KeyError) as err:
             raise ValueError(f"{path!r} is not an otfml model file ({err})") from err
         if meta.get("format") != _MODEL_FORMAT:
@@ -686,7 +724,7 @@ class SparseGP:
                  max_sparse_per_species=meta["max_sparse_per_species"],
                  sparse_tolerance=meta["sparse_tolerance"])
         gp.Z, gp.zs, gp.e0 = arrays["Z"], arrays["zs"].astype(np.int64), arrays["e0"]
-        gp._beta, gp._V = arrays["beta"], arrays["V"]
+        gp._beta, gp._V, gp._Linv = arrays["beta"], arrays["V"], arrays["Linv"]
         gp._n_e = int(meta["n_frames"])
         gp._fitted = gp.n_sparse > 0
         gp._trainable = False

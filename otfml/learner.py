@@ -1,0 +1,280 @@
+"""The learning loop: predict, ask the reference when unsure, store, update.
+
+:class:`Learner` owns the model, the reference, the store and the policy;
+:class:`otfml.calculator.OTFCalculator` is the thin ASE face of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from ase import Atoms
+
+from .descriptor import Descriptor
+from .errors import ConfigError, FingerprintMismatch
+from .gp import SparseGP
+from .policy import LearningPolicy
+from .reference import Reference, default_multiplicity, electron_parity_check
+from .store import Store, fingerprint_key
+
+__all__ = ["Learner", "StepResult", "MODEL_DEFAULTS"]
+
+log = logging.getLogger(__name__)
+
+#: default model settings (descriptor and sparse GP)
+MODEL_DEFAULTS = {
+    "cutoff": 3.0,
+    "n_max": 8,
+    "l_max": 3,
+    "r_min": 0.8,
+    "max_sparse_per_species": 600,
+    "sparse_tolerance": 0.02,
+    "hyperparameter_every": 10,
+    "hyperparameter_first": 10,
+}
+
+
+@dataclass
+class StepResult:
+    """What one step returned.
+
+    Attributes
+    ----------
+    energy : float
+        eV.
+    forces : ndarray (n_atoms, 3)
+        eV/Å.
+    source : str
+        ``"model"`` or ``"reference"``: where energy and forces come from (never mixed).
+    energy_std, local_std, forces_std
+        Uncertainty of the returned values: eV, eV per atom, eV/Å per atom
+        (zero for reference values).
+    max_force_std : float
+        Largest calibrated force-error estimate of the model at this geometry,
+        eV/Å (NaN where there was no model yet).
+    reason : str
+        Why the reference was or was not asked.
+    """
+
+    energy: float
+    forces: np.ndarray
+    source: str
+    energy_std: float
+    local_std: np.ndarray
+    forces_std: np.ndarray
+    max_force_std: float
+    reason: str
+
+
+def _model_from_settings(species, settings: dict) -> SparseGP:
+    desc = Descriptor(species, cutoff=settings["cutoff"], n_max=settings["n_max"],
+                      l_max=settings["l_max"], r_min=settings["r_min"])
+    return SparseGP(desc, max_sparse_per_species=settings["max_sparse_per_species"],
+                    sparse_tolerance=settings["sparse_tolerance"])
+
+
+def check_model_settings(settings: dict | None) -> dict:
+    """Merge user model settings over :data:`MODEL_DEFAULTS`, refusing unknown keys."""
+    out = dict(MODEL_DEFAULTS)
+    for key, val in (settings or {}).items():
+        if key not in MODEL_DEFAULTS:
+            import difflib
+
+            near = difflib.get_close_matches(key, MODEL_DEFAULTS, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ConfigError(
+                f"unknown model setting {key!r}{hint}; valid: {sorted(MODEL_DEFAULTS)}")
+        out[key] = val
+    return out
+
+
+class Learner:
+    """On-the-fly learner.
+
+    Parameters
+    ----------
+    reference : Reference
+        Labels uncertain geometries.
+    store : str or Store, optional
+        HDF5 store; frames already in it warm-start the model.
+    policy : LearningPolicy, optional
+        When to call the reference.
+    model : SparseGP, optional
+        A model to start from (default: built from ``model_settings``).
+    model_settings : dict, optional
+        Overrides of :data:`MODEL_DEFAULTS`.
+    species : list of int, optional
+        Atomic numbers the model must cover (default: those of the first
+        structure and of the store).
+    charge, multiplicity : int, optional
+        Defaults when ``atoms.info`` does not say.
+    walker : int
+        Walker id recorded with stored frames.
+    """
+
+    def __init__(
+        self,
+        reference: Reference,
+        store: str | Store | None = None,
+        policy: LearningPolicy | None = None,
+        model: SparseGP | None = None,
+        model_settings: dict | None = None,
+        species: list[int] | None = None,
+        charge: int | None = None,
+        multiplicity: int | None = None,
+        walker: int = 0,
+    ) -> None:
+        self.reference = reference
+        self.policy = policy or LearningPolicy()
+        self.settings = check_model_settings(model_settings)
+        self.charge = charge
+        self.multiplicity = multiplicity
+        self.walker = walker
+        self.model = model
+        self._species = sorted(set(species or []))
+        self.store: Store | None = None
+        if store is not None:
+            self.store = store if isinstance(store, Store) else Store(store, mode="a")
+        self.fingerprint: dict | None = None
+        self.n_steps = 0
+        self.n_calls = 0
+        self.steps_since_call = 0
+        self.timings = {"model": [], "reference": [], "update": []}
+        self.history: list[dict] = []
+        self._budget_warned = False
+        self.n_warm = 0
+        if self.store is not None and len(self.store):
+            self._warm_start()
+
+    # ------------------------------------------------------------------
+    def _warm_start(self) -> None:
+        """Rebuild the model from the frames in the store."""
+        fps = self.store.fingerprints
+        keys = {fingerprint_key(fp) for fp in fps}
+        if len(keys) > 1:
+            log.warning("store %s holds %d reference fingerprints; the model is built "
+                        "from the most recent one only", self.store.path, len(keys))
+        frames = list(self.store)
+        latest = fingerprint_key(frames[-1].fingerprint)
+        frames = [fr for fr in frames if fingerprint_key(fr.fingerprint) == latest]
+        self.fingerprint = frames[-1].fingerprint
+        species = set(self._species)
+        for fr in frames:
+            species.update(int(z) for z in fr.atoms.numbers)
+        self._ensure_model(sorted(species))
+        t0 = time.perf_counter()
+        for fr in frames:
+            self.model.add_frame(fr.atoms, fr.energy, fr.forces, solve=False)
+        self.model.fit_hyperparameters()
+        log.info("warm start: %d frames from %s, %d sparse environments, %.1f s",
+                 len(frames), self.store.path, self.model.n_sparse, time.perf_counter() - t0)
+        self.n_warm = len(frames)
+
+    def _ensure_model(self, species: list[int]) -> None:
+        if self.model is None:
+            self.model = _model_from_settings(species, self.settings)
+            self._species = list(self.model.descriptor.species)
+
+    def charge_and_multiplicity(self, atoms: Atoms) -> tuple[int, int]:
+        """Charge and multiplicity for ``atoms`` (atoms.info, else the learner's defaults)."""
+        charge = atoms.info.get("charge", self.charge)
+        if charge is None:
+            charge = int(round(float(atoms.get_initial_charges().sum())))
+        mult = atoms.info.get("multiplicity", self.multiplicity)
+        if mult is None:
+            mult = default_multiplicity(atoms, charge)
+        electron_parity_check(atoms, int(charge), int(mult))
+        return int(charge), int(mult)
+
+    def _check_fingerprint(self, fp: dict) -> None:
+        if self.fingerprint is None:
+            self.fingerprint = fp
+            return
+        old = {k: v for k, v in self.fingerprint.items() if v is not None}
+        new = {k: v for k, v in fp.items() if v is not None}
+        common = set(old) & set(new)
+        diff = {k: (old[k], new[k]) for k in common if old[k] != new[k]}
+        if diff:
+            where = f"store {self.store.path!r}" if self.store else "this model"
+            raise FingerprintMismatch(
+                f"the reference now labels with a different fingerprint than {where}: "
+                + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
+                + ". Labels of different references, methods, charges or multiplicities are "
+                "never mixed: use a new store for this setting"
+            )
+        self.fingerprint = {**self.fingerprint, **new}
+
+    # ------------------------------------------------------------------
+    def step(self, atoms: Atoms) -> StepResult:
+        """Energy and forces for one geometry, from the model or the reference."""
+        self.n_steps += 1
+        step = self.n_steps
+        if len(atoms) < 2:
+            raise ConfigError(f"a structure of {len(atoms)} atom(s) has no local environments "
+                              "to learn; otfml needs at least 2 atoms")
+        if not np.all(np.isfinite(atoms.positions)):
+            raise ConfigError(f"step {step}: positions contain NaN/inf")
+        charge, mult = self.charge_and_multiplicity(atoms)
+        self._ensure_model(sorted(set(self._species) | {int(z) for z in atoms.numbers}))
+        pred = None
+        if self.model.is_fitted:
+            t0 = time.perf_counter()
+            pred = self.model.predict(atoms)
+            self.timings["model"].append(time.perf_counter() - t0)
+        dec = self.policy.decide(step, self.n_calls, self.steps_since_call,
+                                 None if pred is None else pred.novelty,
+                                 n_frames=self.model.n_frames)
+        if dec.reason == "budget exhausted" and not self._budget_warned:
+            log.warning("reference budget of %s calls used up at step %d; the model is "
+                        "trusted from now on", self.policy.max_calls, step)
+            self._budget_warned = True
+        if not dec.call:
+            if pred is None:
+                raise ConfigError("no model and no reference budget left: raise max_calls")
+            self.steps_since_call += 1
+            fstd = self.policy.force_std(pred.novelty)
+            res = StepResult(pred.energy, pred.forces, "model", pred.energy_std,
+                             pred.local_std, fstd, dec.max_force_std, dec.reason)
+        else:
+            res = self._learn(atoms, step, charge, mult, pred, dec)
+        self.history.append({"step": step, "source": res.source, "reason": res.reason,
+                             "max_force_std": res.max_force_std, "energy": res.energy})
+        return res
+
+    def _learn(self, atoms, step, charge, mult, pred, dec) -> StepResult:
+        work = atoms.copy()
+        work.info["otfml_step"] = step
+        t0 = time.perf_counter()
+        label = self.reference.compute(work, charge, mult)
+        self.timings["reference"].append(time.perf_counter() - t0)
+        self._check_fingerprint(label.fingerprint)
+        if pred is not None:
+            self.policy.observe(pred.novelty,
+                                np.linalg.norm(pred.forces - label.forces, axis=1))
+        max_std = float(np.max(pred.novelty)) if pred is not None else float("nan")
+        if self.store is not None:
+            self.store.append(atoms, label.energy, label.forces, label.fingerprint,
+                              step=step, walker=self.walker, max_std=max_std)
+        t1 = time.perf_counter()
+        self.model.add_frame(atoms, label.energy, label.forces,
+                             env=pred.env if pred is not None else None, solve=False)
+        self.n_calls += 1
+        self.steps_since_call = 0
+        s = self.settings
+        if (self.n_calls <= s["hyperparameter_first"]
+                or self.n_calls % s["hyperparameter_every"] == 0):
+            self.model.fit_hyperparameters()
+        else:
+            self.model.solve()
+        self.timings["update"].append(time.perf_counter() - t1)
+        n = len(atoms)
+        return StepResult(label.energy, label.forces, "reference", 0.0, np.zeros(n),
+                          np.zeros(n), dec.max_force_std, dec.reason)
+
+    def close(self) -> None:
+        """Close the store."""
+        if self.store is not None:
+            self.store.close()

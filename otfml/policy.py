@@ -1,0 +1,167 @@
+"""When to ask the reference: a pure decision on the model's uncertainty.
+
+The model's raw per-atom uncertainty is its predictive local-energy standard
+deviation (eV).  It ranks errors but is not in force units, so the policy
+keeps a calibration factor (1/Å) learned from what it observes: at every
+reference call the model had predicted that geometry, so the actual largest
+per-atom force error is known.  The calibrated estimate::
+
+    forces_std_i = scale * local_std_i        (eV/Å)
+
+with ``scale`` the median of the ratios ``max|F_model - F_ref| / max local_std``
+over the recent calls, is what ``force_tolerance`` (eV/Å) is compared with.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import ConfigError
+
+__all__ = ["LearningPolicy", "Decision"]
+
+
+@dataclass
+class Decision:
+    """Outcome of :meth:`LearningPolicy.decide`.
+
+    Attributes
+    ----------
+    call : bool
+        Ask the reference for this step.
+    reason : str
+        Why (``"uncertain"``, ``"forced"``, ``"no model"``, ``"trusted"``,
+        ``"budget exhausted"``, ``"min interval"``).
+    max_force_std : float
+        Largest calibrated per-atom force-error estimate, eV/Å (NaN without a model).
+    """
+
+    call: bool
+    reason: str
+    max_force_std: float = float("nan")
+
+
+@dataclass
+class LearningPolicy:
+    """Settings of the learning loop.
+
+    Parameters
+    ----------
+    force_tolerance : float, default 0.15
+        Call the reference when the largest per-atom force-error estimate
+        exceeds this, eV/Å.
+    adaptive : bool, default False
+        Let the tolerance follow the running mean of the observed force errors
+        at the recent calls (in the spirit of VASP's ML_CTIFOR), never below
+        ``force_tolerance * 0.5`` nor above ``force_tolerance * 2``.
+    min_steps_between_calls : int, default 0
+        At least this many model steps between two reference calls.
+    force_call_every : int, optional
+        Call the reference every N steps whatever the uncertainty.
+    max_calls : int, optional
+        Total budget of reference calls; afterwards the model is trusted.
+    initial_calls : int, default 2
+        The first steps that always call the reference (to have a model at all).
+    calibration_window : int, default 50
+        Number of recent calls the calibration factor is taken over.
+    initial_scale : float, default 1.0
+        Calibration factor (1/Å) before any call has been observed.
+    """
+
+    force_tolerance: float = 0.15
+    adaptive: bool = False
+    min_steps_between_calls: int = 0
+    force_call_every: int | None = None
+    max_calls: int | None = None
+    initial_calls: int = 2
+    calibration_window: int = 50
+    initial_scale: float = 1.0
+    _ratios: deque = field(default_factory=deque, init=False, repr=False)
+    _errors: deque = field(default_factory=deque, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not (self.force_tolerance > 0):
+            raise ConfigError(f"force_tolerance={self.force_tolerance}; it must be > 0 eV/Å "
+                              "(e.g. 0.15)")
+        for name in ("min_steps_between_calls", "initial_calls"):
+            if int(getattr(self, name)) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)}; it must be >= 0")
+        for name in ("force_call_every", "max_calls"):
+            v = getattr(self, name)
+            if v is not None and int(v) < 1:
+                raise ConfigError(f"{name}={v}; it must be >= 1, or null to switch it off")
+        if self.calibration_window < 1 or not self.initial_scale > 0:
+            raise ConfigError("calibration_window must be >= 1 and initial_scale > 0")
+        self._ratios = deque(maxlen=self.calibration_window)
+        self._errors = deque(maxlen=self.calibration_window)
+
+    @property
+    def scale(self) -> float:
+        """Calibration factor from local-energy std (eV) to force error (eV/Å)."""
+        return float(np.median(self._ratios)) if self._ratios else self.initial_scale
+
+    @property
+    def tolerance(self) -> float:
+        """Force tolerance in force now, eV/Å (adaptive mode moves it)."""
+        if not self.adaptive or len(self._errors) < 5:
+            return self.force_tolerance
+        t = float(np.mean(self._errors))
+        return float(np.clip(t, 0.5 * self.force_tolerance, 2.0 * self.force_tolerance))
+
+    def force_std(self, local_std: np.ndarray) -> np.ndarray:
+        """Calibrated per-atom force-error estimate (eV/Å) from local std (eV)."""
+        return self.scale * np.asarray(local_std)
+
+    def observe(self, local_std: np.ndarray, force_error: np.ndarray) -> None:
+        """Record a call's prediction uncertainty and the model's actual error.
+
+        Parameters
+        ----------
+        local_std : array (n_atoms,)
+            Model local-energy std at that geometry, eV.
+        force_error : array (n_atoms,)
+            ``|F_model - F_ref|`` per atom, eV/Å.
+        """
+        u = float(np.max(local_std))
+        e = float(np.max(force_error))
+        if u > 0 and np.isfinite(u) and np.isfinite(e):
+            self._ratios.append(e / u)
+            self._errors.append(e)
+
+    def decide(self, step: int, n_calls: int, steps_since_call: int,
+               local_std: np.ndarray | None, n_frames: int | None = None) -> Decision:
+        """Decide whether step ``step`` needs the reference.
+
+        A pure function of its inputs and the calibration state.
+
+        Parameters
+        ----------
+        step : int
+            Step number (1-based).
+        n_calls : int
+            Reference calls made so far in this run (counts against ``max_calls``).
+        steps_since_call : int
+            Model steps since the last call.
+        local_std : array (n_atoms,) or None
+            Model local-energy std at this geometry, eV; None without a model.
+        n_frames : int, optional
+            Frames the model holds (warm start included); defaults to ``n_calls``.
+        """
+        n_frames = n_calls if n_frames is None else n_frames
+        if local_std is None or n_frames < self.initial_calls:
+            if self.max_calls is not None and n_calls >= self.max_calls:
+                return Decision(False, "budget exhausted")
+            return Decision(True, "no model")
+        est = float(np.max(self.force_std(local_std)))
+        if self.max_calls is not None and n_calls >= self.max_calls:
+            return Decision(False, "budget exhausted", est)
+        if self.force_call_every and steps_since_call >= self.force_call_every:
+            return Decision(True, "forced", est)
+        if est > self.tolerance:
+            if steps_since_call < self.min_steps_between_calls:
+                return Decision(False, "min interval", est)
+            return Decision(True, "uncertain", est)
+        return Decision(False, "trusted", est)

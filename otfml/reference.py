@@ -1,0 +1,333 @@
+"""Reference calculators: MOPAC (through ASE's calculator) or any ASE calculator.
+
+A reference turns a structure into a labelled frame (energy in eV, forces in
+eV/Å) and describes itself with a *fingerprint* (code, version, method,
+keywords, charge, multiplicity) that is stored with every frame, so labels of
+different origin are never mixed in one model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from ase import Atoms
+from ase.calculators.calculator import Calculator
+
+from .errors import ConfigError, ReferenceFailed
+
+__all__ = ["Reference", "MopacReference", "CalculatorReference", "Label", "make_reference",
+           "electron_parity_check"]
+
+log = logging.getLogger(__name__)
+
+_MULTIPLICITY_KEYWORDS = {1: "SINGLET", 2: "DOUBLET", 3: "TRIPLET", 4: "QUARTET",
+                          5: "QUINTET", 6: "SEXTET"}
+# lines of a MOPAC output that explain a failure
+_MOPAC_ERROR_MARKERS = (
+    "UNABLE TO ACHIEVE SELF-CONSISTENCE",
+    "ERROR",
+    "IMPOSSIBLE",
+    "NOT POSSIBLE",
+    "TOO CLOSE",
+    "JOB ENDED",
+    "NOT RECOGNIZED",
+    "CALCULATION ABANDONED",
+)
+
+
+@dataclass
+class Label:
+    """A reference result.
+
+    Attributes
+    ----------
+    energy : float
+        Energy, eV (MOPAC: heat of formation).
+    forces : ndarray, shape (n_atoms, 3)
+        Forces, eV/Å.
+    fingerprint : dict
+        Where the label comes from.
+    seconds : float
+        Wall time of the call.
+    """
+
+    energy: float
+    forces: np.ndarray
+    fingerprint: dict
+    seconds: float
+
+
+def electron_parity_check(atoms: Atoms, charge: int, multiplicity: int) -> None:
+    """Refuse a charge/multiplicity pair impossible for the electron count.
+
+    Raises
+    ------
+    ConfigError
+        With the electron count and the multiplicities that would be allowed.
+    """
+    n_el = int(atoms.numbers.sum()) - int(charge)
+    if n_el < 0:
+        raise ConfigError(f"charge={charge} removes more electrons than the structure has "
+                          f"({int(atoms.numbers.sum())})")
+    if multiplicity < 1:
+        raise ConfigError(f"multiplicity={multiplicity}; it must be 1 (singlet), 2 (doublet), ...")
+    if (n_el % 2) == (multiplicity % 2):
+        allowed = "2 (doublet), 4, ..." if n_el % 2 else "1 (singlet), 3 (triplet), ..."
+        raise ConfigError(
+            f"{atoms.get_chemical_formula()} with charge {charge} has {n_el} electrons "
+            f"({'odd' if n_el % 2 else 'even'}); multiplicity {multiplicity} is impossible. "
+            f"Set multiplicity to one of {allowed} or change the charge"
+        )
+
+
+def default_multiplicity(atoms: Atoms, charge: int) -> int:
+    """Singlet for an even electron count; odd counts need an explicit choice."""
+    n_el = int(atoms.numbers.sum()) - int(charge)
+    if n_el % 2:
+        raise ConfigError(
+            f"{atoms.get_chemical_formula()} with charge {charge} has an odd number of electrons "
+            f"({n_el}); set the multiplicity explicitly (2 for a doublet radical) in the "
+            "config (system.multiplicity) or atoms.info['multiplicity']"
+        )
+    return 1
+
+
+class Reference:
+    """Base class: ``compute(atoms, charge, multiplicity) -> Label``."""
+
+    #: short name of the code, recorded in fingerprints
+    code = "unknown"
+
+    def fingerprint(self, charge: int, multiplicity: int) -> dict:
+        """Fingerprint of labels this reference makes for this charge/multiplicity."""
+        raise NotImplementedError
+
+    def compute(self, atoms: Atoms, charge: int = 0, multiplicity: int = 1) -> Label:
+        """Label one structure (energy eV, forces eV/Å)."""
+        raise NotImplementedError
+
+    def _checked(self, atoms: Atoms, energy: float, forces: np.ndarray) -> tuple[float, np.ndarray]:
+        forces = np.asarray(forces, dtype=float).reshape(-1, 3)
+        if forces.shape[0] != len(atoms):
+            raise ReferenceFailed(
+                f"{self.code} returned forces for {forces.shape[0]} atoms, expected {len(atoms)}")
+        if not (np.isfinite(energy) and np.all(np.isfinite(forces))):
+            raise ReferenceFailed(f"{self.code} returned NaN/inf energy or forces")
+        return float(energy), forces
+
+
+class MopacReference(Reference):
+    """MOPAC through ASE's :class:`ase.calculators.mopac.MOPAC`, one directory per call.
+
+    Parameters
+    ----------
+    method : str, default "PM7"
+        Hamiltonian (PM7, PM6, AM1, ...).
+    keywords : str, default ""
+        Extra MOPAC keywords (e.g. ``"NOMM"``), added to ``1SCF GRADIENTS``.
+    command : str, optional
+        Shell command with ``PREFIX`` for the input name, e.g.
+        ``"/opt/mopac/bin/mopac PREFIX.mop"``; default ``$ASE_MOPAC_COMMAND`` or
+        ``mopac PREFIX.mop`` when ``mopac`` is on PATH.
+    workdir : str, optional
+        Where the per-call directories are made (default: the system temp dir).
+    relscf : float, default 1e-4
+        ASE's SCF criterion multiplier (``RELSCF``).
+    keep_failed : bool, default True
+        Keep the directory of a failed call (its path is in the error).
+    """
+
+    code = "MOPAC"
+
+    def __init__(
+        self,
+        method: str = "PM7",
+        keywords: str = "",
+        command: str | None = None,
+        workdir: str | None = None,
+        relscf: float = 1e-4,
+        keep_failed: bool = True,
+    ) -> None:
+        from ase.calculators.mopac import MOPAC
+
+        method = str(method).upper()
+        if method not in MOPAC.methods:
+            raise ConfigError(f"MOPAC method {method!r} is not known; use one of {MOPAC.methods}")
+        self.method = method
+        self.keywords = " ".join(str(keywords).upper().split())
+        for word in self.keywords.split():
+            key = word.split("=")[0]
+            if key in ("CHARGE", "UHF", *_MULTIPLICITY_KEYWORDS.values()):
+                raise ConfigError(
+                    f"keyword {word!r}: give charge and multiplicity as settings "
+                    "(system.charge / system.multiplicity), not as MOPAC keywords")
+        self.command = command or os.environ.get("ASE_MOPAC_COMMAND") or self._default_command()
+        self.workdir = workdir
+        self.relscf = float(relscf)
+        self.keep_failed = keep_failed
+        self._version: str | None = None
+
+    @staticmethod
+    def _default_command() -> str:
+        exe = shutil.which("mopac")
+        if exe is None:
+            raise ConfigError(
+                "MOPAC was not found: no 'mopac' on PATH and ASE_MOPAC_COMMAND is not set. "
+                "Install it (Debian: apt-get install mopac) or point to it with "
+                "ASE_MOPAC_COMMAND='/path/to/mopac PREFIX.mop' (or reference.command in the config)"
+            )
+        return f"{exe} PREFIX.mop > /dev/null 2>&1"
+
+    @classmethod
+    def from_calculator(cls, calc) -> MopacReference:
+        """Wrap a configured ASE ``MOPAC`` calculator (its method, task and command)."""
+        p = calc.parameters
+        task = str(p.get("task", "1SCF GRADIENTS")).upper().split()
+        extra = [w for w in task if w not in ("1SCF", "GRADIENTS", "DISP")]
+        command = calc.command if "ASE_MOPAC_COMMAND" in os.environ else None
+        return cls(method=p.get("method", "PM7"), keywords=" ".join(extra), command=command,
+                   relscf=p.get("relscf", 1e-4) or 1e-4)
+
+    @property
+    def version(self) -> str | None:
+        """MOPAC version, known after the first call."""
+        return self._version
+
+    def task(self, multiplicity: int) -> str:
+        words = ["1SCF", "GRADIENTS", *self.keywords.split()]
+        if multiplicity != 1:
+            if multiplicity not in _MULTIPLICITY_KEYWORDS:
+                raise ConfigError(f"multiplicity={multiplicity}: MOPAC supports 1 to 6")
+            words += [_MULTIPLICITY_KEYWORDS[multiplicity], "UHF"]
+        return " ".join(words)
+
+    def fingerprint(self, charge: int, multiplicity: int) -> dict:
+        return {"code": self.code, "version": self._version, "method": self.method,
+                "keywords": self.keywords, "charge": int(charge),
+                "multiplicity": int(multiplicity)}
+
+    def compute(self, atoms: Atoms, charge: int = 0, multiplicity: int = 1) -> Label:
+        from ase.calculators.mopac import MOPAC
+
+        electron_parity_check(atoms, charge, multiplicity)
+        if atoms.pbc.any():
+            raise ConfigError(
+                "periodic cell given to the molecular MOPAC reference; set pbc=False "
+                "(MOPAC's periodic mode is not supported by otfml yet)")
+        if self.workdir:
+            os.makedirs(self.workdir, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix="otfml-mopac-", dir=self.workdir)
+        calc = MOPAC(label=os.path.join(tmp, "mopac"), command=self.command,
+                     method=self.method, task=self.task(multiplicity), charge=int(charge),
+                     relscf=self.relscf)
+        bare = Atoms(numbers=atoms.numbers, positions=atoms.positions)
+        t0 = time.perf_counter()
+        try:
+            calc.calculate(bare, ["energy", "forces"], system_changes=["positions", "numbers"])
+            problem = self._scan_output(tmp)
+            if problem:
+                raise ReferenceFailed(problem)
+            energy, forces = self._checked(atoms, calc.results["energy"], calc.results["forces"])
+        except ReferenceFailed as err:
+            raise self._failure(tmp, atoms, str(err)) from err
+        except Exception as err:  # ASE reports MOPAC failures as parse/IO errors
+            raise self._failure(tmp, atoms, f"{type(err).__name__}: {err}") from err
+        seconds = time.perf_counter() - t0
+        self._version = str(calc.results.get("version", self._version))
+        shutil.rmtree(tmp, ignore_errors=True)
+        return Label(energy, forces, self.fingerprint(charge, multiplicity), seconds)
+
+    @staticmethod
+    def _scan_output(tmp: str) -> str | None:
+        out = os.path.join(tmp, "mopac.out")
+        if not os.path.exists(out):
+            return None
+        with open(out, errors="replace") as fh:
+            text = fh.read()
+        if "UNABLE TO ACHIEVE SELF-CONSISTENCE" in text:
+            return "MOPAC SCF did not converge (UNABLE TO ACHIEVE SELF-CONSISTENCE)"
+        return None
+
+    def _failure(self, tmp: str, atoms: Atoms, why: str) -> ReferenceFailed:
+        lines = []
+        out = os.path.join(tmp, "mopac.out")
+        if os.path.exists(out):
+            with open(out, errors="replace") as fh:
+                lines = [ln.rstrip() for ln in fh
+                         if any(m in ln.upper() for m in _MOPAC_ERROR_MARKERS)][:12]
+        else:
+            lines = ["(no mopac.out was written: is the MOPAC command right?)"]
+        where = f"kept in {tmp}" if self.keep_failed else "removed"
+        if not self.keep_failed:
+            shutil.rmtree(tmp, ignore_errors=True)
+        d = atoms.get_all_distances() if len(atoms) > 1 else np.zeros((1, 1))
+        np.fill_diagonal(d, np.inf)
+        i, j = np.unravel_index(np.argmin(d), d.shape)
+        return ReferenceFailed(
+            f"MOPAC failed for {atoms.get_chemical_formula()} "
+            f"(step {atoms.info.get('otfml_step', '?')}; shortest distance "
+            f"{d[i, j]:.3f} Å between atoms {i} and {j}): {why}\n"
+            f"command: {self.command}\nworking directory {where}\n"
+            + ("relevant output lines:\n  " + "\n  ".join(lines) if lines else "")
+        )
+
+
+class CalculatorReference(Reference):
+    """Any ASE calculator as the reference.
+
+    Parameters
+    ----------
+    calculator : ase.calculators.calculator.Calculator
+        Computes ``energy`` and ``forces``.
+    name : str, optional
+        Name in the fingerprint (default: the calculator's class name).
+    """
+
+    def __init__(self, calculator: Calculator, name: str | None = None) -> None:
+        self.calculator = calculator
+        self.code = name or type(calculator).__name__
+
+    def fingerprint(self, charge: int, multiplicity: int) -> dict:
+        params = getattr(self.calculator, "parameters", {}) or {}
+        try:
+            keywords = " ".join(f"{k}={params[k]}" for k in sorted(params))
+        except TypeError:
+            keywords = ""
+        return {"code": self.code, "version": None, "method": type(self.calculator).__name__,
+                "keywords": keywords, "charge": int(charge), "multiplicity": int(multiplicity)}
+
+    def compute(self, atoms: Atoms, charge: int = 0, multiplicity: int = 1) -> Label:
+        a = atoms.copy()
+        a.calc = self.calculator
+        t0 = time.perf_counter()
+        try:
+            energy = a.get_potential_energy()
+            forces = a.get_forces()
+        except Exception as err:
+            raise ReferenceFailed(
+                f"reference calculator {self.code} failed for {atoms.get_chemical_formula()} "
+                f"(step {atoms.info.get('otfml_step', '?')}): {type(err).__name__}: {err}"
+            ) from err
+        energy, forces = self._checked(atoms, energy, forces)
+        return Label(energy, forces, self.fingerprint(charge, multiplicity),
+                     time.perf_counter() - t0)
+
+
+def make_reference(ref) -> Reference:
+    """A :class:`Reference` from a Reference, an ASE MOPAC calculator or any ASE calculator."""
+    if isinstance(ref, Reference):
+        return ref
+    from ase.calculators.mopac import MOPAC
+
+    if isinstance(ref, MOPAC):
+        return MopacReference.from_calculator(ref)
+    if isinstance(ref, Calculator) or hasattr(ref, "get_potential_energy"):
+        return CalculatorReference(ref)
+    raise ConfigError(
+        f"reference={ref!r} is not an ASE calculator; pass e.g. MOPAC(method='PM7')")
