@@ -177,6 +177,8 @@ class SparseGP:
         self._beta = np.zeros(0)
         self._V = np.zeros((0, 0))
         self._fitted = False
+        #: free-form metadata saved with the model (e.g. the force-error calibration)
+        self.extra: dict = {}
 
     # ------------------------------------------------------------------
     # bookkeeping
@@ -687,9 +689,14 @@ class SparseGP:
     # ------------------------------------------------------------------
     # persistence
     # ------------------------------------------------------------------
-    def save(self, path: str) -> None:
-        """Save what prediction needs to an ``.npz`` file (exact round trip)."""
+    def save(self, path: str, extra: dict | None = None) -> None:
+        """Save what prediction needs to an ``.npz`` file (exact round trip).
+
+        ``extra`` (JSON-able) is stored alongside and returned by :meth:`load`
+        as ``model.extra``.
+        """
         meta = {
+            "extra": extra or {},
             "format": _MODEL_FORMAT,
             "version": _MODEL_VERSION,
             "descriptor": self.descriptor.to_dict(),
@@ -726,6 +733,7 @@ class SparseGP:
         gp.Z, gp.zs, gp.e0 = arrays["Z"], arrays["zs"].astype(np.int64), arrays["e0"]
         gp._beta, gp._V, gp._Linv = arrays["beta"], arrays["V"], arrays["Linv"]
         gp._n_e = int(meta["n_frames"])
+        gp.extra = meta.get("extra", {})
         gp._fitted = gp.n_sparse > 0
         gp._trainable = False
         return gp

@@ -16,11 +16,11 @@ from ase import Atoms
 from .descriptor import Descriptor
 from .errors import ConfigError, FingerprintMismatch
 from .gp import SparseGP
-from .policy import LearningPolicy
+from .policy import Decision, LearningPolicy
 from .reference import Reference, default_multiplicity, electron_parity_check
 from .store import Store, fingerprint_key
 
-__all__ = ["Learner", "StepResult", "MODEL_DEFAULTS"]
+__all__ = ["Learner", "StepResult", "MODEL_DEFAULTS", "train_from_frames", "check_model_settings"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,33 @@ def _model_from_settings(species, settings: dict) -> SparseGP:
                       l_max=settings["l_max"], r_min=settings["r_min"])
     return SparseGP(desc, max_sparse_per_species=settings["max_sparse_per_species"],
                     sparse_tolerance=settings["sparse_tolerance"])
+
+
+def train_from_frames(frames, settings: dict | None = None,
+                      species: list[int] | None = None) -> SparseGP:
+    """Fit a model offline on labelled frames (e.g. those of a store).
+
+    Parameters
+    ----------
+    frames : iterable of otfml.store.Frame
+        Labelled frames (energy eV, forces eV/Å).
+    settings : dict, optional
+        Overrides of :data:`MODEL_DEFAULTS`.
+    species : list of int, optional
+        Extra atomic numbers to cover.
+    """
+    frames = list(frames)
+    if not frames:
+        raise ConfigError("no labelled frames to train on")
+    settings = check_model_settings(settings)
+    zs = set(species or [])
+    for fr in frames:
+        zs.update(int(z) for z in fr.atoms.numbers)
+    model = _model_from_settings(sorted(zs), settings)
+    for fr in frames:
+        model.add_frame(fr.atoms, fr.energy, fr.forces, solve=False)
+    model.fit_hyperparameters()
+    return model
 
 
 def check_model_settings(settings: dict | None) -> dict:
@@ -146,29 +173,31 @@ class Learner:
         self.history: list[dict] = []
         self._budget_warned = False
         self.n_warm = 0
+        #: set True to have the next step labelled by the reference whatever the model says
+        self.request_reference = False
         if self.store is not None and len(self.store):
             self._warm_start()
 
     # ------------------------------------------------------------------
     def _warm_start(self) -> None:
         """Rebuild the model from the frames in the store."""
-        fps = self.store.fingerprints
-        keys = {fingerprint_key(fp) for fp in fps}
-        if len(keys) > 1:
-            log.warning("store %s holds %d reference fingerprints; the model is built "
-                        "from the most recent one only", self.store.path, len(keys))
         frames = list(self.store)
         latest = fingerprint_key(frames[-1].fingerprint)
+        n_other = sum(fingerprint_key(fr.fingerprint) != latest for fr in frames)
+        if n_other:
+            log.warning("store %s holds %d frames of other reference fingerprints; the model "
+                        "is built from the %d frames of the most recent one", self.store.path,
+                        n_other, len(frames) - n_other)
         frames = [fr for fr in frames if fingerprint_key(fr.fingerprint) == latest]
         self.fingerprint = frames[-1].fingerprint
-        species = set(self._species)
-        for fr in frames:
-            species.update(int(z) for z in fr.atoms.numbers)
-        self._ensure_model(sorted(species))
         t0 = time.perf_counter()
-        for fr in frames:
-            self.model.add_frame(fr.atoms, fr.energy, fr.forces, solve=False)
-        self.model.fit_hyperparameters()
+        if self.model is None:
+            self.model = train_from_frames(frames, self.settings, self._species)
+        else:
+            for fr in frames:
+                self.model.add_frame(fr.atoms, fr.energy, fr.forces, solve=False)
+            self.model.fit_hyperparameters()
+        self._species = list(self.model.descriptor.species)
         log.info("warm start: %d frames from %s, %d sparse environments, %.1f s",
                  len(frames), self.store.path, self.model.n_sparse, time.perf_counter() - t0)
         self.n_warm = len(frames)
@@ -227,6 +256,9 @@ class Learner:
         dec = self.policy.decide(step, self.n_calls, self.steps_since_call,
                                  None if pred is None else pred.novelty,
                                  n_frames=self.model.n_frames)
+        if self.request_reference:
+            dec = Decision(True, "requested", dec.max_force_std)
+            self.request_reference = False
         if dec.reason == "budget exhausted" and not self._budget_warned:
             log.warning("reference budget of %s calls used up at step %d; the model is "
                         "trusted from now on", self.policy.max_calls, step)

@@ -1,0 +1,136 @@
+"""The ``otfml`` command: run, check, info, evaluate.
+
+``main()`` only parses arguments and calls the functions tests import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .errors import OTFMLError
+
+__all__ = ["main"]
+
+
+def _cmd_run(args) -> int:
+    from .config import load_config
+    from .run import run
+
+    cfg = load_config(args.config, args.set)
+    summary = run(cfg)
+    print(json.dumps({k: summary[k] for k in ("steps", "reference_calls", "wall_s", "store",
+                                              "model")}, indent=2, default=float))
+    return 0
+
+
+def _cmd_check(args) -> int:
+    from .config import keys_markdown, load_config
+    from .run import build_structure
+
+    if args.keys:
+        print(keys_markdown())
+        return 0
+    if not args.config:
+        raise OTFMLError("otfml check needs a config file (or --keys)")
+    cfg = load_config(args.config, args.set)
+    atoms = build_structure(cfg)
+    print(f"{args.config}: valid ({atoms.get_chemical_formula()}, {len(atoms)} atoms, "
+          f"driver {cfg['driver']['type']}, reference {cfg['reference']['code']})")
+    return 0
+
+
+def _cmd_info(args) -> int:
+    from .gp import SparseGP
+    from .store import Store
+
+    if args.path.endswith(".npz"):
+        m = SparseGP.load(args.path)
+        info = {"model": args.path, "frames": m.n_frames, "species": m.descriptor.species,
+                "sparse": m.sparse_counts(), "hyperparameters": vars(m.hyp),
+                "descriptor": m.descriptor.to_dict(), **m.extra}
+    else:
+        with Store(args.path) as st:
+            info = st.summary()
+        import os
+
+        model_path = os.path.join(os.path.dirname(os.path.abspath(args.path)), "model.npz")
+        if os.path.exists(model_path):
+            m = SparseGP.load(model_path)
+            info["model"] = {"path": model_path, "frames": m.n_frames,
+                             "sparse": m.sparse_counts(), "hyperparameters": vars(m.hyp)}
+        else:
+            info["model"] = None
+    if args.json:
+        print(json.dumps(info, indent=2, default=float))
+    else:
+        for key, val in info.items():
+            print(f"{key:>16}: {val}")
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from .evaluate import evaluate, load_model, read_labelled
+
+    model = load_model(args.model)
+    result = evaluate(model, read_labelled(args.data), force_tolerance=args.force_tolerance)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"frames {result['frames']}, atoms {result['atoms']}")
+        print(f"energy MAE  {result['energy_mae_meV_per_atom']:.3f} meV/atom")
+        print(f"force MAE   {result['force_mae_eV_A']:.4f} eV/Å")
+        print(f"force RMSE  {result['force_rmse_eV_A']:.4f} eV/Å")
+        print(f"uncertainty vs error, Spearman: per atom {result['spearman_atom']:.3f}, "
+              f"per frame {result['spearman_frame']:.3f}")
+        if "miss_rate" in result:
+            print(f"miss rate at {result['force_tolerance_eV_A']} eV/Å: {result['miss_rate']:.4f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="otfml", description="On-the-fly learning with ASE")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run a YAML workflow")
+    r.add_argument("config")
+    r.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable)")
+    r.set_defaults(func=_cmd_run)
+    c = sub.add_parser("check", help="validate a config without running it")
+    c.add_argument("config", nargs="?")
+    c.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    c.add_argument("--keys", action="store_true", help="print the reference of all keys")
+    c.set_defaults(func=_cmd_check)
+    i = sub.add_parser("info", help="summarize a store (.h5) or model (.npz)")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=_cmd_info)
+    e = sub.add_parser("evaluate", help="errors of a model/store on a labelled extxyz")
+    e.add_argument("model", help="store (.h5, trained on the fly) or model (.npz)")
+    e.add_argument("data", help="labelled test set (extxyz with energies and forces)")
+    e.add_argument("--json", action="store_true")
+    e.add_argument("--force-tolerance", type=float, default=None,
+                   help="eV/Å; also report the miss rate at this tolerance")
+    e.set_defaults(func=_cmd_evaluate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except OTFMLError as err:
+        print(f"otfml: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("otfml: interrupted; every labelled frame so far is in the store", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

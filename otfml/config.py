@@ -1,0 +1,222 @@
+"""Strict YAML configuration of an ``otfml run``.
+
+The schema below is the single source of truth: validation, defaults and the
+key reference in README (``otfml check --keys``) are all generated from it.
+Errors name the key with its path, the value, what is allowed and, for a
+misspelled key, the closest valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+__all__ = ["load_config", "validate", "SCHEMA", "keys_markdown", "apply_overrides"]
+
+
+@dataclass(frozen=True)
+class Field:
+    """One configuration key."""
+
+    type: tuple
+    default: Any
+    doc: str
+    choices: tuple | None = None
+    minimum: float | None = None
+    positive: bool = False
+    nullable: bool = False
+
+
+def _f(types, default, doc, **kw) -> Field:
+    return Field(types if isinstance(types, tuple) else (types,), default, doc, **kw)
+
+
+NUM = (int, float)
+
+SCHEMA: dict[str, dict[str, Field]] = {
+    "system": {
+        "structure": _f(str, "CH3CH2OH", "Structure: a file ASE reads (xyz, extxyz, pdb, mol, "
+                        "cif, ...; relative to the config file) or an ase.build.molecule name"),
+        "index": _f(int, 0, "Which image of a multi-image file to start from"),
+        "charge": _f(int, 0, "Total charge (e)"),
+        "multiplicity": _f(int, None, "Spin multiplicity 2S+1; null: singlet for an even "
+                           "electron count (odd counts must set it)", nullable=True, minimum=1),
+    },
+    "reference": {
+        "code": _f(str, "mopac", "Reference code", choices=("mopac", "emt", "lj")),
+        "method": _f(str, "PM7", "MOPAC Hamiltonian (PM7, PM6, AM1, ...)"),
+        "keywords": _f(str, "", "Extra MOPAC keywords, e.g. NOMM"),
+        "command": _f(str, None, "MOPAC command with PREFIX, e.g. '/opt/mopac/mopac PREFIX.mop'; "
+                      "null: $ASE_MOPAC_COMMAND or mopac on PATH", nullable=True),
+    },
+    "model": {
+        "cutoff": _f(NUM, 3.0, "Descriptor cutoff radius, Å", positive=True),
+        "n_max": _f(int, 8, "Radial functions", minimum=1),
+        "l_max": _f(int, 3, "Largest angular momentum", minimum=0),
+        "r_min": _f(NUM, 0.8, "Centre of the first radial Gaussian, Å", positive=True),
+        "max_sparse_per_species": _f(int, 600, "Cap on sparse environments per species",
+                                     minimum=1),
+        "sparse_tolerance": _f(NUM, 0.02, "Novelty (0-1) above which an environment of a "
+                               "labelled frame joins the sparse set", positive=True),
+        "hyperparameter_first": _f(int, 10, "Refit hyperparameters at each of the first N "
+                                   "reference calls", minimum=0),
+        "hyperparameter_every": _f(int, 10, "...then at every N-th call", minimum=1),
+    },
+    "learning": {
+        "force_tolerance": _f(NUM, 0.15, "Call the reference when the largest per-atom force "
+                              "error estimate exceeds this, eV/Å", positive=True),
+        "adaptive": _f(bool, False, "Let the tolerance follow the recent observed errors "
+                       "(between 0.5x and 2x force_tolerance)"),
+        "min_steps_between_calls": _f(int, 0, "Model steps required between two calls",
+                                      minimum=0),
+        "force_call_every": _f(int, None, "Call the reference every N steps regardless",
+                               nullable=True, minimum=1),
+        "max_calls": _f(int, None, "Budget of reference calls (null: unlimited)",
+                        nullable=True, minimum=1),
+        "initial_calls": _f(int, 2, "First steps that always call the reference", minimum=0),
+    },
+    "store": {
+        "path": _f(str, "otfml.h5", "HDF5 store (relative to output.directory); existing "
+                   "frames warm-start the model"),
+    },
+    "driver": {
+        "type": _f(str, "md", "What drives the steps", choices=("md", "optimize")),
+        "ensemble": _f(str, "langevin", "MD ensemble", choices=("langevin", "nve")),
+        "steps": _f(int, 2000, "MD steps, or the optimizer's maximum steps", minimum=1),
+        "timestep_fs": _f(NUM, 0.5, "MD time step, fs", positive=True),
+        "temperature_K": _f(NUM, 500.0, "Thermostat and initial velocity temperature, K",
+                            minimum=0),
+        "friction_per_fs": _f(NUM, 0.002, "Langevin friction, 1/fs", positive=True),
+        "seed": _f(int, 0, "Random seed of velocities and thermostat"),
+        "optimizer": _f(str, "BFGS", "ASE optimizer", choices=("BFGS", "FIRE", "LBFGS")),
+        "fmax": _f(NUM, 0.05, "Optimizer convergence: largest force, eV/Å", positive=True),
+        "log_interval": _f(int, 10, "Write the step log / trajectory every N steps", minimum=1),
+    },
+    "output": {
+        "directory": _f(str, "otfml-run", "Run directory (relative to the config file)"),
+    },
+}
+
+
+def _type_name(types: tuple) -> str:
+    names = {int: "integer", float: "number", str: "string", bool: "true/false"}
+    return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in types))
+
+
+def _unknown(key: str, valid, path: str, source: str) -> ConfigError:
+    near = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    hint = f" Did you mean {near[0]!r}?" if near else ""
+    return ConfigError(f"{source}: unknown key {path!r}.{hint} Valid keys here: "
+                       f"{', '.join(sorted(valid))}")
+
+
+def _check(path: str, value, field: Field, source: str):
+    if value is None:
+        if field.nullable or field.default is None:
+            return None
+        raise ConfigError(f"{source}: {path} is empty (null); give a {_type_name(field.type)}, "
+                          f"e.g. {field.default!r}")
+    ok = isinstance(value, field.type) and not (isinstance(value, bool) and bool not in field.type)
+    if not ok:
+        raise ConfigError(f"{source}: {path} = {value!r} is a {type(value).__name__}; "
+                          f"it must be a {_type_name(field.type)} ({field.doc})")
+    if field.choices is not None:
+        match = [c for c in field.choices if str(c).lower() == str(value).lower()]
+        if not match:
+            near = difflib.get_close_matches(str(value), [str(c) for c in field.choices], n=1)
+            hint = f" Did you mean {near[0]!r}?" if near else ""
+            raise ConfigError(f"{source}: {path} = {value!r} is not allowed; choose one of "
+                              f"{', '.join(map(str, field.choices))}.{hint}")
+        value = match[0]
+    if field.positive and not value > 0:
+        raise ConfigError(f"{source}: {path} = {value!r} must be > 0 ({field.doc})")
+    if field.minimum is not None and value < field.minimum:
+        raise ConfigError(f"{source}: {path} = {value!r} must be >= {field.minimum} "
+                          f"({field.doc})")
+    return value
+
+
+def validate(raw: dict | None, source: str = "config") -> dict:
+    """Check a configuration dict against :data:`SCHEMA` and fill in defaults.
+
+    Raises
+    ------
+    ConfigError
+        Naming the key path, the value and what is allowed.
+    """
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections "
+                          f"({', '.join(SCHEMA)}), not a {type(raw).__name__}")
+    out: dict[str, dict] = {}
+    for section in raw:
+        if section not in SCHEMA:
+            raise _unknown(str(section), SCHEMA, str(section), source)
+    for section, fields in SCHEMA.items():
+        given = raw.get(section) or {}
+        if not isinstance(given, dict):
+            raise ConfigError(f"{source}: {section} must be a mapping of keys "
+                              f"({', '.join(fields)}), not {given!r}")
+        for key in given:
+            if key not in fields:
+                raise _unknown(str(key), fields, f"{section}.{key}", source)
+        out[section] = {
+            key: _check(f"{section}.{key}", given.get(key, field.default), field, source)
+            for key, field in fields.items()
+        }
+    return out
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` overrides (values parsed as YAML) to a raw config."""
+    raw = dict(raw or {})
+    for item in overrides or []:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"--set {item!r}: write it as section.key=value, "
+                              "e.g. --set driver.steps=5000")
+        dotted, text = item.split("=", 1)
+        section, key = dotted.split(".", 1)
+        try:
+            value = yaml.safe_load(text) if text != "" else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({err})") from err
+        sec = dict(raw.get(section) or {})
+        sec[key] = value
+        raw[section] = sec
+    return raw
+
+
+def load_config(path: str, overrides: list[str] | None = None) -> dict:
+    """Read, override and validate a YAML config; adds ``_base`` (its directory).
+
+    Raises
+    ------
+    ConfigError
+        The file is missing or not valid YAML, or a value is invalid.
+    """
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    try:
+        with open(path) as fh:
+            raw = yaml.safe_load(fh)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    cfg = validate(apply_overrides(raw, overrides or []), source=path)
+    cfg["_base"] = os.path.dirname(os.path.abspath(path))
+    return cfg
+
+
+def keys_markdown() -> str:
+    """Markdown table of every key (generated from the schema, so it cannot drift)."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for section, fields in SCHEMA.items():
+        for key, f in fields.items():
+            kind = _type_name(f.type) + (", choices: " + "/".join(f.choices) if f.choices else "")
+            lines.append(f"| `{section}.{key}` | {kind} | `{f.default!r}` | {f.doc} |")
+    return "\n".join(lines)

@@ -1,0 +1,104 @@
+"""Evaluate a model (or a store, trained on the fly) on a labelled test set."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+
+from .errors import ConfigError
+from .gp import SparseGP
+from .learner import train_from_frames
+from .store import Store
+
+__all__ = ["load_model", "evaluate", "read_labelled"]
+
+log = logging.getLogger(__name__)
+
+
+def load_model(path: str, settings: dict | None = None) -> SparseGP:
+    """A model from a saved ``.npz`` or, for an HDF5 store, trained on its frames."""
+    if not os.path.exists(path):
+        raise ConfigError(f"{path!r} does not exist; give a store (.h5) or a model (.npz)")
+    with open(path, "rb") as fh:
+        magic = fh.read(8)
+    if magic.startswith(b"\x89HDF"):
+        with Store(path) as store:
+            frames = list(store)
+        return train_from_frames(frames, settings)
+    return SparseGP.load(path)
+
+
+def read_labelled(path: str) -> list:
+    """Frames of an extxyz (or any ASE file) that carry energy and forces."""
+    from ase.io import read
+
+    try:
+        images = read(path, index=":")
+    except Exception as err:
+        raise ConfigError(f"cannot read test set {path!r}: {type(err).__name__}: {err}") from err
+    out = []
+    for k, a in enumerate(images):
+        try:
+            e = a.get_potential_energy()
+            f = a.get_forces()
+        except Exception as err:
+            raise ConfigError(f"{path!r}: frame {k} has no energy/forces; write the test set "
+                              "with ase.io.write from atoms that carry a calculator") from err
+        out.append((a, float(e), np.asarray(f)))
+    if not out:
+        raise ConfigError(f"{path!r} holds no frames")
+    return out
+
+
+def evaluate(model: SparseGP, data: list, force_tolerance: float | None = None) -> dict:
+    """Errors of ``model`` on labelled frames, and how well its uncertainty ranks them.
+
+    Parameters
+    ----------
+    model : SparseGP
+    data : list of (atoms, energy eV, forces eV/Å)
+    force_tolerance : float, optional
+        eV/Å; with a force-error calibration in the model (``extra['force_std_scale']``)
+        reports the miss rate: the fraction of atoms whose actual force error
+        exceeds the tolerance while the estimate said it was within it.
+
+    Returns
+    -------
+    dict
+        energy_mae_meV_per_atom, force_mae_eV_A, force_rmse_eV_A (per component),
+        spearman_atom (novelty vs per-atom force error norm), spearman_frame
+        (largest novelty vs largest error per frame), frames, atoms.
+    """
+    from scipy.stats import spearmanr
+
+    de, dfs, nov, err_atom, fr_nov, fr_err = [], [], [], [], [], []
+    for atoms, e, f in data:
+        p = model.predict(atoms)
+        de.append(abs(p.energy - e) / len(atoms))
+        d = p.forces - f
+        dfs.append(d.ravel())
+        ea = np.linalg.norm(d, axis=1)
+        err_atom.append(ea)
+        nov.append(p.novelty)
+        fr_nov.append(p.novelty.max())
+        fr_err.append(ea.max())
+    dfs = np.concatenate(dfs)
+    nov = np.concatenate(nov)
+    err_atom = np.concatenate(err_atom)
+    out = {
+        "frames": len(data),
+        "atoms": int(len(err_atom)),
+        "energy_mae_meV_per_atom": float(np.mean(de) * 1000),
+        "force_mae_eV_A": float(np.mean(np.abs(dfs))),
+        "force_rmse_eV_A": float(np.sqrt(np.mean(dfs**2))),
+        "spearman_atom": float(spearmanr(nov, err_atom).correlation) if len(nov) > 2 else None,
+        "spearman_frame": float(spearmanr(fr_nov, fr_err).correlation) if len(data) > 2 else None,
+    }
+    scale = model.extra.get("force_std_scale")
+    if force_tolerance is not None and scale:
+        est = scale * nov
+        out["force_tolerance_eV_A"] = force_tolerance
+        out["miss_rate"] = float(np.mean((err_atom > force_tolerance) & (est <= force_tolerance)))
+    return out
