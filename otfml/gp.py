@@ -605,8 +605,7 @@ class SparseGP:
         if self._n_e == 0 or self.n_sparse == 0:
             self._fitted = False
             return
-        if not self._fitted:
-            self.fit_baseline()
+        self.fit_baseline()  # free: the accumulators carry e0 linearly
         sigma, se, sf = self.hyp.as_array()
         wh = self._whitened()
         M = self.n_sparse

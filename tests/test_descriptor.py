@@ -1,0 +1,84 @@
+import numpy as np
+import pytest
+from ase.build import molecule
+from scipy.spatial.transform import Rotation
+from scipy.special import eval_legendre
+
+from otfml.descriptor import Descriptor, _solid_harmonics
+
+
+def test_spherical_harmonics_addition_theorem():
+    """sum_m Y_lm(a) Y_lm(b) = (2l+1)/(4 pi) P_l(a.b): orthonormal real harmonics."""
+    d = Descriptor([1, 6], l_max=6)
+    rng = np.random.default_rng(0)
+    L = 49
+    for _ in range(5):
+        a, b = (v / np.linalg.norm(v) for v in rng.normal(size=(2, 3)))
+        Ya, Yb, dY = np.empty(L), np.empty(L), np.empty((L, 3))
+        _solid_harmonics(*a, 6, d._norm, Ya, dY)
+        _solid_harmonics(*b, 6, d._norm, Yb, dY)
+        for lv in range(7):
+            s = slice(lv * lv, (lv + 1) ** 2)
+            assert Ya[s] @ Yb[s] == pytest.approx((2 * lv + 1) / (4 * np.pi)
+                                                  * eval_legendre(lv, a @ b), abs=1e-12)
+
+
+def test_invariance_rotation_translation_permutation(ethanol):
+    d = Descriptor([1, 6, 8])
+    p = d.environments(ethanol).p
+    b = ethanol.copy()
+    R = Rotation.random(random_state=3).as_matrix()
+    b.positions = b.positions @ R.T + [1.0, -2.0, 0.5]
+    assert np.abs(d.environments(b).p - p).max() < 1e-12
+    # swap two hydrogens: their descriptor rows swap, others unchanged
+    h = [i for i, z in enumerate(ethanol.numbers) if z == 1][:2]
+    perm = np.arange(len(ethanol))
+    perm[h[0]], perm[h[1]] = h[1], h[0]
+    c = ethanol[perm]
+    assert np.abs(d.environments(c).p - p[perm]).max() < 1e-12
+
+
+@pytest.mark.parametrize("pbc", [False, True])
+def test_adjoint_and_full_gradient_match_finite_differences(ethanol, pbc):
+    """E = sum_i w_i . p_i: backprop forces and the dp/dr array agree with FD (1e-6)."""
+    a = ethanol.copy()
+    if pbc:
+        a.cell = [7.0, 7.5, 8.0]
+        a.pbc = True
+        a.center()
+    d = Descriptor([1, 6, 8], cutoff=3.5)
+    env = d.environments(a)
+    W = np.random.default_rng(1).normal(size=env.p.shape)
+    F = d.backprop(env, W)
+    h = 1e-5
+    Ffd = np.zeros_like(F)
+    for i in range(len(a)):
+        for c in range(3):
+            ap, am = a.copy(), a.copy()
+            ap.positions[i, c] += h
+            am.positions[i, c] -= h
+            Ffd[i, c] = -((d.environments(ap).p * W).sum() - (d.environments(am).p * W).sum()) / (2 * h)
+    assert np.abs(F - Ffd).max() < 1e-6 * max(1.0, np.abs(F).max())
+    G = d.gradient(env)
+    F2 = np.zeros_like(F)
+    for q, (i, j) in enumerate(zip(env.pi, env.pj)):
+        g = G[q] @ W[i]
+        F2[j] -= g
+        F2[i] += g
+    assert np.abs(F2 - F).max() < 1e-10
+
+
+def test_unknown_element_is_named():
+    d = Descriptor([1, 6, 8])
+    with pytest.raises(ValueError, match=r"\['N'\]"):
+        d.environments(molecule("HCN"))
+
+
+def test_smooth_at_cutoff():
+    """A neighbour crossing the cutoff changes the descriptor continuously."""
+    d = Descriptor([1], cutoff=3.0)
+    from ase import Atoms
+
+    ps = [d.environments(Atoms("H2", positions=[[0, 0, 0], [0, 0, r]])).p[0]
+          for r in (2.999999, 3.000001)]
+    assert np.abs(ps[0] - ps[1]).max() < 1e-9

@@ -1,0 +1,123 @@
+import numpy as np
+import pytest
+from ase.calculators.emt import EMT
+from ase.build import molecule
+
+from otfml.descriptor import Descriptor
+from otfml.gp import SparseGP
+
+
+def _emt_frames(n, seed=0):
+    """Cheap analytic labels (ASE's EMT) of rattled ethanol geometries."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        a = molecule("CH3CH2OH")
+        a.positions += rng.normal(scale=0.08, size=a.positions.shape)
+        a.calc = EMT()
+        out.append((a, a.get_potential_energy(), a.get_forces()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained():
+    gp = SparseGP(Descriptor([1, 6, 8]), sparse_tolerance=0.02)
+    frames = _emt_frames(12)
+    for a, e, f in frames:
+        gp.add_frame(a, e, f, solve=False)
+    gp.fit_hyperparameters()
+    return gp, frames
+
+
+def test_model_forces_are_negative_energy_gradient(trained):
+    gp, frames = trained
+    a = frames[0][0].copy()
+    a.positions += 0.02
+    F = gp.predict(a).forces
+    h = 1e-5
+    for i in (0, 3, 8):
+        for c in range(3):
+            ap, am = a.copy(), a.copy()
+            ap.positions[i, c] += h
+            am.positions[i, c] -= h
+            fd = -(gp.predict(ap).energy - gp.predict(am).energy) / (2 * h)
+            assert F[i, c] == pytest.approx(fd, abs=1e-6)
+
+
+def test_likelihood_gradient_matches_finite_differences(trained):
+    gp, _ = trained
+    theta = np.array([0.8, 0.01, 0.1])
+    _, g = gp.log_marginal_likelihood(theta, eval_gradient=True)
+    h = 1e-4
+    x = np.log(theta)
+    fd = [(gp.log_marginal_likelihood(np.exp(x + h * e)) - gp.log_marginal_likelihood(np.exp(x - h * e))) / (2 * h)
+          for e in np.eye(3)]
+    np.testing.assert_allclose(g, fd, rtol=1e-4, atol=1e-3)
+
+
+def test_hyperparameters_stay_within_bounds():
+    gp = SparseGP(Descriptor([1, 6, 8]), bounds=((0.5, 0.6), (0.01, 0.02), (0.3, 0.4)))
+    for a, e, f in _emt_frames(4):
+        gp.add_frame(a, e, f)
+    h = gp.fit_hyperparameters()
+    assert 0.5 <= h.sigma <= 0.6 and 0.01 <= h.sigma_e <= 0.02 and 0.3 <= h.sigma_f <= 0.4
+
+
+def test_fits_training_data_and_novelty_is_low_there(trained):
+    gp, frames = trained
+    a, e, f = frames[3]
+    p = gp.predict(a)
+    # the fitted force noise bounds how closely training forces are reproduced
+    assert np.abs(p.forces - f).mean() < 2 * gp.hyp.sigma_f
+    far = molecule("CH3CH2OH")
+    far.positions *= 1.25  # stretched: environments unlike any training one
+    assert gp.predict(far).novelty.max() > 3 * p.novelty.max()
+
+
+def test_incremental_equals_batch():
+    frames = _emt_frames(5, seed=3)
+    inc = SparseGP(Descriptor([1, 6, 8]))
+    for a, e, f in frames:
+        inc.add_frame(a, e, f)  # solves after each frame
+    batch = SparseGP(Descriptor([1, 6, 8]))
+    for a, e, f in frames:
+        batch.add_frame(a, e, f, solve=False)
+    batch.solve()
+    np.testing.assert_allclose(inc.A_F, batch.A_F, rtol=1e-10, atol=1e-10)
+    probe = _emt_frames(1, seed=9)[0][0]
+    pi, pb = inc.predict(probe), batch.predict(probe)
+    assert pi.energy == pytest.approx(pb.energy, abs=1e-9)
+    np.testing.assert_allclose(pi.forces, pb.forces, atol=1e-8)
+    # force rows of an old frame against all columns equal freshly computed ones
+    fr = inc.frames[0]
+    _, rows = inc._rows(fr.env, np.arange(inc.n_sparse))
+    np.testing.assert_allclose(fr.rows_f, rows, atol=1e-10)
+
+
+def test_save_load_round_trip_is_exact(trained, tmp_path):
+    gp, frames = trained
+    gp.save(str(tmp_path / "m.npz"), extra={"force_std_scale": 3.0})
+    m = SparseGP.load(str(tmp_path / "m.npz"))
+    a = frames[1][0]
+    p, q = gp.predict(a), m.predict(a)
+    assert p.energy == q.energy
+    np.testing.assert_array_equal(p.forces, q.forces)
+    np.testing.assert_array_equal(p.novelty, q.novelty)
+    assert m.extra == {"force_std_scale": 3.0}
+    with pytest.raises(RuntimeError, match="from_store|store"):
+        m.add_frame(a, frames[1][1], frames[1][2])
+
+
+def test_load_rejects_foreign_files(tmp_path):
+    bad = tmp_path / "x.npz"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="not an otfml model"):
+        SparseGP.load(str(bad))
+
+
+def test_refuses_nan_labels(trained):
+    gp = SparseGP(Descriptor([1, 6, 8]))
+    a, e, f = _emt_frames(1)[0]
+    with pytest.raises(ValueError, match="NaN"):
+        gp.add_frame(a, float("nan"), f)
+    assert gp.n_frames == 0
