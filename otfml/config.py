@@ -175,6 +175,11 @@ def validate(raw: dict | None, source: str = "config") -> dict:
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Apply ``section.key=value`` overrides (values parsed as YAML) to a raw config."""
+    if not overrides:
+        return raw
+    if not isinstance(raw, dict | None):
+        raise ConfigError(f"the config's top level must be a mapping of sections "
+                          f"({', '.join(SCHEMA)}), not a {type(raw).__name__}")
     raw = dict(raw or {})
     for item in overrides or []:
         if "=" not in item or "." not in item.split("=", 1)[0]:

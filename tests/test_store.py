@@ -51,7 +51,8 @@ def test_second_writer_is_refused_reader_allowed(tmp_path):
             Store(path, "a")
         # a reader in another process sees the frame while the writer is open
         out = subprocess.run(
-            [sys.executable, "-c", f"from otfml.store import Store; print(len(Store({str(path)!r})))"],
+            [sys.executable, "-c",
+             f"from otfml.store import Store; print(len(Store({str(path)!r})))"],
             capture_output=True, text=True, check=True)
         assert out.stdout.strip() == "1"
         st.append(*_frame(1), FP)

@@ -1,0 +1,120 @@
+"""The otfml command, with the real MOPAC where it runs workflows."""
+
+import json
+import os
+import shutil
+
+import pytest
+import yaml
+from ase.io import write
+
+from otfml.cli import main
+from otfml.config import SCHEMA, keys_markdown, load_config
+
+from .conftest import mopac
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _write(tmp_path, cfg, name="c.yaml"):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(cfg) if isinstance(cfg, dict) else cfg)
+    return str(p)
+
+
+BROKEN = [
+    ({"driver": {"stpes": 10}}, ["driver.stpes", "Did you mean 'steps'"]),
+    ({"drvier": {"steps": 10}}, ["drvier", "Did you mean 'driver'"]),
+    ({"driver": {"steps": -5}}, ["driver.steps = -5", ">= 1"]),
+    ({"driver": {"steps": "many"}}, ["driver.steps = 'many'", "integer"]),
+    ({"learning": {"force_tolerance": 0}}, ["learning.force_tolerance = 0", "> 0"]),
+    ({"reference": {"code": "gaussian"}}, ["reference.code = 'gaussian'", "mopac"]),
+    ({"driver": {"type": "mdd"}}, ["driver.type = 'mdd'", "Did you mean 'md'"]),
+    ({"system": {"structure": "nothere.xyz"}}, ["system.structure = 'nothere.xyz'",
+                                                "neither an existing file"]),
+    ({"learning": {"adaptive": "yes please"}}, ["learning.adaptive", "true/false"]),
+    ("driver: [1, 2", ["not valid YAML"]),
+    ("- just\n- a list\n", ["top level must be a mapping"]),
+]
+
+
+@pytest.mark.parametrize("cfg,expected", BROKEN)
+def test_broken_configs_name_the_problem(tmp_path, capsys, cfg, expected):
+    path = _write(tmp_path, cfg)
+    assert main(["check", path]) == 2
+    err = capsys.readouterr().err
+    for text in expected:
+        assert text in err, err
+
+
+def test_missing_config_file(capsys, tmp_path):
+    assert main(["check", str(tmp_path / "nope.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_set_overrides_and_defaults(tmp_path):
+    path = _write(tmp_path, {"driver": {"steps": 10}})
+    cfg = load_config(path, ["driver.steps=7", "system.charge=1", "learning.max_calls=3"])
+    assert cfg["driver"]["steps"] == 7 and cfg["system"]["charge"] == 1
+    assert cfg["learning"]["max_calls"] == 3 and cfg["model"]["cutoff"] == 3.0
+
+
+def test_key_reference_covers_every_key():
+    table = keys_markdown()
+    for section, fields in SCHEMA.items():
+        for key in fields:
+            assert f"`{section}.{key}`" in table
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert table in readme, "README's key reference is out of date: paste `otfml check --keys`"
+
+
+def test_shipped_workflows_validate(capsys):
+    for name in os.listdir(os.path.join(ROOT, "workflows")):
+        assert main(["check", os.path.join(ROOT, "workflows", name)]) == 0, name
+
+
+@mopac
+def test_run_info_evaluate_end_to_end(tmp_path, capsys, mopac_frames):
+    wf = tmp_path / "md.yaml"
+    shutil.copy(os.path.join(ROOT, "workflows", "md_langevin.yaml"), wf)
+    assert main(["run", str(wf), "--set", "driver.steps=150", "--set",
+                 "output.directory=run"]) == 0
+    run = tmp_path / "run"
+    for f in ("otfml.h5", "model.npz", "summary.json", "steps.csv", "trajectory.traj",
+              "otfml.log"):
+        assert (run / f).exists(), f
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 151 and 0 < summary["reference_calls"] <= 151
+    lines = (run / "steps.csv").read_text().splitlines()
+    assert len(lines) == 1 + 151 and lines[0].startswith("step,")
+    capsys.readouterr()
+    assert main(["info", str(run / "otfml.h5"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["frames"] == summary["reference_calls"]
+    assert info["fingerprints"][0]["method"] == "PM7"
+    assert info["model"]["frames"] == summary["reference_calls"]
+    data = tmp_path / "test.extxyz"
+    write(str(data), mopac_frames[::4])
+    for model in (run / "model.npz", run / "otfml.h5"):
+        assert main(["evaluate", str(model), str(data), "--json",
+                     "--force-tolerance", "0.15"]) == 0
+        res = json.loads(capsys.readouterr().out)
+        assert res["frames"] == len(mopac_frames[::4])
+        assert 0 < res["force_mae_eV_A"] < 1.0 and res["force_rmse_eV_A"] >= res["force_mae_eV_A"]
+        assert -1 <= res["spearman_atom"] <= 1
+
+
+@mopac
+def test_optimize_workflow_converges_on_the_reference(tmp_path):
+    wf = tmp_path / "opt.yaml"
+    shutil.copy(os.path.join(ROOT, "workflows", "optimize.yaml"), wf)
+    xyz = tmp_path / "start.xyz"
+    from ase.build import molecule
+
+    a = molecule("CH3CH2OH")
+    a.rattle(0.15, seed=2)
+    write(str(xyz), a)
+    assert main(["run", str(wf), "--set", f"system.structure={xyz}", "--set",
+                 "output.directory=opt"]) == 0
+    s = json.loads((tmp_path / "opt" / "summary.json").read_text())
+    assert s["converged"] and s["final_fmax_eV_A"] <= 0.05

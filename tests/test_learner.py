@@ -1,0 +1,167 @@
+"""The learning loop. Loop logic with a cheap analytic reference (ASE's EMT);
+everything a user runs for real with the real MOPAC."""
+
+import numpy as np
+import pytest
+from ase import units
+from ase.build import molecule
+from ase.calculators.emt import EMT
+from ase.calculators.mopac import MOPAC
+from ase.md.langevin import Langevin
+from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+from ase.optimize import BFGS
+
+from otfml import OTFCalculator
+from otfml.errors import ConfigError, FingerprintMismatch
+from otfml.policy import LearningPolicy
+from otfml.store import Store
+
+from .conftest import mopac
+
+
+def _md(atoms, steps, seed=0, T=300):
+    rng = np.random.default_rng(seed)
+    MaxwellBoltzmannDistribution(atoms, temperature_K=T, rng=rng)
+    dyn = Langevin(atoms, 0.5 * units.fs, temperature_K=T, friction=0.02, rng=rng, fixcm=False)
+    sources = []
+    dyn.attach(lambda: sources.append(atoms.calc.results["source"]), interval=1)
+    dyn.run(steps)
+    return sources
+
+
+def test_reference_steps_return_reference_values_exactly(ethanol, tmp_path):
+    calc = OTFCalculator(EMT(), store=str(tmp_path / "s.h5"))
+    ethanol.calc = calc
+    e = ethanol.get_potential_energy()
+    f = ethanol.get_forces()
+    assert calc.results["source"] == "reference"
+    ref = ethanol.copy()
+    ref.calc = EMT()
+    assert e == ref.get_potential_energy()
+    np.testing.assert_array_equal(f, ref.get_forces())
+    assert calc.results["forces_std"].max() == 0.0
+    calc.close()
+
+
+def test_loop_calls_store_and_trusts(tmp_path):
+    a = molecule("CH3CH2OH")
+    # EMT is a crude surface for a molecule: a loose tolerance keeps this about the loop
+    a.calc = OTFCalculator(EMT(), store=str(tmp_path / "s.h5"), force_tolerance=1.0)
+    sources = _md(a, 150)
+    L = a.calc.learner
+    assert sources.count("reference") == L.n_calls
+    assert L.n_calls < 0.6 * len(sources)  # the model takes over
+    assert sources[:2] == ["reference", "reference"]  # initial_calls
+    # a trusted step: model values with a positive uncertainty below the tolerance
+    a.positions += 1e-4
+    a.get_forces()
+    if a.calc.results["source"] == "model":
+        assert 0 < a.calc.results["forces_std"].max() <= 1.0
+        assert a.calc.results["energy_std"] > 0
+    a.calc.close()
+    with Store(tmp_path / "s.h5") as st:
+        assert len(st) == L.n_calls
+        called = [h["step"] for h in L.history if h["source"] == "reference"]
+        assert [fr.step for fr in st] == called
+
+
+def test_policy_knobs_budget_interval_forced(tmp_path):
+    a = molecule("CH3CH2OH")
+    pol = LearningPolicy(force_tolerance=1e-6, max_calls=5)  # always uncertain, 5 calls
+    a.calc = OTFCalculator(EMT(), policy=pol)
+    sources = _md(a, 30)
+    assert sources.count("reference") == 5 and sources[5:] == ["model"] * (len(sources) - 5)
+
+    b = molecule("CH3CH2OH")
+    b.calc = OTFCalculator(EMT(), policy=LearningPolicy(force_tolerance=1e-6,
+                                                        min_steps_between_calls=4))
+    src = _md(b, 30)
+    calls = [i for i, s in enumerate(src) if s == "reference"]
+    gaps = np.diff(calls[2:])  # after the initial calls
+    assert len(gaps) and gaps.min() >= 5
+
+    c = molecule("CH3CH2OH")
+    c.calc = OTFCalculator(EMT(), policy=LearningPolicy(force_tolerance=100.0,
+                                                        force_call_every=10))
+    src = _md(c, 40)
+    assert src.count("reference") >= 4  # 2 initial + one per 10 model steps
+
+
+def test_warm_start_from_store_makes_no_initial_calls(tmp_path):
+    a = molecule("CH3CH2OH")
+    a.calc = OTFCalculator(EMT(), store=str(tmp_path / "s.h5"), force_tolerance=0.3)
+    _md(a, 60)
+    n = a.calc.learner.n_calls
+    a.calc.close()
+    b = molecule("CH3CH2OH")
+    b.calc = OTFCalculator(EMT(), store=str(tmp_path / "s.h5"), force_tolerance=0.3)
+    assert b.calc.learner.n_warm == n and b.calc.model.is_fitted
+    b.get_forces()
+    assert b.calc.results["source"] == "model"
+    b.calc.close()
+
+
+def test_bad_structures_are_clear_errors():
+    from ase import Atoms
+
+    calc = OTFCalculator(EMT())
+    with pytest.raises(ConfigError, match="at least 2 atoms"):
+        calc.get_potential_energy(Atoms("H", positions=[[0, 0, 0]]))
+    a = molecule("H2O")
+    a.positions[0, 0] = np.nan
+    with pytest.raises(ConfigError, match="NaN"):
+        OTFCalculator(EMT()).get_potential_energy(a)
+
+
+@mopac
+def test_otf_md_with_mopac_stays_physical_and_stores_every_call(tmp_path):
+    """The README example, shortened: real MOPAC PM7, Langevin at 500 K."""
+    a = molecule("CH3CH2OH")
+    a.calc = OTFCalculator(reference=MOPAC(method="PM7"), store=str(tmp_path / "e.h5"))
+    rng = np.random.default_rng(0)
+    dyn = Langevin(a, 0.5 * units.fs, temperature_K=500, friction=0.01, rng=rng, fixcm=False)
+    temps, srcs = [], []
+    dyn.attach(lambda: (temps.append(a.get_temperature()),
+                        srcs.append(a.calc.results["source"])), interval=1)
+    dyn.run(400)
+    L = a.calc.learner
+    assert 0 < L.n_calls < 400 and srcs.count("model") > 100
+    assert max(temps) < 1500  # no blow-up from a symmetric start
+    a.calc.close()
+    with Store(tmp_path / "e.h5") as st:
+        assert len(st) == L.n_calls
+        fr = st.frame(0)
+        assert fr.fingerprint["code"] == "MOPAC" and fr.fingerprint["version"]
+        # the stored label is MOPAC's for that geometry
+        chk = fr.atoms.copy()
+        chk.calc = MOPAC(method="PM7", label=str(tmp_path / "chk" / "m"))
+        assert chk.get_potential_energy() == pytest.approx(fr.energy, abs=1e-6)
+
+
+@mopac
+def test_bfgs_optimization_with_mopac(tmp_path):
+    a = molecule("CH3CH2OH")
+    a.rattle(0.1, seed=4)
+    a.calc = OTFCalculator(reference=MOPAC(method="PM7"), store=str(tmp_path / "o.h5"),
+                           force_tolerance=0.1)
+    BFGS(a, logfile=None).run(fmax=0.05, steps=200)
+    a.calc.learner.request_reference = True
+    a.calc.reset()
+    assert np.linalg.norm(a.get_forces(), axis=1).max() < 0.15
+    assert a.calc.results["source"] == "reference"
+
+
+@mopac
+def test_changed_charge_is_never_mixed_into_a_store(tmp_path):
+    a = molecule("CH3CH2OH")
+    a.calc = OTFCalculator(reference=MOPAC(method="PM7"), store=str(tmp_path / "e.h5"))
+    a.get_forces()
+    a.calc.close()
+    b = molecule("CH3CH2OH")
+    b.calc = OTFCalculator(reference=MOPAC(method="PM6"), store=str(tmp_path / "e.h5"))
+    b.calc.learner.request_reference = True
+    with pytest.raises(FingerprintMismatch, match="method: 'PM7' -> 'PM6'"):
+        b.get_forces()
+    b.calc.close()
+    with Store(tmp_path / "e.h5") as st:
+        assert len(st) == 1

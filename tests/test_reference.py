@@ -1,0 +1,85 @@
+"""The MOPAC reference, with the real MOPAC."""
+
+import os
+
+import numpy as np
+import pytest
+from ase.build import molecule
+from ase.calculators.mopac import MOPAC
+
+from otfml.errors import ConfigError, ReferenceFailed
+from otfml.reference import MopacReference, make_reference
+
+from .conftest import mopac
+
+
+@mopac
+def test_labels_equal_plain_ase_mopac(ethanol, tmp_path):
+    ref = MopacReference(method="PM7", workdir=str(tmp_path))
+    lab = ref.compute(ethanol, 0, 1)
+    a = ethanol.copy()
+    a.calc = MOPAC(method="PM7", label=str(tmp_path / "plain" / "m"))
+    assert lab.energy == pytest.approx(a.get_potential_energy(), abs=1e-8)
+    np.testing.assert_allclose(lab.forces, a.get_forces(), atol=1e-8)
+    fp = lab.fingerprint
+    assert fp["code"] == "MOPAC" and fp["method"] == "PM7" and fp["version"].startswith("22")
+    assert fp["charge"] == 0 and fp["multiplicity"] == 1
+    assert os.listdir(tmp_path) == ["plain"]  # the per-call directory was removed
+
+
+@mopac
+def test_wraps_ase_mopac_instance():
+    ref = make_reference(MOPAC(method="PM6", task="1SCF GRADIENTS NOMM"))
+    assert isinstance(ref, MopacReference)
+    assert ref.method == "PM6" and ref.keywords == "NOMM"
+
+
+@mopac
+def test_doublet_radical_and_cation():
+    ch3 = molecule("CH3")
+    lab = MopacReference().compute(ch3, charge=0, multiplicity=2)
+    assert lab.fingerprint["multiplicity"] == 2 and np.isfinite(lab.energy)
+    nh4 = molecule("NH3")
+    nh4.append("H")
+    nh4.positions[-1] = [0.0, 0.0, -1.0]
+    lab = MopacReference().compute(nh4, charge=1, multiplicity=1)
+    assert lab.fingerprint["charge"] == 1
+
+
+def test_impossible_multiplicity_is_refused_before_running():
+    with pytest.raises(ConfigError, match="9 electrons.*odd.*multiplicity 1 is impossible"):
+        MopacReference(command="false PREFIX").compute(molecule("OH"), 0, 1)
+
+
+@mopac
+def test_failing_run_names_step_distance_and_output(tmp_path, ethanol):
+    """Two atoms on top of each other: MOPAC aborts; the error explains and keeps the dir."""
+    bad = ethanol.copy()
+    bad.positions[1] = bad.positions[0] + [0.05, 0.0, 0.0]
+    bad.info["otfml_step"] = 17
+    with pytest.raises(ReferenceFailed) as err:
+        MopacReference(workdir=str(tmp_path)).compute(bad, 0, 1)
+    msg = str(err.value)
+    assert "step 17" in msg and "0.050 Å between atoms 0 and 1" in msg
+    assert "working directory kept in" in msg
+    assert len(os.listdir(tmp_path)) == 1
+
+
+def test_missing_binary_says_how_to_fix(monkeypatch):
+    monkeypatch.delenv("ASE_MOPAC_COMMAND", raising=False)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(ConfigError, match="ASE_MOPAC_COMMAND"):
+        MopacReference()
+
+
+def test_broken_command_is_a_reference_failure(tmp_path, ethanol):
+    ref = MopacReference(command="/nonexistent/mopac PREFIX.mop", workdir=str(tmp_path))
+    with pytest.raises(ReferenceFailed, match="no mopac.out was written"):
+        ref.compute(ethanol, 0, 1)
+
+
+def test_bad_method_and_charge_keywords_are_config_errors():
+    with pytest.raises(ConfigError, match="PM8"):
+        MopacReference(method="PM8", command="x PREFIX")
+    with pytest.raises(ConfigError, match="system.charge"):
+        MopacReference(keywords="CHARGE=1", command="x PREFIX")
