@@ -173,9 +173,14 @@ class SparseGP:
         self.e0 = np.zeros(S)
         self._trainable = True
         self._reset_accumulators(0)
-        self._Kt = np.zeros((0, 0))
+        self._Kt = np.zeros((0, 0))  # normalized K_mm
+        self._L = np.zeros((0, 0))  # Cholesky factor of K_mm + jitter (maintained incrementally)
+        self._Linv = np.zeros((0, 0))  # its inverse
+        self._AFw = np.zeros((0, 0))  # L^-1 A_F L^-T
+        self._Ew = np.zeros((0, 0))  # L^-1 r_f / sqrt(N_f), one column per frame
         self._beta = np.zeros(0)
-        self._V = np.zeros((0, 0))
+        self._LB = np.zeros((0, 0))  # Cholesky factor of B = I + s2 (AEw/se^2 + AFw/sf^2)
+        self._blocks: dict = {}
         self._fitted = False
         #: free-form metadata saved with the model (e.g. the force-error calibration)
         self.extra: dict = {}
@@ -204,7 +209,6 @@ class SparseGP:
 
     def _reset_accumulators(self, M: int) -> None:
         S = len(self.descriptor.species)
-        self.A_E = np.zeros((M, M))
         self.A_F = np.zeros((M, M))
         self.c_E = np.zeros(M)
         self.C_E = np.zeros((M, S))
@@ -216,10 +220,6 @@ class SparseGP:
         self._n_e = 0
         self._n_f = 0
         self._logN = 0.0
-
-    def _kmm(self) -> np.ndarray:
-        """Normalized K_mm (block diagonal over species), cached."""
-        return self._Kt
 
     # ------------------------------------------------------------------
     # rows of the design matrix
@@ -285,27 +285,6 @@ class SparseGP:
     # ------------------------------------------------------------------
     # training
     # ------------------------------------------------------------------
-    def coverage(self, env: Environments) -> np.ndarray:
-        """Unrepresented fraction ``sqrt(1 - k^T K_mm^-1 k)`` of each atom (n_atoms,).
-
-        Unitless: 0 for an environment the sparse set spans, 1 for one
-        orthogonal to all of it.
-        """
-        ph, _ = _normalize(env.p)
-        out = np.ones(len(ph))
-        for s in np.unique(env.species):
-            cols = self._cols(s)
-            at = np.flatnonzero(env.species == s)
-            if len(cols) == 0:
-                continue
-            Zs = self.Z[cols]
-            Kmm = (Zs @ Zs.T) ** 2 + _JITTER * np.eye(len(cols))
-            k = (ph[at] @ Zs.T) ** 2
-            L = scipy.linalg.cho_factor(Kmm, lower=True)
-            q = np.sum(k * scipy.linalg.cho_solve(L, k.T).T, axis=1)
-            out[at] = np.sqrt(np.clip(1.0 - q, 0.0, 1.0))
-        return out
-
     def _select_sparse(
         self, env: Environments, candidates: np.ndarray | None, max_new: int | None
     ) -> list[int]:
@@ -329,10 +308,7 @@ class SparseGP:
             cols = self._cols(s)
             C = (ph[at] @ ph[at].T) ** 2
             if len(cols):
-                L = scipy.linalg.cholesky(
-                    self._Kt[np.ix_(cols, cols)] + _JITTER * np.eye(len(cols)), lower=True)
-                W = scipy.linalg.solve_triangular(L, ((ph[at] @ self.Z[cols].T) ** 2).T,
-                                                  lower=True)
+                W = self._Linv[np.ix_(cols, cols)] @ ((ph[at] @ self.Z[cols].T) ** 2).T
                 C -= W.T @ W
             tol2 = self.sparse_tolerance**2
             while room > 0:
@@ -349,13 +325,19 @@ class SparseGP:
         return chosen
 
     def _add_columns(self, new_Z: np.ndarray, new_zs: np.ndarray) -> None:
-        """Append sparse environments and the matching accumulator columns."""
+        """Append sparse environments: extend K_mm, its factor and every accumulator.
+
+        With ``L = [[L11, 0], [L21, L22]]`` the whitened blocks of the old columns
+        stay as they are; the new ones cost O(M^2 n_new + M n_new n_rows) instead
+        of re-whitening (O(M^3)).
+        """
         M0 = self.n_sparse
         n_new = len(new_zs)
         self.Z = np.vstack([self.Z, new_Z])
         self.zs = np.concatenate([self.zs, new_zs])
         cols = np.arange(M0, M0 + n_new)
         M = M0 + n_new
+        # kernel matrix and its Cholesky factor / inverse
         Kt = np.zeros((M, M))
         Kt[:M0, :M0] = self._Kt
         block = (self.Z @ new_Z.T) ** 2
@@ -363,29 +345,64 @@ class SparseGP:
         Kt[:, M0:] = block
         Kt[M0:, :M0] = block[:M0].T
         self._Kt = Kt
-        A_E = np.zeros((M, M))
-        A_F = np.zeros((M, M))
-        A_E[:M0, :M0] = self.A_E
-        A_F[:M0, :M0] = self.A_F
-        self.A_E, self.A_F = A_E, A_F
-        self.c_E = np.concatenate([self.c_E, np.zeros(n_new)])
-        self.C_E = np.vstack([self.C_E, np.zeros((n_new, self.C_E.shape[1]))])
-        self.b_F = np.concatenate([self.b_F, np.zeros(n_new)])
-        for fr in self.frames:
+        I11 = self._Linv
+        L21 = (I11 @ Kt[:M0, M0:]).T  # (n_new, M0)
+        S22 = Kt[M0:, M0:] + _JITTER * np.eye(n_new) - L21 @ L21.T
+        L22 = scipy.linalg.cholesky(S22, lower=True)
+        I22 = scipy.linalg.solve_triangular(L22, np.eye(n_new), lower=True)
+        L = np.zeros((M, M))
+        L[:M0, :M0] = self._L
+        L[M0:, :M0] = L21
+        L[M0:, M0:] = L22
+        Linv = np.zeros((M, M))
+        Linv[:M0, :M0] = I11
+        Linv[M0:, :M0] = -I22 @ L21 @ I11
+        Linv[M0:, M0:] = I22
+        self._L, self._Linv = L, Linv
+        # rows of every stored frame against the new columns
+        A12 = np.zeros((M0, n_new))
+        A22 = np.zeros((n_new, n_new))
+        E_new = np.zeros((n_new, len(self.frames)))
+        c_new = np.zeros(n_new)
+        C_new = np.zeros((n_new, self.C_E.shape[1]))
+        b_new = np.zeros(n_new)
+        for k, fr in enumerate(self.frames):
             e_new, f_new = self._rows(fr.env, cols, fr.geom)
             N = len(fr.numbers)
-            # cross terms with the old columns and the new block
-            self.A_E[:M0, M0:] += np.outer(fr.rows_e, e_new) / N
-            self.A_E[M0:, M0:] += np.outer(e_new, e_new) / N
-            self.A_F[:M0, M0:] += fr.rows_f.T @ f_new
-            self.A_F[M0:, M0:] += f_new.T @ f_new
-            self.c_E[M0:] += e_new * fr.energy / N
-            self.C_E[M0:] += np.outer(e_new, fr.counts) / N
-            self.b_F[M0:] += f_new.T @ fr.forces.ravel()
+            A12 += fr.rows_f.T @ f_new
+            A22 += f_new.T @ f_new
+            E_new[:, k] = e_new / math.sqrt(N)
+            c_new += e_new * fr.energy / N
+            C_new += np.outer(e_new, fr.counts) / N
+            b_new += f_new.T @ fr.forces.ravel()
             fr.rows_e = np.concatenate([fr.rows_e, e_new])
             fr.rows_f = np.hstack([fr.rows_f, f_new])
-        self.A_E[M0:, :M0] = self.A_E[:M0, M0:].T
-        self.A_F[M0:, :M0] = self.A_F[:M0, M0:].T
+        self.c_E = np.concatenate([self.c_E, c_new])
+        self.C_E = np.vstack([self.C_E, C_new])
+        self.b_F = np.concatenate([self.b_F, b_new])
+        # raw force accumulator
+        A_F = np.zeros((M, M))
+        A_F[:M0, :M0] = self.A_F
+        A_F[:M0, M0:] = A12
+        A_F[M0:, :M0] = A12.T
+        A_F[M0:, M0:] = A22
+        self.A_F = A_F
+        # whitened force accumulator: new blocks from the old ones (see docstring)
+        W11 = self._AFw
+        Y = I11 @ A12
+        AFw = np.zeros((M, M))
+        AFw[:M0, :M0] = W11
+        b21 = I22 @ (Y.T - L21 @ W11)
+        AFw[M0:, :M0] = b21
+        AFw[:M0, M0:] = b21.T
+        mid = L21 @ W11 @ L21.T - L21 @ Y - Y.T @ L21.T + A22
+        AFw[M0:, M0:] = I22 @ mid @ I22.T
+        self._AFw = 0.5 * (AFw + AFw.T)
+        # whitened energy rows
+        if len(self.frames):
+            self._Ew = np.vstack([self._Ew, I22 @ (E_new - L21 @ self._Ew)])
+        else:
+            self._Ew = np.zeros((M, 0))
 
     def add_frame(
         self,
@@ -442,8 +459,10 @@ class SparseGP:
         N = len(atoms)
         counts = np.bincount(env.species, minlength=len(self.descriptor.species)).astype(float)
         f = forces.ravel()
-        self.A_E += np.outer(row_e, row_e) / N
         self.A_F += rows_f.T @ rows_f
+        W = self._Linv @ rows_f.T  # whitened force rows (M, 3N)
+        self._AFw += W @ W.T
+        self._Ew = np.hstack([self._Ew, (self._Linv @ row_e / math.sqrt(N))[:, None]])
         self.c_E += row_e * energy / N
         self.C_E += np.outer(row_e, counts) / N
         self.b_F += rows_f.T @ f
@@ -482,35 +501,21 @@ class SparseGP:
     # ------------------------------------------------------------------
     # solution and likelihood
     # ------------------------------------------------------------------
-    def _whitened(self):
-        """Accumulators whitened by the Cholesky factor L of K_mm: L^-1 A L^-T etc.
+    def _whitened(self) -> dict:
+        """Accumulators in the basis whitened by L (the Cholesky factor of K_mm).
 
         In this basis ``P = K_mm + K_mn Lam^-1 K_nm = sigma^2 L B L^T`` with
-        ``B = I + sigma^2 (AEw/se^2 + AFw/sf^2)``, whose eigenvalues are >= 1,
-        so the solve stays well conditioned however small the noises get.
+        ``B = I + sigma^2 (AEw/se^2 + AFw/sf^2)``, whose eigenvalues are >= 1, so
+        the solve stays well conditioned however small the noises get.  The
+        energy block is formed from the whitened rows (PSD by construction: its
+        rank is only the number of frames).
         """
-        L = scipy.linalg.cholesky(self._Kt + _JITTER * np.eye(self.n_sparse), lower=True)
-
-        def w(X):
-            Y = scipy.linalg.solve_triangular(L, X, lower=True)
-            return scipy.linalg.solve_triangular(L, Y.T, lower=True).T
-
         c = self.c_E - self.C_E @ self.e0
-        # energy block from the rows themselves: PSD by construction (its rank is
-        # only the number of frames; whitening A_E would amplify rounding into
-        # negative eigenvalues)
-        if self.frames:
-            R = np.array([fr.rows_e / math.sqrt(len(fr.numbers)) for fr in self.frames])
-            W = scipy.linalg.solve_triangular(L, R.T, lower=True)
-            AE = W @ W.T
-        else:
-            AE = w(self.A_E)
         return {
-            "L": L,
-            "AE": AE,
-            "AF": w(self.A_F),
-            "c": scipy.linalg.solve_triangular(L, c, lower=True),
-            "bF": scipy.linalg.solve_triangular(L, self.b_F, lower=True),
+            "AE": self._Ew @ self._Ew.T,
+            "AF": self._AFw,
+            "c": self._Linv @ c,
+            "bF": self._Linv @ self.b_F,
         }
 
     def log_marginal_likelihood(
@@ -601,7 +606,7 @@ class SparseGP:
         return self.hyp
 
     def solve(self) -> None:
-        """Solve for the weights and the variance matrix at the current hyperparameters."""
+        """Solve for the weights at the current hyperparameters (O(M^3 / 3))."""
         if self._n_e == 0 or self.n_sparse == 0:
             self._fitted = False
             return
@@ -611,16 +616,25 @@ class SparseGP:
         M = self.n_sparse
         s2 = sigma**2
         B = np.eye(M) + s2 * (wh["AE"] / se**2 + wh["AF"] / sf**2)
-        LB = scipy.linalg.cho_factor(B, lower=True)
+        LB = scipy.linalg.cholesky(B, lower=True)
         u = wh["c"] / se**2 + wh["bF"] / sf**2
-        Linv = scipy.linalg.solve_triangular(wh["L"], np.eye(M), lower=True)
         # weights alpha = P^-1 b = L^-T B^-1 u; local energy eps = kt^T (s2 alpha)
-        self._beta = s2 * Linv.T @ scipy.linalg.cho_solve(LB, u)
-        # variance sigma^2 + kt^T V kt with V = s2 L^-T (B^-1 - I) L^-1
-        self._V = s2 * Linv.T @ (scipy.linalg.cho_solve(LB, np.eye(M)) - np.eye(M)) @ Linv
-        self._V = 0.5 * (self._V + self._V.T)
-        self._Linv = Linv  # block diagonal: K_mm is block diagonal over species
+        self._beta = s2 * self._Linv.T @ scipy.linalg.cho_solve((LB, True), u)
+        self._LB = LB
+        self._make_blocks()
         self._fitted = True
+
+    def _make_blocks(self) -> None:
+        """Per-species slices used at every prediction (no copies in the hot path)."""
+        self._blocks = {}
+        for s in range(len(self.descriptor.species)):
+            cols = self._cols(s)
+            self._blocks[s] = {
+                "cols": cols,
+                "Z": np.ascontiguousarray(self.Z[cols]),
+                "beta": self._beta[cols],
+                "Linv": np.ascontiguousarray(self._Linv[np.ix_(cols, cols)]),
+            }
 
     # ------------------------------------------------------------------
     # prediction
@@ -646,42 +660,41 @@ class SparseGP:
             env = self.descriptor.environments(atoms)
         ph, norm = _normalize(env.p)
         N = len(ph)
+        M = self.n_sparse
         sigma2 = self.hyp.sigma**2
         eps = self.e0[env.species].astype(float).copy()
-        var = np.full(N, sigma2)
         dE_dp = np.zeros_like(ph)
-        kappa = np.zeros(self.n_sparse)
-        nov = np.ones(N)
+        # whitened kernel vectors w_i = L^-1 kt_i (columns; last column: their sum)
+        Wt = np.zeros((M, N + 1))
         e_var_prior = 0.0
         for s in np.unique(env.species):
             at = np.flatnonzero(env.species == s)
-            cols = self._cols(s)
+            blk = self._blocks[s]
             pa = ph[at]
-            e_var_prior += sigma2 * np.sum((pa @ pa.T) ** 2)
-            if len(cols) == 0:
+            e_var_prior += np.sum((pa @ pa.T) ** 2)
+            if len(blk["cols"]) == 0:
                 continue
-            Zs = self.Z[cols]
-            d = pa @ Zs.T
+            d = pa @ blk["Z"].T
             k = d * d
-            beta = self._beta[cols]
-            eps[at] += k @ beta
-            g = 2.0 * (d * beta) @ Zs  # d eps / d p_hat
+            eps[at] += k @ blk["beta"]
+            g = 2.0 * (d * blk["beta"]) @ blk["Z"]  # d eps / d p_hat
             g -= np.sum(g * pa, axis=1)[:, None] * pa
             dE_dp[at] = g / norm[at][:, None]
-            Vs = self._V[np.ix_(cols, cols)]
-            var[at] += np.sum((k @ Vs) * k, axis=1)
-            w = k @ self._Linv[np.ix_(cols, cols)].T
-            nov[at] = np.sqrt(np.clip(1.0 - np.sum(w * w, axis=1), 0.0, 1.0))
-            kappa[cols] = k.sum(axis=0)
+            Wt[np.ix_(blk["cols"], at)] = blk["Linv"] @ k.T
         forces = self.descriptor.backprop(env, dE_dp)
-        e_var = e_var_prior + kappa @ self._V @ kappa
+        Wt[:, N] = Wt[:, :N].sum(axis=1)
+        # variance sigma^2 (prior - |w|^2 + |LB^-1 w|^2)  (DTC, see solve)
+        Vt = scipy.linalg.solve_triangular(self._LB, Wt, lower=True)
+        ww = np.sum(Wt * Wt, axis=0)
+        var = sigma2 * (1.0 - ww[:N] + np.sum(Vt[:, :N] ** 2, axis=0))
+        e_var = sigma2 * (e_var_prior - ww[N] + np.sum(Vt[:, N] ** 2))
         return Prediction(
             energy=float(eps.sum()),
             forces=forces,
             local_energies=eps,
             local_std=np.sqrt(np.clip(var, 0.0, None)),
             energy_std=float(math.sqrt(max(e_var, 0.0))),
-            novelty=self.hyp.sigma * nov,
+            novelty=self.hyp.sigma * np.sqrt(np.clip(1.0 - ww[:N], 0.0, 1.0)),
             env=env,
         )
 
@@ -707,7 +720,7 @@ class SparseGP:
         }
         with open(path, "wb") as fh:
             np.savez(fh, meta=np.array(json.dumps(meta)), Z=self.Z, zs=self.zs,
-                     e0=self.e0, beta=self._beta, V=self._V, Linv=self._Linv)
+                     e0=self.e0, beta=self._beta, LB=self._LB, Linv=self._Linv)
 
     @classmethod
     def load(cls, path: str) -> SparseGP:
@@ -715,7 +728,7 @@ class SparseGP:
         try:
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
-                arrays = {k: data[k] for k in ("Z", "zs", "e0", "beta", "V", "Linv")}
+                arrays = {k: data[k] for k in ("Z", "zs", "e0", "beta", "LB", "Linv")}
         except (OSError, ValueError, KeyError) as err:
             raise ValueError(f"{path!r} is not an otfml model file ({err})") from err
         if meta.get("format") != _MODEL_FORMAT:
@@ -730,7 +743,8 @@ class SparseGP:
                  max_sparse_per_species=meta["max_sparse_per_species"],
                  sparse_tolerance=meta["sparse_tolerance"])
         gp.Z, gp.zs, gp.e0 = arrays["Z"], arrays["zs"].astype(np.int64), arrays["e0"]
-        gp._beta, gp._V, gp._Linv = arrays["beta"], arrays["V"], arrays["Linv"]
+        gp._beta, gp._LB, gp._Linv = arrays["beta"], arrays["LB"], arrays["Linv"]
+        gp._make_blocks()
         gp._n_e = int(meta["n_frames"])
         gp.extra = meta.get("extra", {})
         gp._fitted = gp.n_sparse > 0

@@ -88,6 +88,15 @@ def test_incremental_equals_batch():
     pi, pb = inc.predict(probe), batch.predict(probe)
     assert pi.energy == pytest.approx(pb.energy, abs=1e-9)
     np.testing.assert_allclose(pi.forces, pb.forces, atol=1e-8)
+    # incrementally maintained factor, inverse and whitened accumulators equal fresh ones
+    M = inc.n_sparse
+    K = inc._Kt + 1e-8 * np.eye(M)
+    np.testing.assert_allclose(inc._L @ inc._L.T, K, atol=1e-10)
+    np.testing.assert_allclose(inc._Linv @ inc._L, np.eye(M), atol=1e-8)
+    np.testing.assert_allclose(inc._AFw, inc._Linv @ inc.A_F @ inc._Linv.T,
+                               atol=1e-8 * np.abs(inc._AFw).max())
+    R = np.array([fr.rows_e / np.sqrt(len(fr.numbers)) for fr in inc.frames])
+    np.testing.assert_allclose(inc._Ew, inc._Linv @ R.T, atol=1e-8)
     # force rows of an old frame against all columns equal freshly computed ones
     fr = inc.frames[0]
     _, rows = inc._rows(fr.env, np.arange(inc.n_sparse))
