@@ -141,6 +141,9 @@ def main(argv=None) -> int:
             "median_mopac_call_ms": 1e3 * float(np.median(L.timings["reference"])),
             "median_update_ms": 1e3 * float(np.median(L.timings["update"])),
             "total_update_s": float(np.sum(L.timings["update"])),
+            "calls_per_quarter_of_run": np.histogram(
+                [h["step"] for h in L.history if h["source"] == "reference"],
+                bins=4, range=(1, args.steps + 2))[0].tolist(),
             "mean_T_second_half_K": float(otf_T[half:].mean()),
             "max_T_K": float(otf_T.max()),
         },
@@ -166,6 +169,7 @@ def main(argv=None) -> int:
               + (f" (extrapolated from {plain_steps} steps)" if p["extrapolated"] else ""))
         print(f"otfml OTF MD:   {o['wall_s']:.1f} s, {o['reference_calls']} MOPAC calls "
               f"({100 * o['reference_fraction']:.1f} % of steps)")
+        print(f"MOPAC calls per quarter of the run: {o['calls_per_quarter_of_run']}")
         print(f"wall ratio otfml/plain: {result['wall_ratio_otf_over_plain']:.3f}")
         print(f"median model step {o['median_model_step_ms']:.2f} ms, MOPAC call "
               f"{o['median_mopac_call_ms']:.1f} ms, update {o['median_update_ms']:.1f} ms")

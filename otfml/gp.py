@@ -112,9 +112,8 @@ class _Frame:
     energy: float
     forces: np.ndarray
     counts: np.ndarray
-    rows_e: np.ndarray  # (M,) energy row in normalized kernel units
-    rows_f: np.ndarray  # (3N, M) force rows
-    geom: dict | None = None  # cached SparseGP._geometry (None: over the cache budget)
+    atom_start: int  # first atom of the frame in the model's global atom numbering
+    cached: bool  # its descriptor gradients are in the model's buffers
 
 
 def _normalize(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -125,6 +124,43 @@ def _normalize(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             "increase the descriptor cutoff or check the structure"
         )
     return p / norm[:, None], norm
+
+
+class _Grow:
+    """Growable 2-D array: rows appended, columns appended, capacity doubling."""
+
+    def __init__(self, ncols: int = 0, dtype=float) -> None:
+        self._a = np.zeros((64, max(ncols, 16)), dtype=dtype)
+        self.n = 0
+        self.m = ncols
+
+    @property
+    def view(self) -> np.ndarray:
+        return self._a[: self.n, : self.m]
+
+    def _reserve(self, n: int, m: int) -> None:
+        R, C = self._a.shape
+        if n <= R and m <= C:
+            return
+        while R < n:
+            R *= 2
+        while C < m:
+            C *= 2
+        a = np.zeros((R, C), dtype=self._a.dtype)
+        a[: self.n, : self.m] = self._a[: self.n, : self.m]
+        self._a = a
+
+    def append(self, x: np.ndarray) -> None:
+        x = np.asarray(x).reshape(-1, self.m)
+        self._reserve(self.n + len(x), self.m)
+        self._a[self.n : self.n + len(x), : self.m] = x
+        self.n += len(x)
+
+    def add_columns(self, x: np.ndarray) -> None:
+        j = x.shape[1]
+        self._reserve(self.n, self.m + j)
+        self._a[: self.n, self.m : self.m + j] = x
+        self.m += j
 
 
 class SparseGP:
@@ -181,6 +217,12 @@ class SparseGP:
         self._beta = np.zeros(0)
         self._LB = np.zeros((0, 0))  # Cholesky factor of B = I + s2 (AEw/se^2 + AFw/sf^2)
         self._blocks: dict = {}
+        # rows of the design matrix of every frame (normalized kernel units)
+        self._RF = _Grow(0)  # force rows, (sum 3N, M)
+        self._RE = _Grow(0)  # energy rows, (frames, M)
+        self._n_atoms = 0
+        # descriptor gradients of the cached frames, per centre species (see _geometry)
+        self._geo: dict[int, dict[str, _Grow]] = {}
         self._fitted = False
         #: free-form metadata saved with the model (e.g. the force-error calibration)
         self.extra: dict = {}
@@ -248,7 +290,8 @@ class SparseGP:
             )
             u = np.einsum("qcf,qf->qc", Gs.reshape(P, 3, -1), ph[ci])
             blocks[int(s)] = {"G": Gs, "u": u, "ph": ph[ci], "scale": 2.0 / norm[ci],
-                              "inc": inc, "atoms": ph[env.species == s]}
+                              "inc": inc, "atoms": ph[env.species == s],
+                              "pi": ci, "pj": env.pj[sel]}
         nbytes = sum(blk["G"].nbytes for blk in blocks.values())
         return {"blocks": blocks, "nbytes": nbytes}
 
@@ -281,6 +324,69 @@ class SparseGP:
             T *= (blk["scale"][:, None] * d)[:, None, :]
             dEdr[:, :, cs] += (blk["inc"] @ T.reshape(P, -1)).reshape(N, 3, len(cs))
         return row_e, -dEdr.reshape(3 * N, len(cols))
+
+    def _cache_geometry(self, geom: dict, frame: int, atom_start: int) -> None:
+        """Append one frame's geometry to the per-species buffers (global atom indices)."""
+        F = self.descriptor.n_features
+        for s, blk in geom["blocks"].items():
+            g = self._geo.setdefault(s, {
+                "G": _Grow(F), "ph": _Grow(F), "scale": _Grow(1), "u": _Grow(3),
+                "pi": _Grow(1, np.int64), "pj": _Grow(1, np.int64),
+                "atoms": _Grow(F), "atom_frame": _Grow(1, np.int64)})
+            g["G"].append(blk["G"])
+            g["ph"].append(blk["ph"])
+            g["scale"].append(blk["scale"])
+            g["u"].append(blk["u"])
+            g["pi"].append(blk["pi"] + atom_start)
+            g["pj"].append(blk["pj"] + atom_start)
+            g["atoms"].append(blk["atoms"])
+            g["atom_frame"].append(np.full(len(blk["atoms"]), frame))
+
+    def _rows_all(self, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Energy rows (frames, len(cols)) and force rows (sum 3N, len(cols)) of every frame.
+
+        Frames whose descriptor gradients are cached are done together, a few
+        large matrix products per species; the others one by one.
+        """
+        nf, na = len(self.frames), self._n_atoms
+        zc = self.zs[cols]
+        E = np.zeros((nf, len(cols)))
+        dEdr = np.zeros((na, 3, len(cols)))
+        for s, g in self._geo.items():
+            cs = np.flatnonzero(zc == s)
+            if len(cs) == 0 or g["ph"].n == 0:
+                continue
+            Zc = self.Z[cols[cs]]
+            k_at = (g["atoms"].view @ Zc.T) ** 2
+            frames_of = g["atom_frame"].view[:, 0]
+            inc_f = scipy.sparse.csr_matrix(
+                (np.ones(len(frames_of)), (frames_of, np.arange(len(frames_of)))),
+                shape=(nf, len(frames_of)))
+            E[:, cs] = inc_f @ k_at
+            P = g["ph"].n
+            T = (g["G"].view @ Zc.T).reshape(P, 3, len(cs))
+            d = g["ph"].view @ Zc.T
+            T -= d[:, None, :] * g["u"].view[:, :, None]
+            T *= (g["scale"].view[:, 0][:, None] * d)[:, None, :]
+            pi, pj = g["pi"].view[:, 0], g["pj"].view[:, 0]
+            inc = scipy.sparse.csr_matrix(
+                (np.concatenate([np.ones(P), -np.ones(P)]),
+                 (np.concatenate([pj, pi]), np.concatenate([np.arange(P)] * 2))),
+                shape=(na, P))
+            dEdr[:, :, cs] += (inc @ T.reshape(P, -1)).reshape(na, 3, len(cs))
+        R = -dEdr.reshape(3 * na, len(cols))
+        for k, fr in enumerate(self.frames):
+            if not fr.cached:
+                e, f = self._rows(fr.env, cols)
+                E[k] = e
+                R[3 * fr.atom_start: 3 * (fr.atom_start + len(fr.numbers))] = f
+        return E, R
+
+    def frame_rows(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Energy row (M,) and force rows (3N, M) of stored frame ``k``."""
+        fr = self.frames[k]
+        a = 3 * fr.atom_start
+        return self._RE.view[k].copy(), self._RF.view[a: a + 3 * len(fr.numbers)].copy()
 
     # ------------------------------------------------------------------
     # training
@@ -360,26 +466,21 @@ class SparseGP:
         Linv[M0:, M0:] = I22
         self._L, self._Linv = L, Linv
         # rows of every stored frame against the new columns
-        A12 = np.zeros((M0, n_new))
-        A22 = np.zeros((n_new, n_new))
-        E_new = np.zeros((n_new, len(self.frames)))
-        c_new = np.zeros(n_new)
-        C_new = np.zeros((n_new, self.C_E.shape[1]))
-        b_new = np.zeros(n_new)
-        for k, fr in enumerate(self.frames):
-            e_new, f_new = self._rows(fr.env, cols, fr.geom)
-            N = len(fr.numbers)
-            A12 += fr.rows_f.T @ f_new
-            A22 += f_new.T @ f_new
-            E_new[:, k] = e_new / math.sqrt(N)
-            c_new += e_new * fr.energy / N
-            C_new += np.outer(e_new, fr.counts) / N
-            b_new += f_new.T @ fr.forces.ravel()
-            fr.rows_e = np.concatenate([fr.rows_e, e_new])
-            fr.rows_f = np.hstack([fr.rows_f, f_new])
-        self.c_E = np.concatenate([self.c_E, c_new])
-        self.C_E = np.vstack([self.C_E, C_new])
-        self.b_F = np.concatenate([self.b_F, b_new])
+        E_rows, R_new = self._rows_all(cols)  # (frames, n_new), (sum 3N, n_new)
+        A12 = self._RF.view.T @ R_new
+        A22 = R_new.T @ R_new
+        inv_n = np.array([1.0 / len(fr.numbers) for fr in self.frames])
+        energies = np.array([fr.energy for fr in self.frames])
+        counts = np.array([fr.counts for fr in self.frames]).reshape(
+            len(self.frames), len(self.descriptor.species))
+        E_new = (E_rows * np.sqrt(inv_n)[:, None]).T  # whitening wants rows / sqrt(N)
+        self.c_E = np.concatenate([self.c_E, E_rows.T @ (energies * inv_n)])
+        self.C_E = np.vstack([self.C_E, E_rows.T @ (counts * inv_n[:, None])])
+        f_all = (np.concatenate([fr.forces.ravel() for fr in self.frames])
+                 if self.frames else np.zeros(0))
+        self.b_F = np.concatenate([self.b_F, R_new.T @ f_all])
+        self._RF.add_columns(R_new)
+        self._RE.add_columns(E_rows)
         # raw force accumulator
         A_F = np.zeros((M, M))
         A_F[:M0, :M0] = self.A_F
@@ -473,15 +574,16 @@ class SparseGP:
         self._n_e += 1
         self._n_f += len(f)
         self._logN += math.log(N)
-        size = geom["nbytes"]
-        if self._cache_bytes + size <= self.cache_bytes:
-            self._cache_bytes += size
-        else:
-            geom = None  # recomputed when new sparse columns need it
-        self.frames.append(
-            _Frame(env.numbers.copy(), env, float(energy), forces.copy(), counts, row_e, rows_f,
-                   geom)
-        )
+        # frames beyond the cache budget are recomputed when new sparse columns need them
+        cached = self._cache_bytes + geom["nbytes"] <= self.cache_bytes
+        if cached:
+            self._cache_bytes += geom["nbytes"]
+            self._cache_geometry(geom, len(self.frames), self._n_atoms)
+        self._RF.append(rows_f)
+        self._RE.append(row_e[None, :])
+        self.frames.append(_Frame(env.numbers.copy(), env, float(energy), forces.copy(), counts,
+                                  self._n_atoms, cached))
+        self._n_atoms += N
         if solve:
             self.solve()
         return len(picked)
@@ -621,6 +723,8 @@ class SparseGP:
         # weights alpha = P^-1 b = L^-T B^-1 u; local energy eps = kt^T (s2 alpha)
         self._beta = s2 * self._Linv.T @ scipy.linalg.cho_solve((LB, True), u)
         self._LB = LB
+        # C = LB^-1 L^-1: the Sigma part of the variance of kt is |C kt|^2
+        self._C = scipy.linalg.solve_triangular(LB, self._Linv, lower=True)
         self._make_blocks()
         self._fitted = True
 
@@ -634,6 +738,7 @@ class SparseGP:
                 "Z": np.ascontiguousarray(self.Z[cols]),
                 "beta": self._beta[cols],
                 "Linv": np.ascontiguousarray(self._Linv[np.ix_(cols, cols)]),
+                "C": np.ascontiguousarray(self._C[:, cols]),
             }
 
     # ------------------------------------------------------------------
@@ -664,8 +769,12 @@ class SparseGP:
         sigma2 = self.hyp.sigma**2
         eps = self.e0[env.species].astype(float).copy()
         dE_dp = np.zeros_like(ph)
-        # whitened kernel vectors w_i = L^-1 kt_i (columns; last column: their sum)
-        Wt = np.zeros((M, N + 1))
+        # variance of eps_i: sigma^2 (1 - |L^-1 kt_i|^2 + |LB^-1 L^-1 kt_i|^2)  (DTC);
+        # L^-1 is block diagonal over species, LB^-1 L^-1 (= C) is not
+        ww = np.zeros(N)
+        cc = np.zeros(N)
+        wE2 = 0.0
+        vE = np.zeros(M)
         e_var_prior = 0.0
         for s in np.unique(env.species):
             at = np.flatnonzero(env.species == s)
@@ -680,21 +789,23 @@ class SparseGP:
             g = 2.0 * (d * blk["beta"]) @ blk["Z"]  # d eps / d p_hat
             g -= np.sum(g * pa, axis=1)[:, None] * pa
             dE_dp[at] = g / norm[at][:, None]
-            Wt[np.ix_(blk["cols"], at)] = blk["Linv"] @ k.T
+            w = k @ blk["Linv"].T
+            v = k @ blk["C"].T
+            ww[at] = np.einsum("ij,ij->i", w, w)
+            cc[at] = np.einsum("ij,ij->i", v, v)
+            wE = w.sum(axis=0)
+            wE2 += wE @ wE
+            vE += v.sum(axis=0)
         forces = self.descriptor.backprop(env, dE_dp)
-        Wt[:, N] = Wt[:, :N].sum(axis=1)
-        # variance sigma^2 (prior - |w|^2 + |LB^-1 w|^2)  (DTC, see solve)
-        Vt = scipy.linalg.solve_triangular(self._LB, Wt, lower=True)
-        ww = np.sum(Wt * Wt, axis=0)
-        var = sigma2 * (1.0 - ww[:N] + np.sum(Vt[:, :N] ** 2, axis=0))
-        e_var = sigma2 * (e_var_prior - ww[N] + np.sum(Vt[:, N] ** 2))
+        var = sigma2 * (1.0 - ww + cc)
+        e_var = sigma2 * (e_var_prior - wE2 + vE @ vE)
         return Prediction(
             energy=float(eps.sum()),
             forces=forces,
             local_energies=eps,
             local_std=np.sqrt(np.clip(var, 0.0, None)),
             energy_std=float(math.sqrt(max(e_var, 0.0))),
-            novelty=self.hyp.sigma * np.sqrt(np.clip(1.0 - ww[:N], 0.0, 1.0)),
+            novelty=self.hyp.sigma * np.sqrt(np.clip(1.0 - ww, 0.0, 1.0)),
             env=env,
         )
 
@@ -720,7 +831,7 @@ class SparseGP:
         }
         with open(path, "wb") as fh:
             np.savez(fh, meta=np.array(json.dumps(meta)), Z=self.Z, zs=self.zs,
-                     e0=self.e0, beta=self._beta, LB=self._LB, Linv=self._Linv)
+                     e0=self.e0, beta=self._beta, LB=self._LB, Linv=self._Linv, C=self._C)
 
     @classmethod
     def load(cls, path: str) -> SparseGP:
@@ -728,7 +839,7 @@ class SparseGP:
         try:
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
-                arrays = {k: data[k] for k in ("Z", "zs", "e0", "beta", "LB", "Linv")}
+                arrays = {k: data[k] for k in ("Z", "zs", "e0", "beta", "LB", "Linv", "C")}
         except (OSError, ValueError, KeyError) as err:
             raise ValueError(f"{path!r} is not an otfml model file ({err})") from err
         if meta.get("format") != _MODEL_FORMAT:
@@ -744,6 +855,7 @@ class SparseGP:
                  sparse_tolerance=meta["sparse_tolerance"])
         gp.Z, gp.zs, gp.e0 = arrays["Z"], arrays["zs"].astype(np.int64), arrays["e0"]
         gp._beta, gp._LB, gp._Linv = arrays["beta"], arrays["LB"], arrays["Linv"]
+        gp._C = arrays["C"]
         gp._make_blocks()
         gp._n_e = int(meta["n_frames"])
         gp.extra = meta.get("extra", {})

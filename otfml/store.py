@@ -2,32 +2,26 @@
 
 Schema version 1 (``DESIGN.md`` §6)::
 
-    /                      attrs: format="otfml-store", schema_version=1,
-                                  units (JSON: energy eV, positions Å, forces eV/Å)
-    /frames/natoms         (n,)     int32   atoms of each frame
-    /frames/offset         (n,)     int64   first row of each frame in /atoms/*
-    /frames/energy         (n,)     float64 reference energy, eV
-    /frames/charge         (n,)     int32
-    /frames/multiplicity   (n,)     int32
-    /frames/cell           (n,3,3)  float64 Å
-    /frames/pbc            (n,3)    bool
-    /frames/step           (n,)     int64   MD/optimizer step of the call (-1 unknown)
-    /frames/walker         (n,)     int32
-    /frames/max_std        (n,)     float64 model uncertainty when the call was made, eV (NaN: none)
-    /frames/time           (n,)     float64 UNIX time of the append
-    /frames/fingerprint    (n,)     int32   row of /fingerprints
-    /atoms/numbers         (N,)     int32
-    /atoms/positions       (N,3)    float64 Å
-    /atoms/forces          (N,3)    float64 eV/Å
-    /fingerprints          (k,)     str     JSON reference fingerprints
+    /                 attrs: format="otfml-store", schema_version=1,
+                             units (JSON: energy eV, positions Å, forces eV/Å)
+    /frames           (n,) compound, one row per frame:
+                        natoms i4, offset i8 (first row in /atoms), energy f8 (eV),
+                        charge i4, multiplicity i4, cell (3,3) f8 (Å), pbc (3,) bool,
+                        step i8 (-1 unknown), walker i4,
+                        max_std f8 (model uncertainty at the call, eV; NaN: none),
+                        time f8 (UNIX), fingerprint i4 (row of /fingerprints)
+    /atoms            (N,) compound, one row per atom: number i4, position (3,) f8 (Å),
+                        force (3,) f8 (eV/Å)
+    /fingerprints     (k,) bytes, JSON reference fingerprints
+    /committed        (1,) i8, number of complete frames
 
-Writes go through HDF5's single-writer/multiple-reader (SWMR) mode: every
-append resizes the datasets, writes the atom rows first and the frame rows
-last (``/frames/fingerprint`` is the commit marker: a frame exists once its
-entry is there) and flushes.  Readers open the file in SWMR-read mode, so
-another process can read while a run appends, and a file whose writer was
-killed stays readable.  One writer at a time is enforced with an advisory lock
-on ``STORE.lock`` that the operating system releases when the writer dies.
+Writes go through HDF5's single-writer/multiple-reader (SWMR) mode: an append
+writes the atom rows, then the frame row, flushes, and only then raises
+``/committed`` and flushes again.  Readers see ``/committed`` frames, so a
+frame is either entirely there or not at all; another process can read while
+a run appends, and a file whose writer was killed stays readable.  One writer
+at a time is enforced with an advisory lock on ``STORE.lock`` that the
+operating system releases when the writer dies.
 """
 
 from __future__ import annotations
@@ -53,21 +47,12 @@ _FORMAT = "otfml-store"
 UNITS = {"energy": "eV", "positions": "Angstrom", "forces": "eV/Angstrom",
          "cell": "Angstrom", "max_std": "eV"}
 
-_FRAME_FIELDS = {
-    "natoms": ("i4", ()),
-    "offset": ("i8", ()),
-    "energy": ("f8", ()),
-    "charge": ("i4", ()),
-    "multiplicity": ("i4", ()),
-    "cell": ("f8", (3, 3)),
-    "pbc": ("bool", (3,)),
-    "step": ("i8", ()),
-    "walker": ("i4", ()),
-    "max_std": ("f8", ()),
-    "time": ("f8", ()),
-    "fingerprint": ("i4", ()),  # written last: the commit marker
-}
-_ATOM_FIELDS = {"numbers": ("i4", ()), "positions": ("f8", (3,)), "forces": ("f8", (3,))}
+_FRAME_DTYPE = np.dtype([
+    ("natoms", "i4"), ("offset", "i8"), ("energy", "f8"), ("charge", "i4"),
+    ("multiplicity", "i4"), ("cell", "f8", (3, 3)), ("pbc", "?", (3,)), ("step", "i8"),
+    ("walker", "i4"), ("max_std", "f8"), ("time", "f8"), ("fingerprint", "i4"),
+])
+_ATOM_DTYPE = np.dtype([("number", "i4"), ("position", "f8", (3,)), ("force", "f8", (3,))])
 _MAX_FINGERPRINTS = 1024
 _FINGERPRINT_BYTES = 2048
 
@@ -203,14 +188,11 @@ class Store:
         f.attrs["schema_version"] = SCHEMA_VERSION
         f.attrs["units"] = json.dumps(UNITS)
         f.attrs["created"] = time.time()
-        fr = f.create_group("frames")
-        for name, (dt, shape) in _FRAME_FIELDS.items():
-            fr.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=dt,
-                              chunks=(256, *shape))
-        at = f.create_group("atoms")
-        for name, (dt, shape) in _ATOM_FIELDS.items():
-            at.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=dt,
-                              chunks=(4096, *shape))
+        f.create_dataset("frames", shape=(0,), maxshape=(None,), dtype=_FRAME_DTYPE,
+                         chunks=(256,))
+        f.create_dataset("atoms", shape=(0,), maxshape=(None,), dtype=_ATOM_DTYPE,
+                         chunks=(4096,))
+        f.create_dataset("committed", data=np.zeros(1, dtype="i8"))
         # fixed-length bytes: SWMR appends cannot write variable-length data
         f.create_dataset("fingerprints", shape=(0,), maxshape=(_MAX_FINGERPRINTS,),
                          dtype=f"S{_FINGERPRINT_BYTES}", chunks=(16,))
@@ -244,7 +226,7 @@ class Store:
                 h5py.File(tmp, "w", libver="latest") as dst:
             for key, val in src.attrs.items():
                 dst.attrs[key] = val
-            for name in ("frames", "atoms", "fingerprints"):
+            for name in ("frames", "atoms", "fingerprints", "committed"):
                 if name in src:
                     src.copy(name, dst)
         os.replace(tmp, self.path)
@@ -264,17 +246,14 @@ class Store:
             )
 
     def _truncate_uncommitted(self) -> None:
-        """Drop rows of a frame whose append was interrupted before its commit marker."""
+        """Drop rows of a frame whose append was interrupted before its commit."""
+        n = len(self)
         fr = self._f["frames"]
-        n = fr["fingerprint"].shape[0]
-        for name in _FRAME_FIELDS:
-            if fr[name].shape[0] != n:
-                fr[name].resize(n, axis=0)
-        n_atoms = int(fr["offset"][n - 1] + fr["natoms"][n - 1]) if n else 0
-        for name in _ATOM_FIELDS:
-            ds = self._f["atoms"][name]
-            if ds.shape[0] != n_atoms:
-                ds.resize(n_atoms, axis=0)
+        if fr.shape[0] != n:
+            fr.resize((n,))
+        n_atoms = int(fr[n - 1]["offset"] + fr[n - 1]["natoms"]) if n else 0
+        if self._f["atoms"].shape[0] != n_atoms:
+            self._f["atoms"].resize((n_atoms,))
 
     # ------------------------------------------------------------------
     def close(self) -> None:
@@ -299,15 +278,11 @@ class Store:
     def refresh(self) -> None:
         """See frames appended by a writer since this reader opened the file."""
         if self.mode == "r":
-            for grp in ("frames", "atoms"):
-                for ds in self._f[grp].values():
-                    ds.refresh()
-            self._f["fingerprints"].refresh()
+            for name in ("frames", "atoms", "fingerprints", "committed"):
+                self._f[name].refresh()
 
     def __len__(self) -> int:
-        fr = self._f["frames"]
-        # committed frames: those with every per-frame field written
-        return min(fr[name].shape[0] for name in _FRAME_FIELDS)
+        return int(self._f["committed"][0])
 
     @property
     def fingerprints(self) -> list[dict]:
@@ -363,26 +338,22 @@ class Store:
         f = self._f
         fid = self._fingerprint_id(fingerprint)
         n = len(self)
-        at = f["atoms"]
-        start = at["numbers"].shape[0]
+        start = f["atoms"].shape[0]
+        rows = np.zeros(n_at, dtype=_ATOM_DTYPE)
+        rows["number"] = atoms.numbers
+        rows["position"] = atoms.positions
+        rows["force"] = forces
+        frame = np.zeros(1, dtype=_FRAME_DTYPE)
+        frame[0] = (n_at, start, float(energy), int(fingerprint["charge"]),
+                    int(fingerprint["multiplicity"]), atoms.cell.array, atoms.pbc, int(step),
+                    int(walker), float(max_std), time.time(), fid)
         try:
-            for name, val in (("numbers", atoms.numbers), ("positions", atoms.positions),
-                              ("forces", forces)):
-                ds = at[name]
-                ds.resize(start + n_at, axis=0)
-                ds[start:] = val
-            row = {
-                "natoms": n_at, "offset": start, "energy": float(energy),
-                "charge": int(fingerprint["charge"]),
-                "multiplicity": int(fingerprint["multiplicity"]),
-                "cell": atoms.cell.array, "pbc": atoms.pbc, "step": int(step),
-                "walker": int(walker), "max_std": float(max_std), "time": time.time(),
-                "fingerprint": fid,
-            }
-            for name in _FRAME_FIELDS:  # "fingerprint" last
-                ds = f["frames"][name]
-                ds.resize(n + 1, axis=0)
-                ds[n] = row[name]
+            f["atoms"].resize((start + n_at,))
+            f["atoms"][start:] = rows
+            f["frames"].resize((n + 1,))
+            f["frames"][n] = frame[0]
+            f.flush()
+            f["committed"][0] = n + 1  # the commit: the frame now exists
             f.flush()
         except OSError as err:
             raise StoreError(
@@ -413,19 +384,17 @@ class Store:
             i += n
         if not 0 <= i < n:
             raise IndexError(f"frame {i} out of range: the store holds {n} frames")
-        fr = self._f["frames"]
-        at = self._f["atoms"]
-        start = int(fr["offset"][i])
-        stop = start + int(fr["natoms"][i])
-        fp = json.loads(self._f["fingerprints"][int(fr["fingerprint"][i])].decode())
-        atoms = Atoms(numbers=at["numbers"][start:stop], positions=at["positions"][start:stop],
-                      cell=fr["cell"][i], pbc=fr["pbc"][i])
-        atoms.info["charge"] = int(fr["charge"][i])
-        atoms.info["multiplicity"] = int(fr["multiplicity"][i])
-        return Frame(atoms=atoms, energy=float(fr["energy"][i]),
-                     forces=np.array(at["forces"][start:stop]), fingerprint=fp,
-                     step=int(fr["step"][i]), walker=int(fr["walker"][i]),
-                     max_std=float(fr["max_std"][i]), time=float(fr["time"][i]))
+        row = self._f["frames"][i]
+        start = int(row["offset"])
+        at = self._f["atoms"][start: start + int(row["natoms"])]
+        fp = json.loads(self._f["fingerprints"][int(row["fingerprint"])].decode())
+        atoms = Atoms(numbers=at["number"], positions=at["position"], cell=row["cell"],
+                      pbc=row["pbc"])
+        atoms.info["charge"] = int(row["charge"])
+        atoms.info["multiplicity"] = int(row["multiplicity"])
+        return Frame(atoms=atoms, energy=float(row["energy"]), forces=np.array(at["force"]),
+                     fingerprint=fp, step=int(row["step"]), walker=int(row["walker"]),
+                     max_std=float(row["max_std"]), time=float(row["time"]))
 
     def __iter__(self):
         for i in range(len(self)):
@@ -436,10 +405,10 @@ class Store:
         from ase.data import chemical_symbols
 
         n = len(self)
-        fr = self._f["frames"]
-        n_atoms = int(fr["offset"][n - 1] + fr["natoms"][n - 1]) if n else 0
-        numbers = self._f["atoms"]["numbers"][:n_atoms]
-        fp_ids = fr["fingerprint"][:n]
+        fr = self._f["frames"][:n]
+        n_atoms = int(fr[-1]["offset"] + fr[-1]["natoms"]) if n else 0
+        numbers = self._f["atoms"]["number"][:n_atoms] if n_atoms else np.zeros(0, int)
+        fp_ids = fr["fingerprint"]
         fps = self.fingerprints
         return {
             "path": self.path,
@@ -452,6 +421,6 @@ class Store:
             "fingerprints": [
                 {**fp, "frames": int(np.sum(fp_ids == k))} for k, fp in enumerate(fps)
             ],
-            "energy_range_eV": [float(fr["energy"][:n].min()), float(fr["energy"][:n].max())]
+            "energy_range_eV": [float(fr["energy"].min()), float(fr["energy"].max())]
             if n else None,
         }

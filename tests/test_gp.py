@@ -95,12 +95,27 @@ def test_incremental_equals_batch():
     np.testing.assert_allclose(inc._Linv @ inc._L, np.eye(M), atol=1e-8)
     np.testing.assert_allclose(inc._AFw, inc._Linv @ inc.A_F @ inc._Linv.T,
                                atol=1e-8 * np.abs(inc._AFw).max())
-    R = np.array([fr.rows_e / np.sqrt(len(fr.numbers)) for fr in inc.frames])
+    R = np.array([inc.frame_rows(k)[0] / np.sqrt(len(fr.numbers))
+                  for k, fr in enumerate(inc.frames)])
     np.testing.assert_allclose(inc._Ew, inc._Linv @ R.T, atol=1e-8)
     # force rows of an old frame against all columns equal freshly computed ones
-    fr = inc.frames[0]
-    _, rows = inc._rows(fr.env, np.arange(inc.n_sparse))
-    np.testing.assert_allclose(fr.rows_f, rows, atol=1e-10)
+    for k in (0, 2):
+        e, rows = inc._rows(inc.frames[k].env, np.arange(inc.n_sparse))
+        e_st, rows_st = inc.frame_rows(k)
+        np.testing.assert_allclose(rows_st, rows, atol=1e-10)
+        np.testing.assert_allclose(e_st, e, atol=1e-12)
+
+
+def test_frames_beyond_the_cache_budget_give_the_same_model():
+    frames = _emt_frames(4, seed=5)
+    a = SparseGP(Descriptor([1, 6, 8]))
+    b = SparseGP(Descriptor([1, 6, 8]), cache_bytes=0)  # nothing cached: recomputed
+    for gp in (a, b):
+        for at, e, f in frames:
+            gp.add_frame(at, e, f)
+    assert not any(fr.cached for fr in b.frames) and all(fr.cached for fr in a.frames)
+    np.testing.assert_allclose(a._RF.view, b._RF.view, atol=1e-12)
+    np.testing.assert_allclose(a._AFw, b._AFw, atol=1e-9)
 
 
 def test_save_load_round_trip_is_exact(trained, tmp_path):
