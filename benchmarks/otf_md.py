@@ -76,26 +76,32 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force-tolerance", type=float, default=None,
                     help="eV/Å (default: otfml's default)")
+    ap.add_argument("--min-steps-between-calls", type=int, default=0)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
     from otfml import OTFCalculator
     from otfml.policy import LearningPolicy
+    from otfml.reference import MopacReference
+
+    # the same command otfml runs MOPAC with (stdout/stderr silenced) for every run
+    command = MopacReference().command
 
     work = tempfile.mkdtemp(prefix="otfml-bench-")
     plain_steps = min(args.plain_steps or args.steps, args.steps)
 
     # plain MOPAC MD
     a = start(args.molecule, args.temperature, args.seed)
-    a.calc = MOPAC(method="PM7", label=os.path.join(work, "plain", "m"))
+    a.calc = MOPAC(method="PM7", label=os.path.join(work, "plain", "m"), command=command)
     plain_wall, plain_T, _ = md(a, plain_steps, args.temperature, args.seed)
     plain_per_step = plain_wall / (plain_steps + 1)
     plain_extrapolated = plain_per_step * (args.steps + 1)
 
     # otfml OTF MD from the same start
     b = start(args.molecule, args.temperature, args.seed)
-    policy = LearningPolicy() if args.force_tolerance is None else LearningPolicy(
-        force_tolerance=args.force_tolerance)
+    policy = LearningPolicy(min_steps_between_calls=args.min_steps_between_calls)
+    if args.force_tolerance is not None:
+        policy.force_tolerance = args.force_tolerance
     calc = OTFCalculator(reference=MOPAC(method="PM7"), store=os.path.join(work, "otf.h5"),
                          policy=policy)
     b.calc = calc
@@ -103,7 +109,7 @@ def main(argv=None) -> int:
     L = calc.learner
 
     # errors against fresh MOPAC on every 20th frame of the OTF trajectory
-    chk = MOPAC(method="PM7", label=os.path.join(work, "check", "m"))
+    chk = MOPAC(method="PM7", label=os.path.join(work, "check", "m"), command=command)
     used_err, final_err, final_e_err = [], [], []
     for atoms, used_f, _source in frames:
         x = atoms.copy()

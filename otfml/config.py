@@ -64,9 +64,10 @@ SCHEMA: dict[str, dict[str, Field]] = {
                                      minimum=1),
         "sparse_tolerance": _f(NUM, 0.02, "Novelty (0-1) above which an environment of a "
                                "labelled frame joins the sparse set", positive=True),
-        "hyperparameter_first": _f(int, 10, "Refit hyperparameters at each of the first N "
+        "hyperparameter_first": _f(int, 5, "Refit hyperparameters at each of the first N "
                                    "reference calls", minimum=0),
-        "hyperparameter_every": _f(int, 10, "...then at every N-th call", minimum=1),
+        "hyperparameter_every": _f(int, 50, "...then at calls that are powers of two and at "
+                                   "every N-th call", minimum=1),
     },
     "learning": {
         "force_tolerance": _f(NUM, 0.2, "Call the reference when the largest per-atom force "

@@ -146,7 +146,7 @@ class _Grow:
             R *= 2
         while C < m:
             C *= 2
-        a = np.zeros((R, C), dtype=self._a.dtype)
+        a = np.empty((R, C), dtype=self._a.dtype)  # only [:n, :m] is ever read
         a[: self.n, : self.m] = self._a[: self.n, : self.m]
         self._a = a
 

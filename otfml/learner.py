@@ -32,8 +32,8 @@ MODEL_DEFAULTS = {
     "r_min": 0.8,
     "max_sparse_per_species": 600,
     "sparse_tolerance": 0.02,
-    "hyperparameter_every": 10,
-    "hyperparameter_first": 10,
+    "hyperparameter_every": 50,
+    "hyperparameter_first": 5,
 }
 
 
@@ -101,6 +101,15 @@ def train_from_frames(frames, settings: dict | None = None,
         model.add_frame(fr.atoms, fr.energy, fr.forces, solve=False)
     model.fit_hyperparameters()
     return model
+
+
+def hyperparameters_due(n_calls: int, settings: dict) -> bool:
+    """Refit hyperparameters at call ``n_calls``? Every call up to ``hyperparameter_first``,
+    then at powers of two and at every ``hyperparameter_every``-th call (each fit costs
+    tens of O(M^3) likelihood evaluations, so they are kept rare once the model settles)."""
+    n = int(n_calls)
+    return (n <= settings["hyperparameter_first"] or n % settings["hyperparameter_every"] == 0
+            or (n & (n - 1)) == 0)
 
 
 def check_model_settings(settings: dict | None) -> dict:
@@ -295,9 +304,7 @@ class Learner:
                              env=pred.env if pred is not None else None, solve=False)
         self.n_calls += 1
         self.steps_since_call = 0
-        s = self.settings
-        if (self.n_calls <= s["hyperparameter_first"]
-                or self.n_calls % s["hyperparameter_every"] == 0):
+        if hyperparameters_due(self.n_calls, self.settings):
             self.model.fit_hyperparameters()
         else:
             self.model.solve()
