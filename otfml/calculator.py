@@ -30,7 +30,7 @@ class OTFCalculator(Calculator):
     store : str, optional
         HDF5 store of labelled frames (created if missing; its frames
         warm-start the model). Without it nothing is kept on disk.
-    force_tolerance : float, default 0.2
+    force_tolerance : float, default 0.25
         Call the reference when the largest per-atom force-error estimate
         exceeds this, eV/Å (shortcut for ``policy``).
     policy : LearningPolicy, optional
@@ -60,15 +60,14 @@ class OTFCalculator(Calculator):
         self,
         reference,
         store: str | None = None,
-        force_tolerance: float = 0.2,
+        force_tolerance: float = 0.25,
         policy: LearningPolicy | None = None,
         model_settings: dict | None = None,
         charge: int | None = None,
         multiplicity: int | None = None,
         species: list[int] | None = None,
-        **kwargs,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__()
         self.learner = Learner(
             make_reference(reference), store=store,
             policy=policy or LearningPolicy(force_tolerance=force_tolerance),

@@ -11,16 +11,19 @@ approximation.  Energies and forces are labels with noise ``sigma_e * sqrt(N)``
 ``sigma_f`` (eV/Å).
 
 Everything the solution and the log marginal likelihood need is kept in
-accumulators of size M x M (M = number of sparse environments), in units of the
-normalized kernel ``kt = k / sigma^2``::
+accumulators, in units of the normalized kernel ``kt = k / sigma^2``::
 
-    A_E = sum_f r_f r_f^T / N_f     A_F = sum_f R_f^T R_f
-    c_E = sum_f r_f E_f / N_f       C_E = sum_f r_f n_f^T / N_f     b_F = sum_f R_f^T F_f
+    A_F = sum_f R_f^T R_f        b_F = sum_f R_f^T F_f
+    c_E = sum_f r_f E_f / N_f    C_E = sum_f r_f n_f^T / N_f
 
 where ``r_f`` (M,) is the energy row and ``R_f`` (3N, M) the force rows of
-frame *f* and ``n_f`` its composition.  Adding a frame adds to them (O(rows M^2));
-adding sparse environments adds columns (O(rows M new)); changing the
-hyperparameters or the per-species baselines ``e0`` needs no pass over the data.
+frame *f* and ``n_f`` its composition (M = number of sparse environments).
+The Cholesky factor ``L`` of K_mm, its inverse, ``L^-1 A_F L^-T`` and the
+whitened energy rows ``L^-1 r_f / sqrt(N_f)`` are maintained incrementally:
+adding a frame costs O(M^2 3N), adding sparse environments O(M^2 new) plus one
+pass over the cached rows; changing the hyperparameters or the per-species
+baselines ``e0`` needs no pass over the data.  A solve is one Cholesky of
+``B = I + sigma^2 L^-1 (A_E/se^2 + A_F/sf^2) L^-T`` (eigenvalues >= 1).
 """
 
 from __future__ import annotations
@@ -542,7 +545,7 @@ class SparseGP:
         if not self._trainable:
             raise RuntimeError(
                 "this model was loaded from a model file and can only predict; "
-                "rebuild it from its store (SparseGP.from_store) to train further"
+                "rebuild it from its store (otfml.learner.train_from_frames) to train further"
             )
         forces = np.asarray(forces, dtype=float).reshape(-1, 3)
         if len(forces) != len(atoms):

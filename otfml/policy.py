@@ -50,7 +50,7 @@ class LearningPolicy:
 
     Parameters
     ----------
-    force_tolerance : float, default 0.2
+    force_tolerance : float, default 0.25
         Call the reference when the largest per-atom force-error estimate
         exceeds this, eV/Å.
     adaptive : bool, default False
@@ -71,7 +71,7 @@ class LearningPolicy:
         Calibration factor (1/Å) before any call has been observed.
     """
 
-    force_tolerance: float = 0.2
+    force_tolerance: float = 0.25
     adaptive: bool = False
     min_steps_between_calls: int = 0
     force_call_every: int | None = None

@@ -101,6 +101,11 @@ def test_warm_start_from_store_makes_no_initial_calls(tmp_path):
     b.calc.close()
 
 
+def test_misspelled_option_is_an_error():
+    with pytest.raises(TypeError, match="force_tolerence"):
+        OTFCalculator(EMT(), force_tolerence=0.1)
+
+
 def test_bad_structures_are_clear_errors():
     from ase import Atoms
 
