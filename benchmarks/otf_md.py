@@ -77,6 +77,7 @@ def main(argv=None) -> int:
     ap.add_argument("--force-tolerance", type=float, default=None,
                     help="eV/Å (default: otfml's default)")
     ap.add_argument("--min-steps-between-calls", type=int, default=0)
+    ap.add_argument("--calibration", choices=("atom", "max"), default="atom")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
@@ -99,7 +100,8 @@ def main(argv=None) -> int:
 
     # otfml OTF MD from the same start
     b = start(args.molecule, args.temperature, args.seed)
-    policy = LearningPolicy(min_steps_between_calls=args.min_steps_between_calls)
+    policy = LearningPolicy(min_steps_between_calls=args.min_steps_between_calls,
+                            calibration=args.calibration)
     if args.force_tolerance is not None:
         policy.force_tolerance = args.force_tolerance
     calc = OTFCalculator(reference=MOPAC(method="PM7"), store=os.path.join(work, "otf.h5"),

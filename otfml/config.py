@@ -81,6 +81,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "max_calls": _f(int, None, "Budget of reference calls (null: unlimited)",
                         nullable=True, minimum=1),
         "initial_calls": _f(int, 2, "First steps that always call the reference", minimum=0),
+        "calibration": _f(str, "atom", "How observed errors calibrate the force-error estimate: "
+                          "least-squares over atoms, or largest error / largest novelty",
+                          choices=("atom", "max")),
     },
     "store": {
         "path": _f(str, "otfml.h5", "HDF5 store (relative to output.directory); existing "

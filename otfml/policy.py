@@ -1,15 +1,17 @@
 """When to ask the reference: a pure decision on the model's uncertainty.
 
-The model's raw per-atom uncertainty is its predictive local-energy standard
-deviation (eV).  It ranks errors but is not in force units, so the policy
-keeps a calibration factor (1/Å) learned from what it observes: at every
-reference call the model had predicted that geometry, so the actual largest
-per-atom force error is known.  The calibrated estimate::
+The model's raw per-atom uncertainty ``u_i`` is its novelty (eV; see
+:class:`otfml.gp.Prediction`).  It ranks errors but is not in force units, so
+the policy keeps a calibration factor (1/Å) learned from what it observes: at
+every reference call the model had predicted that geometry, so its actual
+per-atom force errors are known.  The calibrated estimate::
 
-    forces_std_i = scale * local_std_i        (eV/Å)
+    forces_std_i = scale * u_i        (eV/Å)
 
-with ``scale`` the median of the ratios ``max|F_model - F_ref| / max local_std``
-over the recent calls, is what ``force_tolerance`` (eV/Å) is compared with.
+with ``scale`` the median over the recent calls of the least-squares fit of
+the per-atom errors ``|F_model - F_ref|_i`` against ``u_i``, is what
+``force_tolerance`` (eV/Å) is compared with (largest atom).  ``u`` is the
+model's novelty (see :class:`otfml.gp.Prediction`), eV.
 """
 
 from __future__ import annotations
@@ -69,6 +71,11 @@ class LearningPolicy:
         Number of recent calls the calibration factor is taken over.
     initial_scale : float, default 1.0
         Calibration factor (1/Å) before any call has been observed.
+    calibration : {"atom", "max"}, default "atom"
+        How a call's observation updates the factor: a least-squares fit of the
+        per-atom errors against the per-atom novelty through the origin
+        (``sqrt(sum e_i^2 / sum u_i^2)``), or the ratio of the largest error to
+        the largest novelty.
     """
 
     force_tolerance: float = 0.25
@@ -79,6 +86,7 @@ class LearningPolicy:
     initial_calls: int = 2
     calibration_window: int = 50
     initial_scale: float = 1.0
+    calibration: str = "atom"
     _ratios: deque = field(default_factory=deque, init=False, repr=False)
     _errors: deque = field(default_factory=deque, init=False, repr=False)
 
@@ -93,6 +101,9 @@ class LearningPolicy:
             v = getattr(self, name)
             if v is not None and int(v) < 1:
                 raise ConfigError(f"{name}={v}; it must be >= 1, or null to switch it off")
+        if self.calibration not in ("atom", "max"):
+            raise ConfigError(f"calibration={self.calibration!r}; use 'atom' (least-squares fit "
+                              "of per-atom errors) or 'max' (largest error / largest novelty)")
         if self.calibration_window < 1 or not self.initial_scale > 0:
             raise ConfigError("calibration_window must be >= 1 and initial_scale > 0")
         self._ratios = deque(maxlen=self.calibration_window)
@@ -100,7 +111,7 @@ class LearningPolicy:
 
     @property
     def scale(self) -> float:
-        """Calibration factor from local-energy std (eV) to force error (eV/Å)."""
+        """Calibration factor from uncertainty (eV) to force error (eV/Å), 1/Å."""
         return float(np.median(self._ratios)) if self._ratios else self.initial_scale
 
     @property
@@ -111,28 +122,32 @@ class LearningPolicy:
         t = float(np.mean(self._errors))
         return float(np.clip(t, 0.5 * self.force_tolerance, 2.0 * self.force_tolerance))
 
-    def force_std(self, local_std: np.ndarray) -> np.ndarray:
-        """Calibrated per-atom force-error estimate (eV/Å) from local std (eV)."""
-        return self.scale * np.asarray(local_std)
+    def force_std(self, uncertainty: np.ndarray) -> np.ndarray:
+        """Calibrated per-atom force-error estimate (eV/Å) from the uncertainty (eV)."""
+        return self.scale * np.asarray(uncertainty)
 
-    def observe(self, local_std: np.ndarray, force_error: np.ndarray) -> None:
+    def observe(self, uncertainty: np.ndarray, force_error: np.ndarray) -> None:
         """Record a call's prediction uncertainty and the model's actual error.
 
         Parameters
         ----------
-        local_std : array (n_atoms,)
-            Model local-energy std at that geometry, eV.
+        uncertainty : array (n_atoms,)
+            Model per-atom uncertainty (novelty) at that geometry, eV.
         force_error : array (n_atoms,)
             ``|F_model - F_ref|`` per atom, eV/Å.
         """
-        u = float(np.max(local_std))
-        e = float(np.max(force_error))
-        if u > 0 and np.isfinite(u) and np.isfinite(e):
-            self._ratios.append(e / u)
-            self._errors.append(e)
+        u = np.asarray(uncertainty, dtype=float)
+        e = np.asarray(force_error, dtype=float)
+        uu = float(u @ u)
+        if uu > 0 and np.all(np.isfinite(u)) and np.all(np.isfinite(e)):
+            if self.calibration == "max":
+                self._ratios.append(float(e.max() / u.max()))
+            else:  # per atom: least-squares fit e_i ~ scale * u_i through the origin
+                self._ratios.append(float(np.sqrt((e @ e) / uu)))
+            self._errors.append(float(e.max()))
 
     def decide(self, step: int, n_calls: int, steps_since_call: int,
-               local_std: np.ndarray | None, n_frames: int | None = None) -> Decision:
+               uncertainty: np.ndarray | None, n_frames: int | None = None) -> Decision:
         """Decide whether step ``step`` needs the reference.
 
         A pure function of its inputs and the calibration state.
@@ -145,17 +160,17 @@ class LearningPolicy:
             Reference calls made so far in this run (counts against ``max_calls``).
         steps_since_call : int
             Model steps since the last call.
-        local_std : array (n_atoms,) or None
-            Model local-energy std at this geometry, eV; None without a model.
+        uncertainty : array (n_atoms,) or None
+            Model per-atom uncertainty (novelty), eV; None without a model.
         n_frames : int, optional
             Frames the model holds (warm start included); defaults to ``n_calls``.
         """
         n_frames = n_calls if n_frames is None else n_frames
-        if local_std is None or n_frames < self.initial_calls:
+        if uncertainty is None or n_frames < self.initial_calls:
             if self.max_calls is not None and n_calls >= self.max_calls:
                 return Decision(False, "budget exhausted")
             return Decision(True, "no model")
-        est = float(np.max(self.force_std(local_std)))
+        est = float(np.max(self.force_std(uncertainty)))
         if self.max_calls is not None and n_calls >= self.max_calls:
             return Decision(False, "budget exhausted", est)
         if self.force_call_every and steps_since_call >= self.force_call_every:

@@ -1,0 +1,51 @@
+import numpy as np
+import pytest
+
+from otfml.errors import ConfigError
+from otfml.policy import LearningPolicy
+
+
+def test_per_atom_calibration_is_least_squares_through_origin():
+    pol = LearningPolicy(force_tolerance=0.2)
+    u = np.array([0.01, 0.02, 0.04])
+    e = 3.0 * u  # errors exactly proportional to the novelty
+    pol.observe(u, e)
+    assert pol.scale == pytest.approx(3.0)
+    np.testing.assert_allclose(pol.force_std(u), e)
+    # median over calls: an outlier call does not move it
+    pol.observe(u, 100 * u)
+    pol.observe(u, 3.0 * u)
+    assert pol.scale == pytest.approx(3.0)
+
+
+def test_max_calibration():
+    pol = LearningPolicy(calibration="max")
+    pol.observe(np.array([0.01, 0.05]), np.array([0.5, 0.1]))
+    assert pol.scale == pytest.approx(0.5 / 0.05)
+
+
+def test_decide_thresholds_in_ev_per_angstrom():
+    pol = LearningPolicy(force_tolerance=0.2, initial_calls=1)
+    pol.observe(np.array([0.1]), np.array([0.1]))  # scale 1 /Å
+    assert pol.decide(5, 3, 1, np.array([0.05, 0.19])).call is False
+    d = pol.decide(5, 3, 1, np.array([0.05, 0.21]))
+    assert d.call and d.reason == "uncertain" and d.max_force_std == pytest.approx(0.21)
+    assert pol.decide(1, 0, 0, None).reason == "no model"
+
+
+def test_adaptive_tolerance_follows_errors_within_bounds():
+    pol = LearningPolicy(force_tolerance=0.2, adaptive=True)
+    for _ in range(10):
+        pol.observe(np.array([0.1]), np.array([1.0]))
+    assert pol.tolerance == pytest.approx(0.4)  # clipped at 2x
+    for _ in range(60):
+        pol.observe(np.array([0.1]), np.array([0.15]))
+    assert pol.tolerance == pytest.approx(0.15)
+
+
+@pytest.mark.parametrize("kw,text", [({"force_tolerance": 0}, "force_tolerance=0"),
+                                     ({"max_calls": 0}, "max_calls=0"),
+                                     ({"calibration": "mean"}, "calibration='mean'")])
+def test_bad_settings_are_named(kw, text):
+    with pytest.raises(ConfigError, match=text):
+        LearningPolicy(**kw)
