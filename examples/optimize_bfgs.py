@@ -13,7 +13,7 @@ from otfml import OTFCalculator
 
 atoms = molecule("CH3CH2OH")
 atoms.rattle(0.15, seed=1)
-calc = OTFCalculator(reference=MOPAC(method="PM7"), store="ethanol_opt.h5", force_tolerance=0.1)
+calc = OTFCalculator(reference=MOPAC(method="PM7"), store="ethanol_opt.h5")
 atoms.calc = calc
 fmax = 0.05
 for _ in range(10):

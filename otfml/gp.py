@@ -243,11 +243,12 @@ class SparseGP:
         """Number of labelled frames the model was trained on."""
         return self._n_e
 
-    def sparse_counts(self) -> dict[int, int]:
-        """Sparse environments per atomic number."""
-        return {
-            z: int(np.sum(self.zs == k)) for k, z in enumerate(self.descriptor.species)
-        }
+    def sparse_counts(self) -> dict[str, int]:
+        """Sparse environments per element symbol."""
+        from ase.data import chemical_symbols
+
+        return {chemical_symbols[z]: int(np.sum(self.zs == k))
+                for k, z in enumerate(self.descriptor.species)}
 
     def _cols(self, s: int) -> np.ndarray:
         return np.flatnonzero(self.zs == s)
