@@ -1,4 +1,4 @@
-"""The ``otfml`` command: run, check, info, evaluate.
+"""The ``otfml`` command: run, check, info, evaluate, export, train.
 
 ``main()`` only parses arguments and calls the functions tests import.
 """
@@ -90,6 +90,41 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    import json as _json
+
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import write
+
+    from .store import Store
+
+    images = []
+    with Store(args.store) as st:
+        for k, fr in enumerate(st):
+            a = fr.atoms
+            a.calc = SinglePointCalculator(a, energy=fr.energy, forces=fr.forces)
+            a.info.update({"frame": k, "step": fr.step, "walker": fr.walker,
+                           "fingerprint": _json.dumps(fr.fingerprint, sort_keys=True)})
+            images.append(a)
+    try:
+        write(args.output, images)
+    except Exception as err:
+        raise OTFMLError(f"cannot write {args.output!r} ({type(err).__name__}: {err}); use a "
+                         "format ASE writes, e.g. .extxyz or .db") from err
+    print(f"wrote {len(images)} frames to {args.output}")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from .evaluate import load_model
+
+    model = load_model(args.store)
+    model.save(args.output)
+    print(f"trained on {model.n_frames} frames, {model.n_sparse} sparse environments "
+          f"{model.sparse_counts()}; saved {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="otfml", description="On-the-fly learning with ASE")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -115,6 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--force-tolerance", type=float, default=None,
                    help="eV/Å; also report the miss rate at this tolerance")
     e.set_defaults(func=_cmd_evaluate)
+    x = sub.add_parser("export", help="write a store's labelled frames for other tools")
+    x.add_argument("store")
+    x.add_argument("output", help="any file ASE writes: out.extxyz, out.db (ASE database), ...")
+    x.set_defaults(func=_cmd_export)
+    t = sub.add_parser("train", help="fit a model offline from a store")
+    t.add_argument("store")
+    t.add_argument("-o", "--output", default="model.npz")
+    t.set_defaults(func=_cmd_train)
     return p
 
 

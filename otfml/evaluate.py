@@ -23,7 +23,7 @@ def load_model(path: str, settings: dict | None = None) -> SparseGP:
         raise ConfigError(f"{path!r} does not exist; give a store (.h5) or a model (.npz)")
     with open(path, "rb") as fh:
         magic = fh.read(8)
-    if magic.startswith(b"\x89HDF"):
+    if magic.startswith(b"\x89HDF"):  # HDF5 signature: a store
         with Store(path) as store:
             frames = list(store)
         return train_from_frames(frames, settings)

@@ -14,7 +14,7 @@ import numpy as np
 from ase import Atoms
 
 from .descriptor import Descriptor
-from .errors import ConfigError, FingerprintMismatch
+from .errors import ConfigError, FingerprintMismatch, ReferenceFailed
 from .gp import SparseGP
 from .policy import Decision, LearningPolicy
 from .reference import Reference, default_multiplicity, electron_parity_check
@@ -101,6 +101,33 @@ def train_from_frames(frames, settings: dict | None = None,
         model.add_frame(fr.atoms, fr.energy, fr.forces, solve=False)
     model.fit_hyperparameters()
     return model
+
+
+#: closest approach (Å) a structure may have before it is sent to the reference
+MIN_DISTANCE = 0.5
+
+
+def check_geometry(atoms: Atoms, step: int) -> None:
+    """Refuse a collapsed geometry before it reaches the reference.
+
+    Raises
+    ------
+    ReferenceFailed
+        Naming the step, the two atoms and their distance (MOPAC itself aborts
+        below 0.2 Å; anything under ``MIN_DISTANCE`` means the trajectory broke).
+    """
+    if len(atoms) < 2:
+        return
+    d = atoms.get_all_distances(mic=bool(atoms.pbc.any()))
+    np.fill_diagonal(d, np.inf)
+    i, j = np.unravel_index(np.argmin(d), d.shape)
+    if d[i, j] < MIN_DISTANCE:
+        sym = atoms.get_chemical_symbols()
+        raise ReferenceFailed(
+            f"step {step}: atoms {i} ({sym[i]}) and {j} ({sym[j]}) are {d[i, j]:.3f} Å apart "
+            f"(< {MIN_DISTANCE} Å); the structure has collapsed and was not sent to the "
+            "reference. Nothing was stored. Use a smaller time step or force_tolerance, "
+            "or check the starting structure")
 
 
 def hyperparameters_due(n_calls: int, settings: dict) -> bool:
@@ -286,6 +313,7 @@ class Learner:
         return res
 
     def _learn(self, atoms, step, charge, mult, pred, dec) -> StepResult:
+        check_geometry(atoms, step)
         work = atoms.copy()
         work.info["otfml_step"] = step
         t0 = time.perf_counter()

@@ -104,6 +104,41 @@ def test_run_info_evaluate_end_to_end(tmp_path, capsys, mopac_frames):
         assert -1 <= res["spearman_atom"] <= 1
 
 
+def test_export_and_train_from_a_store(tmp_path, capsys):
+    """Frames written by a run come back bit for bit through extxyz and an ASE database."""
+    import numpy as np
+    from ase.build import molecule
+    from ase.calculators.emt import EMT
+    from ase.io import read
+
+    from otfml import OTFCalculator
+    from otfml.gp import SparseGP
+    from otfml.store import Store
+
+    store = tmp_path / "s.h5"
+    a = molecule("CH3CH2OH")
+    a.calc = OTFCalculator(EMT(), store=str(store))
+    for _ in range(4):
+        a.positions[0, 0] += 0.05
+        a.calc.learner.request_reference = True
+        a.get_forces()
+    a.calc.close()
+    for out in ("frames.extxyz", "frames.db"):
+        assert main(["export", str(store), str(tmp_path / out)]) == 0
+        images = read(str(tmp_path / out), ":")
+        with Store(store) as st:
+            assert len(images) == len(st) == 4
+            for img, fr in zip(images, st):
+                np.testing.assert_allclose(img.positions, fr.atoms.positions, atol=1e-8)
+                np.testing.assert_allclose(img.get_forces(), fr.forces, atol=1e-8)
+                assert img.get_potential_energy() == pytest.approx(fr.energy, abs=1e-8)
+    assert main(["train", str(store), "-o", str(tmp_path / "m.npz")]) == 0
+    m = SparseGP.load(str(tmp_path / "m.npz"))
+    assert m.n_frames == 4 and m.n_sparse > 0
+    assert main(["export", str(store), str(tmp_path / "x.unknownformat")]) == 2
+    assert "cannot write" in capsys.readouterr().err
+
+
 @mopac
 def test_optimize_workflow_converges_on_the_reference(tmp_path):
     wf = tmp_path / "opt.yaml"

@@ -101,6 +101,19 @@ def test_warm_start_from_store_makes_no_initial_calls(tmp_path):
     b.calc.close()
 
 
+def test_collapsed_geometry_is_refused_before_the_reference(tmp_path):
+    from otfml.errors import ReferenceFailed
+
+    a = molecule("CH3CH2OH")
+    a.positions[3] = a.positions[0] + [0.3, 0.0, 0.0]
+    calc = OTFCalculator(EMT(), store=str(tmp_path / "s.h5"))
+    with pytest.raises(ReferenceFailed, match=r"step 1: atoms 0 \(C\) and 3 \(H\) are 0.300 Å"):
+        calc.get_forces(a)
+    calc.close()
+    with Store(tmp_path / "s.h5") as st:
+        assert len(st) == 0
+
+
 def test_misspelled_option_is_an_error():
     with pytest.raises(TypeError, match="force_tolerence"):
         OTFCalculator(EMT(), force_tolerence=0.1)
