@@ -20,7 +20,7 @@ def _cmd_run(args) -> int:
     from .run import run
 
     cfg = load_config(args.config, args.set)
-    summary = run(cfg)
+    summary = run(cfg, resume=args.resume)
     print(json.dumps({k: summary[k] for k in ("steps", "reference_calls", "wall_s", "store",
                                               "model")}, indent=2, default=float))
     return 0
@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config")
     r.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (repeatable)")
+    r.add_argument("--resume", action="store_true",
+                   help="continue a killed MD run from its last checkpoint")
     r.set_defaults(func=_cmd_run)
     c = sub.add_parser("check", help="validate a config without running it")
     c.add_argument("config", nargs="?")

@@ -79,7 +79,7 @@ def build_reference(cfg: dict, workdir: str | None = None) -> Reference:
 class _StepLog:
     """Writes steps.csv (every step) and the trajectory (every log_interval steps)."""
 
-    FIELDS = ["step", "time_fs", "energy_eV", "temperature_K", "fmax_eV_A", "source",
+    FIELDS = ["md_step", "time_fs", "energy_eV", "temperature_K", "fmax_eV_A", "source",
               "max_force_std_eV_A", "reference_calls"]
 
     def __init__(self, atoms, calc: OTFCalculator, outdir: str, interval: int, dt_fs: float):
@@ -93,6 +93,7 @@ class _StepLog:
             self.writer.writerow(self.FIELDS)
         self.traj = Trajectory(os.path.join(outdir, "trajectory.traj"), "a", atoms)
         self.n = 0
+        self.resumed_at = -1
 
     def __call__(self) -> None:
         a = self.atoms
@@ -100,13 +101,14 @@ class _StepLog:
         last = L.history[-1] if L.history else {}
         f = a.get_forces()
         self.writer.writerow([
-            L.n_steps, f"{self.n * self.dt_fs:.3f}", f"{a.get_potential_energy():.6f}",
+            self.n, f"{self.n * self.dt_fs:.3f}", f"{a.get_potential_energy():.6f}",
             f"{a.get_temperature():.2f}", f"{np.linalg.norm(f, axis=1).max():.5f}",
             last.get("source", ""), f"{last.get('max_force_std', float('nan')):.5f}", L.n_calls,
         ])
         if self.n % self.interval == 0:
             self.fh.flush()
-            self.traj.write()
+            if self.n != self.resumed_at:  # that image is the checkpoint itself
+                self.traj.write()
         self.n += 1
 
     def close(self) -> None:
@@ -114,8 +116,15 @@ class _StepLog:
         self.traj.close()
 
 
-def run(cfg: dict) -> dict:
-    """Run the workflow of a validated config; returns the summary (also in summary.json)."""
+def run(cfg: dict, resume: bool = False) -> dict:
+    """Run the workflow of a validated config; returns the summary (also in summary.json).
+
+    With ``resume`` an MD run continues from its last checkpoint (the last image
+    of ``trajectory.traj``: positions and momenta, written every
+    ``driver.log_interval`` steps) for the steps that remain; the model is
+    rebuilt from the store, so no labelled frame is lost.  The thermostat's
+    random stream restarts from the seed.
+    """
     base = cfg.get("_base", ".")
     outdir = os.path.join(base, cfg["output"]["directory"])
     os.makedirs(outdir, exist_ok=True)
@@ -123,14 +132,52 @@ def run(cfg: dict) -> dict:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("otfml").addHandler(handler)
     try:
-        return _run(cfg, outdir)
+        return _run(cfg, outdir, resume)
     finally:
         logging.getLogger("otfml").removeHandler(handler)
         handler.close()
 
 
-def _run(cfg: dict, outdir: str) -> dict:
+def _checkpoint(outdir: str, interval: int):
+    """Last complete trajectory image and the MD step it was written at (or None)."""
+    from ase.io.trajectory import Trajectory
+
+    path = os.path.join(outdir, "trajectory.traj")
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return None
+    try:
+        with Trajectory(path) as traj:
+            n = len(traj)
+            if n == 0:
+                return None
+            atoms = traj[n - 1]
+    except Exception as err:  # a file cut mid-header: no usable checkpoint
+        log.warning("cannot read checkpoint %s (%s); starting over", path, err)
+        return None
+    return atoms, (n - 1) * interval
+
+
+def _run(cfg: dict, outdir: str, resume: bool = False) -> dict:
     atoms = build_structure(cfg)
+    drv = cfg["driver"]
+    done = 0
+    if resume:
+        if drv["type"] != "md":
+            raise ConfigError("--resume continues MD runs; an optimization restarts from its "
+                              "structure (with the model warm-started from the store)")
+        cp = _checkpoint(outdir, drv["log_interval"])
+        if cp is None:
+            log.info("no checkpoint in %s: starting from the structure", outdir)
+        else:
+            start, done = cp
+            atoms.positions = start.positions
+            atoms.set_momenta(start.get_momenta())
+            log.info("resuming at MD step %d of %d from %s", done, drv["steps"], outdir)
+            _truncate_steps_csv(outdir, done)
+    elif os.path.exists(os.path.join(outdir, "trajectory.traj")):
+        os.remove(os.path.join(outdir, "trajectory.traj"))
+        if os.path.exists(os.path.join(outdir, "steps.csv")):
+            os.remove(os.path.join(outdir, "steps.csv"))
     reference = build_reference(cfg)
     lc = cfg["learning"]
     policy = LearningPolicy(**lc)
@@ -139,7 +186,6 @@ def _run(cfg: dict, outdir: str) -> dict:
                          charge=cfg["system"]["charge"],
                          multiplicity=cfg["system"]["multiplicity"])
     atoms.calc = calc
-    drv = cfg["driver"]
     log.info("otfml run: %s, %d atoms, driver %s, store %s", atoms.get_chemical_formula(),
              len(atoms), drv["type"], store)
     t0 = time.perf_counter()
@@ -147,7 +193,7 @@ def _run(cfg: dict, outdir: str) -> dict:
                        drv["timestep_fs"] if drv["type"] == "md" else 0.0)
     try:
         if drv["type"] == "md":
-            extra = _run_md(atoms, drv, steplog)
+            extra = _run_md(atoms, drv, steplog, done)
         else:
             extra = _run_optimize(atoms, calc, drv, steplog, outdir)
     finally:
@@ -170,6 +216,7 @@ def _run(cfg: dict, outdir: str) -> dict:
         "reference_calls": L.n_calls,
         "reference_fraction": L.n_calls / max(L.n_steps, 1),
         "warm_start_frames": L.n_warm,
+        "resumed_from_md_step": done,
         "wall_s": wall,
         "median_model_step_s": med("model"),
         "median_reference_s": med("reference"),
@@ -190,15 +237,28 @@ def _run(cfg: dict, outdir: str) -> dict:
     return summary
 
 
-def _run_md(atoms: Atoms, drv: dict, steplog: _StepLog) -> dict:
+def _truncate_steps_csv(outdir: str, step: int) -> None:
+    """Drop step-log lines written after the checkpoint (they will be rerun)."""
+    path = os.path.join(outdir, "steps.csv")
+    if not os.path.exists(path):
+        return
+    with open(path) as fh:
+        lines = fh.readlines()
+    keep = lines[:1 + step]  # header + one line per step 0..step-1
+    with open(path, "w") as fh:
+        fh.writelines(keep)
+
+
+def _run_md(atoms: Atoms, drv: dict, steplog: _StepLog, done: int = 0) -> dict:
     from ase.md.langevin import Langevin
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
     from ase.md.verlet import VelocityVerlet
 
-    rng = np.random.default_rng(drv["seed"])
-    MaxwellBoltzmannDistribution(atoms, temperature_K=drv["temperature_K"], rng=rng)
-    Stationary(atoms)
-    ZeroRotation(atoms)
+    rng = np.random.default_rng(drv["seed"] + done)
+    if done == 0:
+        MaxwellBoltzmannDistribution(atoms, temperature_K=drv["temperature_K"], rng=rng)
+        Stationary(atoms)
+        ZeroRotation(atoms)
     dt = drv["timestep_fs"] * units.fs
     if drv["ensemble"] == "langevin":
         dyn = Langevin(atoms, dt, temperature_K=drv["temperature_K"],
@@ -206,7 +266,9 @@ def _run_md(atoms: Atoms, drv: dict, steplog: _StepLog) -> dict:
     else:
         dyn = VelocityVerlet(atoms, dt)
     dyn.attach(steplog, interval=1)
-    dyn.run(drv["steps"])
+    steplog.n = done
+    steplog.resumed_at = done if done else -1
+    dyn.run(max(drv["steps"] - done, 0))
     return {"final_temperature_K": float(atoms.get_temperature())}
 
 

@@ -86,7 +86,7 @@ def test_run_info_evaluate_end_to_end(tmp_path, capsys, mopac_frames):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 151 and 0 < summary["reference_calls"] <= 151
     lines = (run / "steps.csv").read_text().splitlines()
-    assert len(lines) == 1 + 151 and lines[0].startswith("step,")
+    assert len(lines) == 1 + 151 and lines[0].startswith("md_step,")
     capsys.readouterr()
     assert main(["info", str(run / "otfml.h5"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -137,6 +137,48 @@ def test_export_and_train_from_a_store(tmp_path, capsys):
     assert m.n_frames == 4 and m.n_sparse > 0
     assert main(["export", str(store), str(tmp_path / "x.unknownformat")]) == 2
     assert "cannot write" in capsys.readouterr().err
+
+
+@mopac
+def test_sigkill_then_resume_loses_no_frame(tmp_path):
+    """kill -9 an `otfml run` mid-run, then `--resume`: every labelled frame survives and the
+    MD finishes with one step-log line per step."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+
+    from otfml.store import Store
+
+    wf = tmp_path / "md.yaml"
+    shutil.copy(os.path.join(ROOT, "workflows", "md_langevin.yaml"), wf)
+    sets = ["--set", "driver.steps=1200", "--set", "output.directory=run"]
+    p = subprocess.Popen([sys.executable, "-m", "otfml.cli", "run", str(wf), *sets],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    steps_csv = tmp_path / "run" / "steps.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if steps_csv.exists() and len(steps_csv.read_text().splitlines()) > 300:
+            break
+        time.sleep(0.2)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    with Store(tmp_path / "run" / "otfml.h5") as st:
+        before = [(fr.energy, fr.atoms.positions.copy()) for fr in st]
+    assert len(before) > 2
+    assert main(["run", str(wf), *sets, "--resume"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert 0 < summary["resumed_from_md_step"] < 1200
+    assert summary["warm_start_frames"] == len(before)
+    with Store(tmp_path / "run" / "otfml.h5") as st:
+        assert len(st) >= len(before)
+        for (e, pos), fr in zip(before, st):
+            assert fr.energy == e
+            np.testing.assert_array_equal(fr.atoms.positions, pos)
+    rows = steps_csv.read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == list(range(1201))
 
 
 @mopac
