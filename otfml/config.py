@@ -66,6 +66,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
                                "labelled frame joins the sparse set", positive=True),
         "hyperparameter_first": _f(int, 5, "Refit hyperparameters at each of the first N "
                                    "reference calls", minimum=0),
+        "blas_threads": _f(int, 1, "BLAS threads for otfml's own linear algebra (null: "
+                           "leave BLAS as it is); MOPAC is not affected", nullable=True, minimum=1),
         "hyperparameter_every": _f(int, 50, "...then at calls that are powers of two and at "
                                    "every N-th call", minimum=1),
     },
