@@ -8,7 +8,8 @@ Schema version 1 (``DESIGN.md`` §6)::
                         natoms i4, offset i8 (first row in /atoms), energy f8 (eV),
                         charge i4, multiplicity i4, cell (3,3) f8 (Å), pbc (3,) bool,
                         step i8 (-1 unknown), walker i4,
-                        max_std f8 (model uncertainty at the call, eV; NaN: none),
+                        max_std f8 (largest per-atom model novelty at the call, eV;
+                                    NaN: no model yet),
                         time f8 (UNIX), fingerprint i4 (row of /fingerprints)
     /atoms            (N,) compound, one row per atom: number i4, position (3,) f8 (Å),
                         force (3,) f8 (eV/Å)
@@ -80,7 +81,7 @@ class Frame:
     step, walker : int
         Where the call was made.
     max_std : float
-        Largest per-atom model std when the call was made, eV (NaN if none).
+        Largest per-atom model novelty when the call was made, eV (NaN if none).
     time : float
         UNIX time of the append.
     """
@@ -319,7 +320,7 @@ class Store:
         step, walker : int
             Where the call was made.
         max_std : float
-            Largest per-atom model std at the call, eV (NaN if none).
+            Largest per-atom model novelty at the call, eV (NaN if none).
 
         Returns
         -------
