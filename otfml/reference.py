@@ -237,7 +237,8 @@ class MopacReference(Reference):
         except ReferenceFailed as err:
             raise self._failure(tmp, atoms, str(err)) from err
         except Exception as err:  # ASE reports MOPAC failures as parse/IO errors
-            raise self._failure(tmp, atoms, f"{type(err).__name__}: {err}") from err
+            why = self._scan_output(tmp) or f"{type(err).__name__}: {err}"
+            raise self._failure(tmp, atoms, why) from err
         seconds = time.perf_counter() - t0
         self._version = str(calc.results.get("version", self._version))
         shutil.rmtree(tmp, ignore_errors=True)

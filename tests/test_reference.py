@@ -65,6 +65,17 @@ def test_failing_run_names_step_distance_and_output(tmp_path, ethanol):
     assert len(os.listdir(tmp_path)) == 1
 
 
+@mopac
+def test_scf_failure_is_named_and_nothing_is_returned(tmp_path):
+    """Real MOPAC with too few SCF iterations allowed: the failure says SCF, not a parse error."""
+    a = molecule("CH3CH2OH")
+    a.rattle(0.2, seed=3)
+    ref = MopacReference(keywords="ITRY=3 SHIFT=0", workdir=str(tmp_path))
+    with pytest.raises(ReferenceFailed, match="SCF did not converge") as err:
+        ref.compute(a, 0, 1)
+    assert "UNABLE TO ACHIEVE SELF-CONSISTENCE" in str(err.value)
+
+
 def test_missing_binary_says_how_to_fix(monkeypatch):
     monkeypatch.delenv("ASE_MOPAC_COMMAND", raising=False)
     monkeypatch.setenv("PATH", "/nonexistent")
