@@ -91,8 +91,6 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    import json as _json
-
     from ase.calculators.singlepoint import SinglePointCalculator
     from ase.io import write
 
@@ -104,7 +102,7 @@ def _cmd_export(args) -> int:
             a = fr.atoms
             a.calc = SinglePointCalculator(a, energy=fr.energy, forces=fr.forces)
             a.info.update({"frame": k, "step": fr.step, "walker": fr.walker,
-                           "fingerprint": _json.dumps(fr.fingerprint, sort_keys=True)})
+                           "fingerprint": json.dumps(fr.fingerprint, sort_keys=True)})
             images.append(a)
     try:
         write(args.output, images)
