@@ -13,12 +13,12 @@ approximation.  Energies and forces are labels with noise ``sigma_e * sqrt(N)``
 Everything the solution and the log marginal likelihood need is kept in
 accumulators, in units of the normalized kernel ``kt = k / sigma^2``::
 
-    A_F = sum_f R_f^T R_f        b_F = sum_f R_f^T F_f
-    c_E = sum_f r_f E_f / N_f    C_E = sum_f r_f n_f^T / N_f
+    b_F = sum_f R_f^T F_f        c_E = sum_f r_f E_f / N_f    C_E = sum_f r_f n_f^T / N_f
+    L^-1 A_F L^-T  with  A_F = sum_f R_f^T R_f  (A_F itself is not kept)
 
 where ``r_f`` (M,) is the energy row and ``R_f`` (3N, M) the force rows of
 frame *f* and ``n_f`` its composition (M = number of sparse environments).
-The Cholesky factor ``L`` of K_mm, its inverse, ``L^-1 A_F L^-T`` and the
+The inverse of the Cholesky factor ``L`` of K_mm, ``L^-1 A_F L^-T`` and the
 whitened energy rows ``L^-1 r_f / sqrt(N_f)`` are maintained incrementally:
 adding a frame costs O(M^2 3N), adding sparse environments O(M^2 new) plus one
 pass over the cached rows; changing the hyperparameters or the per-species
@@ -213,8 +213,8 @@ class SparseGP:
         self._trainable = True
         self._reset_accumulators(0)
         self._Kt = np.zeros((0, 0))  # normalized K_mm
-        self._L = np.zeros((0, 0))  # Cholesky factor of K_mm + jitter (maintained incrementally)
-        self._Linv = np.zeros((0, 0))  # its inverse
+        # inverse of the Cholesky factor L of K_mm + jitter (maintained incrementally)
+        self._Linv = np.zeros((0, 0))
         self._AFw = np.zeros((0, 0))  # L^-1 A_F L^-T
         self._Ew = np.zeros((0, 0))  # L^-1 r_f / sqrt(N_f), one column per frame
         self._beta = np.zeros(0)
@@ -255,7 +255,6 @@ class SparseGP:
 
     def _reset_accumulators(self, M: int) -> None:
         S = len(self.descriptor.species)
-        self.A_F = np.zeros((M, M))
         self.c_E = np.zeros(M)
         self.C_E = np.zeros((M, S))
         self.b_F = np.zeros(M)
@@ -447,7 +446,7 @@ class SparseGP:
         self.zs = np.concatenate([self.zs, new_zs])
         cols = np.arange(M0, M0 + n_new)
         M = M0 + n_new
-        # kernel matrix and its Cholesky factor / inverse
+        # kernel matrix and the inverse of its Cholesky factor
         Kt = np.zeros((M, M))
         Kt[:M0, :M0] = self._Kt
         block = (self.Z @ new_Z.T) ** 2
@@ -460,15 +459,11 @@ class SparseGP:
         S22 = Kt[M0:, M0:] + _JITTER * np.eye(n_new) - L21 @ L21.T
         L22 = scipy.linalg.cholesky(S22, lower=True)
         I22 = scipy.linalg.solve_triangular(L22, np.eye(n_new), lower=True)
-        L = np.zeros((M, M))
-        L[:M0, :M0] = self._L
-        L[M0:, :M0] = L21
-        L[M0:, M0:] = L22
         Linv = np.zeros((M, M))
         Linv[:M0, :M0] = I11
         Linv[M0:, :M0] = -I22 @ L21 @ I11
         Linv[M0:, M0:] = I22
-        self._L, self._Linv = L, Linv
+        self._Linv = Linv
         # rows of every stored frame against the new columns
         E_rows, R_new = self._rows_all(cols)  # (frames, n_new), (sum 3N, n_new)
         A12 = self._RF.view.T @ R_new
@@ -485,13 +480,6 @@ class SparseGP:
         self.b_F = np.concatenate([self.b_F, R_new.T @ f_all])
         self._RF.add_columns(R_new)
         self._RE.add_columns(E_rows)
-        # raw force accumulator
-        A_F = np.zeros((M, M))
-        A_F[:M0, :M0] = self.A_F
-        A_F[:M0, M0:] = A12
-        A_F[M0:, :M0] = A12.T
-        A_F[M0:, M0:] = A22
-        self.A_F = A_F
         # whitened force accumulator: new blocks from the old ones (see docstring)
         W11 = self._AFw
         Y = I11 @ A12
@@ -564,7 +552,6 @@ class SparseGP:
         N = len(atoms)
         counts = np.bincount(env.species, minlength=len(self.descriptor.species)).astype(float)
         f = forces.ravel()
-        self.A_F += rows_f.T @ rows_f
         W = self._Linv @ rows_f.T  # whitened force rows (M, 3N)
         self._AFw += W @ W.T
         self._Ew = np.hstack([self._Ew, (self._Linv @ row_e / math.sqrt(N))[:, None]])
