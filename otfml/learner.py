@@ -17,7 +17,7 @@ from .descriptor import Descriptor
 from .errors import ConfigError, FingerprintMismatch, ReferenceFailed
 from .gp import SparseGP
 from .policy import Decision, LearningPolicy
-from .reference import Reference, default_multiplicity, electron_parity_check
+from .reference import Reference, closest_pair, default_multiplicity, electron_parity_check
 from .store import Store, fingerprint_key
 
 __all__ = ["Learner", "StepResult", "MODEL_DEFAULTS", "train_from_frames", "check_model_settings"]
@@ -150,15 +150,11 @@ def check_geometry(atoms: Atoms, step: int) -> None:
         Naming the step, the two atoms and their distance (MOPAC itself aborts
         below 0.2 Å; anything under ``MIN_DISTANCE`` means the trajectory broke).
     """
-    if len(atoms) < 2:
-        return
-    d = atoms.get_all_distances(mic=bool(atoms.pbc.any()))
-    np.fill_diagonal(d, np.inf)
-    i, j = np.unravel_index(np.argmin(d), d.shape)
-    if d[i, j] < MIN_DISTANCE:
+    i, j, dist = closest_pair(atoms)
+    if dist < MIN_DISTANCE:
         sym = atoms.get_chemical_symbols()
         raise ReferenceFailed(
-            f"step {step}: atoms {i} ({sym[i]}) and {j} ({sym[j]}) are {d[i, j]:.3f} Å apart "
+            f"step {step}: atoms {i} ({sym[i]}) and {j} ({sym[j]}) are {dist:.3f} Å apart "
             f"(< {MIN_DISTANCE} Å); the structure has collapsed and was not sent to the "
             "reference. Nothing was stored. Use a smaller time step or force_tolerance, "
             "or check the starting structure")

@@ -22,7 +22,7 @@ from ase.calculators.calculator import Calculator
 from .errors import ConfigError, ReferenceFailed
 
 __all__ = ["Reference", "MopacReference", "CalculatorReference", "Label", "make_reference",
-           "electron_parity_check"]
+           "electron_parity_check", "closest_pair"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,16 @@ class Label:
     forces: np.ndarray
     fingerprint: dict
     seconds: float
+
+
+def closest_pair(atoms: Atoms) -> tuple[int, int, float]:
+    """Indices and distance (Å) of the two closest atoms (minimum image if periodic)."""
+    if len(atoms) < 2:
+        return 0, 0, float("inf")
+    d = atoms.get_all_distances(mic=bool(atoms.pbc.any()))
+    np.fill_diagonal(d, np.inf)
+    i, j = np.unravel_index(np.argmin(d), d.shape)
+    return int(i), int(j), float(d[i, j])
 
 
 def electron_parity_check(atoms: Atoms, charge: int, multiplicity: int) -> None:
@@ -267,13 +277,11 @@ class MopacReference(Reference):
         where = f"kept in {tmp}" if self.keep_failed else "removed"
         if not self.keep_failed:
             shutil.rmtree(tmp, ignore_errors=True)
-        d = atoms.get_all_distances() if len(atoms) > 1 else np.zeros((1, 1))
-        np.fill_diagonal(d, np.inf)
-        i, j = np.unravel_index(np.argmin(d), d.shape)
+        i, j, dist = closest_pair(atoms)
         return ReferenceFailed(
             f"MOPAC failed for {atoms.get_chemical_formula()} "
             f"(step {atoms.info.get('otfml_step', '?')}; shortest distance "
-            f"{d[i, j]:.3f} Å between atoms {i} and {j}): {why}\n"
+            f"{dist:.3f} Å between atoms {i} and {j}): {why}\n"
             f"command: {self.command}\nworking directory {where}\n"
             + ("relevant output lines:\n  " + "\n  ".join(lines) if lines else "")
         )
