@@ -1,4 +1,4 @@
-"""The ``otfml`` command: run, check, info, evaluate, export, train.
+"""The ``otfml`` command: run, check, info, evaluate, plot, report, export, train.
 
 ``main()`` only parses arguments and calls the functions tests import.
 """
@@ -20,7 +20,9 @@ def _cmd_run(args) -> int:
     from .run import run
 
     cfg = load_config(args.config, args.set)
-    summary = run(cfg, resume=args.resume)
+    if args.resume and args.restart:
+        raise OTFMLError("--resume and --restart exclude each other")
+    summary = run(cfg, resume=True if args.resume else (False if args.restart else None))
     print(json.dumps({k: summary[k] for k in ("steps", "reference_calls", "wall_s", "store",
                                               "model")}, indent=2, default=float))
     return 0
@@ -28,7 +30,7 @@ def _cmd_run(args) -> int:
 
 def _cmd_check(args) -> int:
     from .config import keys_markdown, load_config
-    from .run import build_structure
+    from .run import build_structures
 
     if args.keys:
         print(keys_markdown())
@@ -36,9 +38,12 @@ def _cmd_check(args) -> int:
     if not args.config:
         raise OTFMLError("otfml check needs a config file (or --keys)")
     cfg = load_config(args.config, args.set)
-    atoms = build_structure(cfg)
-    print(f"{args.config}: valid ({atoms.get_chemical_formula()}, {len(atoms)} atoms, "
-          f"driver {cfg['driver']['type']}, reference {cfg['reference']['code']})")
+    images = build_structures(cfg)
+    atoms = images[0]
+    stages = ", ".join(f"{s['name']} ({s['driver']['type']})" for s in cfg["stages"])
+    print(f"{args.config}: valid ({atoms.get_chemical_formula()}, {len(atoms)} atoms"
+          + (f", {len(images)} structures" if len(images) > 1 else "")
+          + f"; stages: {stages}; reference {cfg['reference']['code']})")
     return 0
 
 
@@ -75,7 +80,8 @@ def _cmd_evaluate(args) -> int:
     from .evaluate import evaluate, load_model, read_labelled
 
     model = load_model(args.model)
-    result = evaluate(model, read_labelled(args.data), force_tolerance=args.force_tolerance)
+    result = evaluate(model, read_labelled(args.data), force_tolerance=args.force_tolerance,
+                      output=args.output)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -87,6 +93,21 @@ def _cmd_evaluate(args) -> int:
               f"per frame {result['spearman_frame']:.3f}")
         if "miss_rate" in result:
             print(f"miss rate at {result['force_tolerance_eV_A']} eV/Å: {result['miss_rate']:.4f}")
+    return 0
+
+
+def _cmd_plot(args) -> int:
+    from .plot import plot_run
+
+    for path in plot_run(args.run_dir):
+        print(path)
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from .plot import write_report
+
+    print(write_report(args.run_dir))
     return 0
 
 
@@ -132,7 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (repeatable)")
     r.add_argument("--resume", action="store_true",
-                   help="continue a killed MD run from its last checkpoint")
+                   help="continue a killed run from its last checkpoint (the default when the "
+                   "output directory holds an interrupted run)")
+    r.add_argument("--restart", action="store_true",
+                   help="start over even if the output directory holds an interrupted run "
+                   "(the store is kept and warm-starts the model)")
     r.set_defaults(func=_cmd_run)
     c = sub.add_parser("check", help="validate a config without running it")
     c.add_argument("config", nargs="?")
@@ -149,7 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true")
     e.add_argument("--force-tolerance", type=float, default=None,
                    help="eV/Å; also report the miss rate at this tolerance")
+    e.add_argument("-o", "--output", default=None, metavar="DIR",
+                   help="write evaluation.json/.npz and parity and error-vs-uncertainty plots "
+                   "here (e.g. the run directory, so `otfml report` includes them)")
     e.set_defaults(func=_cmd_evaluate)
+    pl = sub.add_parser("plot", help="write PNG figures of a run directory (RUN_DIR/plots)")
+    pl.add_argument("run_dir")
+    pl.set_defaults(func=_cmd_plot)
+    rp = sub.add_parser("report", help="write RUN_DIR/report.html: summary and figures")
+    rp.add_argument("run_dir")
+    rp.set_defaults(func=_cmd_report)
     x = sub.add_parser("export", help="write a store's labelled frames for other tools")
     x.add_argument("store")
     x.add_argument("output", help="any file ASE writes: out.extxyz, out.db (ASE database), ...")

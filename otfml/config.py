@@ -17,7 +17,8 @@ import yaml
 
 from .errors import ConfigError
 
-__all__ = ["load_config", "validate", "SCHEMA", "keys_markdown", "apply_overrides"]
+__all__ = ["load_config", "validate", "SCHEMA", "STAGE_SECTIONS", "keys_markdown",
+           "apply_overrides", "index_of"]
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,11 @@ NUM = (int, float)
 SCHEMA: dict[str, dict[str, Field]] = {
     "system": {
         "structure": _f(str, "CH3CH2OH", "Structure: a file ASE reads (xyz, extxyz, pdb, mol, "
-                        "cif, ...; relative to the config file) or an ase.build.molecule name"),
-        "index": _f(int, 0, "Which image of a multi-image file to start from"),
+                        "cif, ...; relative to the config file), an ase.build.molecule name, "
+                        "or 'smiles:CCO' (3D structure from RDKit, the [smiles] extra)"),
+        "index": _f((int, str), 0, "Image(s) of a multi-image file: an integer, or a slice "
+                    "such as ':' or '0:10' (optimization runs every selected image; MD needs "
+                    "one)"),
         "charge": _f(int, 0, "Total charge (e)"),
         "multiplicity": _f(int, None, "Spin multiplicity 2S+1; null: singlet for an even "
                            "electron count (odd counts must set it)", nullable=True, minimum=1),
@@ -90,6 +94,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
     "store": {
         "path": _f(str, "otfml.h5", "HDF5 store (relative to output.directory); existing "
                    "frames warm-start the model"),
+        "warm_start": _f(str, None, "Start from another run's store (.h5) or saved model "
+                         "(.npz, which names its store): its frames are copied into an empty "
+                         "store and the model is rebuilt from them", nullable=True),
     },
     "driver": {
         "type": _f(str, "md", "What drives the steps", choices=("md", "optimize")),
@@ -98,16 +105,29 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "timestep_fs": _f(NUM, 0.5, "MD time step, fs", positive=True),
         "temperature_K": _f(NUM, 500.0, "Thermostat and initial velocity temperature, K",
                             minimum=0),
+        "temperature_end_K": _f(NUM, None, "Langevin only: ramp the thermostat linearly from "
+                                "temperature_K to this over the steps (annealing/heating)",
+                                nullable=True, minimum=0),
         "friction_per_fs": _f(NUM, 0.002, "Langevin friction, 1/fs", positive=True),
         "seed": _f(int, 0, "Random seed of velocities and thermostat"),
         "optimizer": _f(str, "BFGS", "ASE optimizer", choices=("BFGS", "FIRE", "LBFGS")),
         "fmax": _f(NUM, 0.05, "Optimizer convergence: largest force, eV/Å", positive=True),
-        "log_interval": _f(int, 10, "Write the step log / trajectory every N steps", minimum=1),
+        "log_interval": _f(int, 10, "Write the trajectory (the restart checkpoint) every N "
+                           "steps", minimum=1),
+        "start": _f(str, "structure", "Where the driver starts: the system's structure(s), the "
+                    "final geometry of the previous stage, or the `count` lowest-energy "
+                    "labelled frames of the store", choices=("structure", "previous", "lowest")),
+        "count": _f(int, 10, "How many frames start: lowest takes", minimum=1),
     },
     "output": {
         "directory": _f(str, "otfml-run", "Run directory (relative to the config file)"),
+        "progress_every": _f(int, 100, "Without a terminal (batch jobs), log a progress line "
+                             "every N steps instead of the progress bar", minimum=1),
     },
 }
+
+#: sections a stage of a multi-stage workflow (``stages:``) may override
+STAGE_SECTIONS = ("driver", "learning")
 
 
 def _type_name(types: tuple) -> str:
@@ -160,23 +180,94 @@ def validate(raw: dict | None, source: str = "config") -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections "
                           f"({', '.join(SCHEMA)}), not a {type(raw).__name__}")
-    out: dict[str, dict] = {}
+    out: dict = {}
     for section in raw:
-        if section not in SCHEMA:
-            raise _unknown(str(section), SCHEMA, str(section), source)
-    for section, fields in SCHEMA.items():
-        given = raw.get(section) or {}
-        if not isinstance(given, dict):
-            raise ConfigError(f"{source}: {section} must be a mapping of keys "
-                              f"({', '.join(fields)}), not {given!r}")
-        for key in given:
-            if key not in fields:
-                raise _unknown(str(key), fields, f"{section}.{key}", source)
-        out[section] = {
-            key: _check(f"{section}.{key}", given.get(key, field.default), field, source)
-            for key, field in fields.items()
-        }
+        if section not in SCHEMA and section != "stages":
+            raise _unknown(str(section), [*SCHEMA, "stages"], str(section), source)
+    for section in SCHEMA:
+        out[section] = _section(raw, section, {}, section, source)
+    index_of(out["system"]["index"], source)
+    out["stages"] = _stages(raw.get("stages"), raw, source)
     return out
+
+
+def _section(raw: dict, section: str, base: dict, path: str, source: str) -> dict:
+    """Validate one section of ``raw`` with missing keys taken from ``base`` or defaults."""
+    fields = SCHEMA[section]
+    given = raw.get(section) or {}
+    if not isinstance(given, dict):
+        raise ConfigError(f"{source}: {path} must be a mapping of keys "
+                          f"({', '.join(fields)}), not {given!r}")
+    for key in given:
+        if key not in fields:
+            raise _unknown(str(key), fields, f"{path}.{key}", source)
+    return {key: _check(f"{path}.{key}", given[key], field, source) if key in given
+            else base.get(key, _check(f"{path}.{key}", field.default, field, source))
+            for key, field in fields.items()}
+
+
+def _stages(stages, raw: dict, source: str) -> list[dict]:
+    """The stages of a multi-stage workflow, each with complete driver and learning sections.
+
+    A stage overrides the top-level ``driver`` and ``learning`` keys it names; all stages
+    share the system, reference, model, store and output.  Without ``stages`` the
+    top-level driver is the single stage.
+    """
+    if stages is None:
+        stages = [{"name": "run"}]
+        single = True
+    else:
+        single = False
+        if not isinstance(stages, list) or not stages:
+            raise ConfigError(f"{source}: stages must be a non-empty list of mappings, each "
+                              "with a name and the driver/learning keys it changes")
+    base = {sec: _section(raw, sec, {}, sec, source) for sec in STAGE_SECTIONS}
+    out, names = [], set()
+    for k, st in enumerate(stages):
+        where = f"stages[{k}]"
+        if not isinstance(st, dict):
+            raise ConfigError(f"{source}: {where} must be a mapping (name, driver, learning), "
+                              f"not {st!r}")
+        for key in st:
+            if key not in ("name", *STAGE_SECTIONS):
+                raise _unknown(str(key), ["name", *STAGE_SECTIONS], f"{where}.{key}", source)
+        name = st.get("name", f"stage{k + 1}")
+        if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"{source}: {where}.name = {name!r}; use letters, digits, - and _ "
+                              "(it names the stage's output directory)")
+        if name in names:
+            raise ConfigError(f"{source}: {where}.name = {name!r} is used twice")
+        names.add(name)
+        stage = {"name": name, "single": single}
+        for sec in STAGE_SECTIONS:
+            stage[sec] = _section(st, sec, base[sec], f"{where}.{sec}", source)
+        drv = stage["driver"]
+        if drv["start"] == "previous" and k == 0:
+            raise ConfigError(f"{source}: {where}.driver.start = 'previous' but there is no "
+                              "previous stage; use 'structure' or 'lowest'")
+        if drv["temperature_end_K"] is not None and drv["ensemble"] != "langevin":
+            raise ConfigError(f"{source}: {'' if single else where + '.'}driver."
+                              f"temperature_end_K is set but driver.ensemble = "
+                              f"{drv['ensemble']!r}; a temperature ramp needs the langevin "
+                              "thermostat")
+        out.append(stage)
+    return out
+
+
+def index_of(index, source: str = "config") -> int | slice:
+    """``system.index`` as an int or a slice ('0:10', ':', '::2')."""
+    if isinstance(index, int):
+        return index
+    parts = str(index).split(":")
+    try:
+        if len(parts) == 1:
+            return int(parts[0])
+        if len(parts) > 3:
+            raise ValueError
+        return slice(*[int(p) if p.strip() else None for p in parts])
+    except ValueError:
+        raise ConfigError(f"{source}: system.index = {index!r} is neither an integer nor a "
+                          "slice such as ':', '0:10' or '::2'") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -230,4 +321,12 @@ def keys_markdown() -> str:
         for key, f in fields.items():
             kind = _type_name(f.type) + (", choices: " + "/".join(f.choices) if f.choices else "")
             lines.append(f"| `{section}.{key}` | {kind} | `{f.default!r}` | {f.doc} |")
+    lines.append("| `stages` | list | `None` | Multi-stage workflow: stages run in order and share "
+                 "the system, reference, model, store and output directory (each stage writes "
+                 "to its own sub-directory `NN-name`) |")
+    lines.append("| `stages[].name` | string | `'stageN'` | Stage name (letters, digits, - "
+                 "and _) |")
+    for sec in STAGE_SECTIONS:
+        lines.append(f"| `stages[].{sec}.*` | | top-level `{sec}` | Any `{sec}` key, for this "
+                     "stage only |")
     return "\n".join(lines)

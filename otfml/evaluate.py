@@ -52,7 +52,8 @@ def read_labelled(path: str) -> list:
     return out
 
 
-def evaluate(model: SparseGP, data: list, force_tolerance: float | None = None) -> dict:
+def evaluate(model: SparseGP, data: list, force_tolerance: float | None = None,
+             output: str | None = None) -> dict:
     """Errors of ``model`` on labelled frames, and how well its uncertainty ranks them.
 
     Parameters
@@ -63,6 +64,10 @@ def evaluate(model: SparseGP, data: list, force_tolerance: float | None = None) 
         eV/Å; with a force-error calibration in the model (``extra['force_std_scale']``)
         reports the miss rate: the fraction of atoms whose actual force error
         exceeds the tolerance while the estimate said it was within it.
+    output : str, optional
+        Directory to write ``evaluation.json``, ``evaluation.npz`` (per-atom
+        forces, errors and estimates) and, with matplotlib, ``plots/parity.png``
+        and ``plots/error_vs_uncertainty.png``.
 
     Returns
     -------
@@ -73,9 +78,11 @@ def evaluate(model: SparseGP, data: list, force_tolerance: float | None = None) 
     """
     from scipy.stats import spearmanr
 
-    de, dfs, nov, err_atom, fr_nov, fr_err = [], [], [], [], [], []
+    de, dfs, nov, err_atom, fr_nov, fr_err, f_ref, f_mod = [], [], [], [], [], [], [], []
     for atoms, e, f in data:
         p = model.predict(atoms)
+        f_ref.append(f)
+        f_mod.append(p.forces)
         de.append(abs(p.energy - e) / len(atoms))
         d = p.forces - f
         dfs.append(d.ravel())
@@ -101,4 +108,25 @@ def evaluate(model: SparseGP, data: list, force_tolerance: float | None = None) 
         est = scale * nov
         out["force_tolerance_eV_A"] = force_tolerance
         out["miss_rate"] = float(np.mean((err_atom > force_tolerance) & (est <= force_tolerance)))
+    if output is not None:
+        _write(output, out, np.concatenate(f_ref), np.concatenate(f_mod), err_atom,
+               (scale or 1.0) * nov, force_tolerance)
     return out
+
+
+def _write(output: str, result: dict, f_ref, f_mod, err_atom, est, tol) -> None:
+    import json
+
+    os.makedirs(output, exist_ok=True)
+    with open(os.path.join(output, "evaluation.json"), "w") as fh:
+        json.dump(result, fh, indent=2)
+    path = os.path.join(output, "evaluation.npz")
+    np.savez(path, forces_reference=f_ref, forces_model=f_mod, force_error=err_atom,
+             force_error_estimate=est,
+             force_tolerance=np.nan if tol is None else float(tol))
+    try:
+        from .plot import plot_evaluation
+
+        plot_evaluation(path, os.path.join(output, "plots"))
+    except ConfigError as err:  # no matplotlib: the data are written, the figures not
+        log.warning("%s", err)

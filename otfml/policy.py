@@ -109,6 +109,16 @@ class LearningPolicy:
         self._ratios = deque(maxlen=self.calibration_window)
         self._errors = deque(maxlen=self.calibration_window)
 
+    def inherit(self, other: LearningPolicy) -> LearningPolicy:
+        """Take over the calibration observed by ``other`` (a previous stage); returns self."""
+        self._ratios.extend(other._ratios)
+        self._errors.extend(other._errors)
+        return self
+
+    def settings(self) -> dict:
+        """The user settings (what a config's ``learning`` section holds)."""
+        return {k: getattr(self, k) for k in self.__dataclass_fields__ if not k.startswith("_")}
+
     @property
     def scale(self) -> float:
         """Calibration factor from uncertainty (eV) to force error (eV/Å), 1/Å."""

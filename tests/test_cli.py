@@ -86,7 +86,7 @@ def test_run_info_evaluate_end_to_end(tmp_path, capsys, mopac_frames):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 151 and 0 < summary["reference_calls"] <= 151
     lines = (run / "steps.csv").read_text().splitlines()
-    assert len(lines) == 1 + 151 and lines[0].startswith("md_step,")
+    assert len(lines) == 1 + 151 and lines[0].startswith("step,image,")
     capsys.readouterr()
     assert main(["info", str(run / "otfml.h5"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
