@@ -42,16 +42,19 @@ def _pyplot():
 
 
 def _stages(run_dir: str) -> list[tuple[str, dict]]:
-    """(name, steps.csv columns) of each stage of the run, in order."""
-    from .run import read_steps
+    """(name, steps.csv columns) of each stage of the run, in order (from run.json)."""
+    from .run import STATE, read_steps, stage_dirs
 
-    if os.path.exists(os.path.join(run_dir, "steps.csv")):
-        return [("run", read_steps(os.path.join(run_dir, "steps.csv")))]
+    try:
+        with open(os.path.join(run_dir, STATE)) as fh:
+            cfg = json.load(fh)["config"]
+    except (OSError, ValueError, KeyError):
+        return []
     out = []
-    for name in sorted(os.listdir(run_dir)):
-        path = os.path.join(run_dir, name, "steps.csv")
+    for stage, d in zip(cfg["stages"], stage_dirs(cfg, run_dir)):
+        path = os.path.join(d, "steps.csv")
         if os.path.isfile(path):
-            out.append((name, read_steps(path)))
+            out.append((stage["name"], read_steps(path)))
     return out
 
 
@@ -65,8 +68,8 @@ def plot_run(run_dir: str) -> list[str]:
     """
     stages = [(n, c) for n, c in _stages(run_dir) if len(c.get("step", []))]
     if not stages:
-        raise ConfigError(f"{run_dir!r} holds no steps.csv: give the output.directory of an "
-                          "otfml run")
+        raise ConfigError(f"{run_dir!r} holds no run (run.json and steps.csv): give the "
+                          "output.directory of an otfml run")
     plt = _pyplot()
     out_dir = os.path.join(run_dir, "plots")
     os.makedirs(out_dir, exist_ok=True)
@@ -116,7 +119,7 @@ def plot_run(run_dir: str) -> list[str]:
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
     md = [bool(np.any(c["time_fs"] > 0)) for _, _, c in parts]
     ax_f = ax2.twinx() if any(md) and not all(md) else ax2
-    for (name, x, c), is_md in zip(parts, md):
+    for (_name, x, c), is_md in zip(parts, md):
         ax1.plot(x, c["energy_eV"], lw=0.7)
         if is_md:
             ax2.plot(x, c["temperature_K"], lw=0.7)
