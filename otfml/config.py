@@ -51,6 +51,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "charge": _f(int, 0, "Total charge (e)"),
         "multiplicity": _f(int, None, "Spin multiplicity 2S+1; null: singlet for an even "
                            "electron count (odd counts must set it)", nullable=True, minimum=1),
+        "max_atoms": _f(int, 1000, "Largest structure accepted (a guard against loading the "
+                        "wrong file); raise it for bigger systems", minimum=2),
     },
     "reference": {
         "code": _f(str, "mopac", "Reference code", choices=("mopac", "emt", "lj")),
@@ -58,6 +60,11 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "keywords": _f(str, "", "Extra MOPAC keywords, e.g. NOMM"),
         "command": _f(str, None, "MOPAC command with PREFIX, e.g. '/opt/mopac/mopac PREFIX.mop'; "
                       "null: $ASE_MOPAC_COMMAND or mopac on PATH", nullable=True),
+        "timeout_s": _f(NUM, 600.0, "Wall-time limit of one MOPAC run, s (killed beyond it); "
+                        "null: none", nullable=True, positive=True),
+        "scf_retries": _f(list, ["PULAY", "CAMP SHIFT=20"], "After an SCF failure, retry with "
+                          "each of these MOPAC keyword sets in turn (they replace ITRY/SHIFT/"
+                          "PULAY/CAMP); []: no retry"),
     },
     "model": {
         "cutoff": _f(NUM, 3.0, "Descriptor cutoff radius, Å", positive=True),
@@ -90,6 +97,18 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "calibration": _f(str, "atom", "How observed errors calibrate the force-error estimate: "
                           "least-squares over atoms, or largest error / largest novelty",
                           choices=("atom", "max")),
+        "on_reference_failure": _f(str, "stop", "When the reference fails (after its SCF "
+                                   "retries) or returns an implausible label: stop the run with "
+                                   "the error, or use the model for that step and go on (the "
+                                   "frame is not stored)", choices=("stop", "use_model")),
+        "max_consecutive_failures": _f(int, 3, "With use_model: stop anyway after this many "
+                                       "reference failures in a row", minimum=1),
+        "label_check": _f(NUM, 1.0, "Refuse a reference energy further than this (eV/atom) "
+                          "from the model's prediction as implausible (e.g. a false SCF "
+                          "convergence); null: no check", nullable=True, positive=True),
+        "allow_fragmentation": _f(bool, False, "Accept geometries with more bonded fragments "
+                                  "than the starting one (dissociation); otherwise the run stops "
+                                  "before the reference, naming the atoms that left"),
     },
     "store": {
         "path": _f(str, "otfml.h5", "HDF5 store (relative to output.directory); existing "
@@ -118,6 +137,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
                     "final geometry of the previous stage, or the `count` lowest-energy "
                     "labelled frames of the store", choices=("structure", "previous", "lowest")),
         "count": _f(int, 10, "How many frames start: lowest takes", minimum=1),
+        "max_temperature_K": _f(NUM, None, "MD stops with a clear message above this "
+                                "temperature (null: 5x the thermostat's highest target, at "
+                                "least 2000 K)", nullable=True, positive=True),
     },
     "output": {
         "directory": _f(str, "otfml-run", "Run directory (relative to the config file)"),
@@ -131,7 +153,8 @@ STAGE_SECTIONS = ("driver", "learning")
 
 
 def _type_name(types: tuple) -> str:
-    names = {int: "integer", float: "number", str: "string", bool: "true/false"}
+    names = {int: "integer", float: "number", str: "string", bool: "true/false",
+             list: "list of strings"}
     return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in types))
 
 
@@ -152,6 +175,9 @@ def _check(path: str, value, field: Field, source: str):
     if not ok:
         raise ConfigError(f"{source}: {path} = {value!r} is a {type(value).__name__}; "
                           f"it must be a {_type_name(field.type)} ({field.doc})")
+    if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{source}: {path} = {value!r}; every item must be a string "
+                          f"({field.doc})")
     if field.choices is not None:
         match = [c for c in field.choices if str(c).lower() == str(value).lower()]
         if not match:

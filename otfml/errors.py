@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from ase.calculators.calculator import CalculationFailed
 
-__all__ = ["OTFMLError", "ConfigError", "StoreError", "ReferenceFailed", "FingerprintMismatch"]
+__all__ = ["OTFMLError", "ConfigError", "StoreError", "ReferenceFailed", "FingerprintMismatch",
+           "UnphysicalGeometry", "UnstableRun"]
 
 
 class OTFMLError(Exception):
@@ -28,3 +29,11 @@ class ReferenceFailed(OTFMLError, CalculationFailed):
 
 class FingerprintMismatch(StoreError):
     """Frames of a different reference fingerprint would be mixed."""
+
+
+class UnphysicalGeometry(ReferenceFailed):
+    """A geometry collapsed or fell apart; it was not sent to the reference."""
+
+
+class UnstableRun(OTFMLError):
+    """The simulation left physical ground (e.g. a temperature blow-up) and was stopped."""

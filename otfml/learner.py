@@ -14,13 +14,14 @@ import numpy as np
 from ase import Atoms
 
 from .descriptor import Descriptor
-from .errors import ConfigError, FingerprintMismatch, ReferenceFailed
+from .errors import ConfigError, FingerprintMismatch, ReferenceFailed, UnphysicalGeometry
 from .gp import SparseGP
 from .policy import Decision, LearningPolicy
 from .reference import Reference, closest_pair, default_multiplicity, electron_parity_check
 from .store import Store, fingerprint_key
 
-__all__ = ["Learner", "StepResult", "MODEL_DEFAULTS", "train_from_frames", "check_model_settings"]
+__all__ = ["Learner", "StepResult", "MODEL_DEFAULTS", "train_from_frames", "check_model_settings",
+           "check_geometry", "check_fragments", "fragments"]
 
 log = logging.getLogger(__name__)
 
@@ -146,18 +147,66 @@ def check_geometry(atoms: Atoms, step: int) -> None:
 
     Raises
     ------
-    ReferenceFailed
+    UnphysicalGeometry
         Naming the step, the two atoms and their distance (MOPAC itself aborts
         below 0.2 Å; anything under ``MIN_DISTANCE`` means the trajectory broke).
     """
     i, j, dist = closest_pair(atoms)
     if dist < MIN_DISTANCE:
         sym = atoms.get_chemical_symbols()
-        raise ReferenceFailed(
+        raise UnphysicalGeometry(
             f"step {step}: atoms {i} ({sym[i]}) and {j} ({sym[j]}) are {dist:.3f} Å apart "
             f"(< {MIN_DISTANCE} Å); the structure has collapsed and was not sent to the "
             "reference. Nothing was stored. Use a smaller time step or force_tolerance, "
             "or check the starting structure")
+
+
+#: atoms closer than this multiple of the sum of their covalent radii are bonded
+BOND_FACTOR = 1.5
+
+
+def fragments(atoms: Atoms) -> np.ndarray:
+    """Bonded-fragment label of each atom (bond: distance < BOND_FACTOR x covalent radii sum).
+
+    Returns
+    -------
+    ndarray (n_atoms,) of int
+        Atoms with the same label are connected through bonds.
+    """
+    from ase.neighborlist import natural_cutoffs, neighbor_list
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(atoms)
+    i, j = neighbor_list("ij", atoms, natural_cutoffs(atoms, mult=BOND_FACTOR))
+    graph = coo_matrix((np.ones(len(i)), (i, j)), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
+
+
+def check_fragments(atoms: Atoms, step: int, n_start: int) -> None:
+    """Refuse a structure that has more bonded fragments than it started with.
+
+    Raises
+    ------
+    UnphysicalGeometry
+        Naming the atoms of the smallest new fragment and how far it is from the rest.
+    """
+    labels = fragments(atoms)
+    n = int(labels.max()) + 1
+    if n <= n_start:
+        return
+    sizes = np.bincount(labels)
+    small = int(np.argmin(sizes))
+    idx = np.flatnonzero(labels == small)
+    rest = np.flatnonzero(labels != small)
+    d = atoms.get_all_distances(mic=bool(atoms.pbc.any()))[np.ix_(idx, rest)]
+    sym = atoms.get_chemical_symbols()
+    raise UnphysicalGeometry(
+        f"step {step}: the structure has fallen apart into {n} bonded fragments (it started "
+        f"with {n_start}): atoms {idx.tolist()} ({''.join(sym[k] for k in idx)}) are "
+        f"{d.min():.2f} Å from the rest. It was not sent to the reference; nothing was "
+        "stored. If the dissociation is expected set learning.allow_fragmentation: true; "
+        "otherwise lower the time step, the temperature or learning.force_tolerance")
 
 
 def hyperparameters_due(n_calls: int, settings: dict) -> bool:
@@ -239,6 +288,10 @@ class Learner:
         self.history: list[dict] = []
         self._budget_warned = False
         self.n_warm = 0
+        #: reference failures in all, and in a row
+        self.n_failures = 0
+        self.failures_in_a_row = 0
+        self._n_fragments: int | None = None
         #: set True to have the next step labelled by the reference whatever the model says
         self.request_reference = False
         self._blas = _BlasLimit(self.settings["blas_threads"])
@@ -340,19 +393,64 @@ class Learner:
             res = StepResult(pred.energy, pred.forces, "model", pred.energy_std,
                              pred.local_std, fstd, dec.max_force_std, dec.reason)
         else:
-            res = self._learn(atoms, step, charge, mult, pred, dec)
+            try:
+                res = self._learn(atoms, step, charge, mult, pred, dec)
+                self.failures_in_a_row = 0
+            except ReferenceFailed as err:
+                res = self._after_failure(err, pred, step, dec)
         self.history.append({"step": step, "source": res.source, "reason": res.reason,
                              "max_force_std": res.max_force_std, "energy": res.energy})
         return res
 
+    def _after_failure(self, err: ReferenceFailed, pred, step: int, dec) -> StepResult:
+        """Stop, or (``on_reference_failure: use_model``) go on with the model's prediction."""
+        self.n_failures += 1
+        self.failures_in_a_row += 1
+        p = self.policy
+        if (p.on_reference_failure != "use_model" or pred is None
+                or isinstance(err, UnphysicalGeometry)
+                or self.failures_in_a_row > p.max_consecutive_failures):
+            if p.on_reference_failure == "use_model" and pred is not None and \
+                    not isinstance(err, UnphysicalGeometry):
+                log.error("%d reference failures in a row (learning.max_consecutive_failures"
+                          " = %d): stopping", self.failures_in_a_row, p.max_consecutive_failures)
+            raise err
+        log.warning("%s\n-> step %d uses the model's prediction (learning.on_reference_failure"
+                    " = use_model; %d failure(s) in a row); nothing was stored", err, step,
+                    self.failures_in_a_row)
+        fstd = p.force_std(pred.novelty)
+        return StepResult(pred.energy, pred.forces, "model", pred.energy_std, pred.local_std,
+                          fstd, dec.max_force_std, "reference failed")
+
+    def _check_label(self, label, pred, atoms, step: int) -> None:
+        """Refuse a label implausibly far from a trained model (e.g. a false SCF)."""
+        limit = self.policy.label_check
+        if limit is None or pred is None or self.model.n_frames < max(self.policy.initial_calls,
+                                                                       2):
+            return
+        per_atom = abs(label.energy - pred.energy) / len(atoms)
+        if per_atom > limit:
+            raise ReferenceFailed(
+                f"step {step}: implausible reference label: energy {label.energy:.4f} eV "
+                f"against the model's {pred.energy:.4f} eV, {per_atom:.3f} eV/atom apart "
+                f"(learning.label_check = {limit} eV/atom). A reference that reports success "
+                "with a wrong energy (e.g. MOPAC with too few SCF iterations) would poison the "
+                "model, so the frame was not stored. If the change is real (a reaction), raise "
+                "learning.label_check or set it to null")
+
     def _learn(self, atoms, step, charge, mult, pred, dec) -> StepResult:
         check_geometry(atoms, step)
+        if not self.policy.allow_fragmentation:
+            if self._n_fragments is None:
+                self._n_fragments = int(fragments(atoms).max()) + 1
+            check_fragments(atoms, step, self._n_fragments)
         work = atoms.copy()
         work.info["otfml_step"] = step
         t0 = time.perf_counter()
         label = self.reference.compute(work, charge, mult)
         self.timings["reference"].append(time.perf_counter() - t0)
         self._check_fingerprint(label.fingerprint)
+        self._check_label(label, pred, atoms, step)
         if pred is not None:
             self.policy.observe(pred.novelty,
                                 np.linalg.norm(pred.forces - label.forces, axis=1))

@@ -71,6 +71,20 @@ class LearningPolicy:
         Number of recent calls the calibration factor is taken over.
     initial_scale : float, default 1.0
         Calibration factor (1/Å) before any call has been observed.
+    on_reference_failure : {"stop", "use_model"}, default "stop"
+        When the reference fails (after its own retries) or returns an
+        implausible label: stop the run with the error, or use the model's
+        prediction for that step (logged; the frame is not stored) and go on.
+    max_consecutive_failures : int, default 3
+        With ``use_model``: stop anyway after this many failures in a row.
+    label_check : float or None, default 1.0
+        eV per atom. A reference energy further than this from the model's
+        prediction (with at least ``initial_calls`` frames learned) is refused as
+        implausible (e.g. a false SCF convergence) and not stored. None: no check.
+    allow_fragmentation : bool, default False
+        Accept geometries with more bonded fragments than the first one (e.g.
+        a dissociation). By default such a geometry stops the run before the
+        reference is called, naming the atoms that left.
     calibration : {"atom", "max"}, default "atom"
         How a call's observation updates the factor: a least-squares fit of the
         per-atom errors against the per-atom novelty through the origin
@@ -87,6 +101,10 @@ class LearningPolicy:
     calibration_window: int = 50
     initial_scale: float = 1.0
     calibration: str = "atom"
+    on_reference_failure: str = "stop"
+    max_consecutive_failures: int = 3
+    label_check: float | None = 1.0
+    allow_fragmentation: bool = False
     _ratios: deque = field(default_factory=deque, init=False, repr=False)
     _errors: deque = field(default_factory=deque, init=False, repr=False)
 
@@ -104,6 +122,15 @@ class LearningPolicy:
         if self.calibration not in ("atom", "max"):
             raise ConfigError(f"calibration={self.calibration!r}; use 'atom' (least-squares fit "
                               "of per-atom errors) or 'max' (largest error / largest novelty)")
+        if self.on_reference_failure not in ("stop", "use_model"):
+            raise ConfigError(f"on_reference_failure={self.on_reference_failure!r}; use 'stop' "
+                              "or 'use_model'")
+        if int(self.max_consecutive_failures) < 1:
+            raise ConfigError(f"max_consecutive_failures={self.max_consecutive_failures}; it "
+                              "must be >= 1")
+        if self.label_check is not None and not self.label_check > 0:
+            raise ConfigError(f"label_check={self.label_check}; it must be > 0 eV/atom, or "
+                              "null to switch the check off")
         if self.calibration_window < 1 or not self.initial_scale > 0:
             raise ConfigError("calibration_window must be >= 1 and initial_scale > 0")
         self._ratios = deque(maxlen=self.calibration_window)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -31,6 +32,7 @@ _MULTIPLICITY_KEYWORDS = {1: "SINGLET", 2: "DOUBLET", 3: "TRIPLET", 4: "QUARTET"
 # lines of a MOPAC output that explain a failure
 _MOPAC_ERROR_MARKERS = (
     "UNABLE TO ACHIEVE SELF-CONSISTENCE",
+    "SCF CALCULATIONS        =          0",
     "ERROR",
     "IMPOSSIBLE",
     "NOT POSSIBLE",
@@ -39,6 +41,53 @@ _MOPAC_ERROR_MARKERS = (
     "NOT RECOGNIZED",
     "CALCULATION ABANDONED",
 )
+
+
+#: default SCF rescue: keywords tried, one set per retry, after an SCF failure (MOPAC 22's
+#: Pulay DIIS; then the Camp-King converger with a level shift).  User keywords that limit the
+#: SCF (ITRY, SHIFT, PULAY, CAMP) are replaced for the retry.  The converged SCF, hence the
+#: label, does not depend on how it was reached, so the fingerprint keeps the user's keywords.
+SCF_RETRIES = ("PULAY", "CAMP SHIFT=20")
+_SCF_KEYS = ("ITRY", "SHIFT", "PULAY", "CAMP", "KING")
+
+
+class _TimedShell:
+    """ASE's shell execution of the MOPAC command with a wall-time limit.
+
+    Runs the command in its own process group; at the limit the whole group is
+    killed.  A run killed by a signal (timeout, OOM killer, an operator's kill)
+    is reported as such.
+    """
+
+    def __init__(self, command: str, timeout: float | None) -> None:
+        self.command = command
+        self.timeout = timeout
+        self.configvars: dict = {}
+
+    def execute(self, calc) -> None:
+        import signal
+        import subprocess
+
+        from ase.calculators.calculator import CalculationFailed
+
+        command = self.command.replace("PREFIX", calc.prefix)
+        proc = subprocess.Popen(command, shell=True, cwd=calc.directory,
+                                start_new_session=True)
+        try:
+            code = proc.wait(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise ReferenceFailed(f"MOPAC did not finish within reference.timeout_s = "
+                                  f"{self.timeout:g} s and was killed; raise the timeout or "
+                                  "check the structure") from None
+        if code < 0 or code > 128:
+            sig = -code if code < 0 else code - 128
+            name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else sig
+            raise ReferenceFailed(f"MOPAC was killed by signal {name} (exit code {code}): "
+                                  "out of memory, a time limit, or an operator's kill")
+        if code:
+            raise CalculationFailed(f"the MOPAC command exited with code {code}")
 
 
 @dataclass
@@ -151,6 +200,11 @@ class MopacReference(Reference):
         ASE's SCF criterion multiplier (``RELSCF``).
     keep_failed : bool, default True
         Keep the directory of a failed call (its path is in the error).
+    timeout : float or None, default 600
+        Wall-time limit of one MOPAC run, s; the run is killed beyond it.
+    scf_retries : sequence of str
+        After an SCF failure, retry with each of these keyword sets in turn
+        (replacing the user's ITRY/SHIFT/PULAY/CAMP); empty: no retry.
     """
 
     code = "MOPAC"
@@ -163,6 +217,8 @@ class MopacReference(Reference):
         workdir: str | None = None,
         relscf: float = 1e-4,
         keep_failed: bool = True,
+        timeout: float | None = 600.0,
+        scf_retries: tuple[str, ...] | list[str] = SCF_RETRIES,
     ) -> None:
         from ase.calculators.mopac import MOPAC
 
@@ -181,6 +237,13 @@ class MopacReference(Reference):
         self.workdir = workdir
         self.relscf = float(relscf)
         self.keep_failed = keep_failed
+        if timeout is not None and not timeout > 0:
+            raise ConfigError(f"reference.timeout_s = {timeout!r}; it must be > 0 s (or null "
+                              "for no limit)")
+        self.timeout = timeout
+        self.scf_retries = tuple(" ".join(str(r).upper().split()) for r in scf_retries)
+        #: SCF failures rescued by a retry so far
+        self.n_rescued = 0
         self._version: str | None = None
 
     @staticmethod
@@ -209,8 +272,11 @@ class MopacReference(Reference):
         """MOPAC version, known after the first call."""
         return self._version
 
-    def task(self, multiplicity: int) -> str:
+    def task(self, multiplicity: int, retry: str | None = None) -> str:
+        """MOPAC keywords of a call (``retry``: SCF keywords replacing the user's)."""
         words = ["1SCF", "GRADIENTS", *self.keywords.split()]
+        if retry is not None:
+            words = [w for w in words if w.split("=")[0] not in _SCF_KEYS] + retry.split()
         if multiplicity != 1:
             if multiplicity not in _MULTIPLICITY_KEYWORDS:
                 raise ConfigError(f"multiplicity={multiplicity}: MOPAC supports 1 to 6")
@@ -223,36 +289,78 @@ class MopacReference(Reference):
                 "multiplicity": int(multiplicity)}
 
     def compute(self, atoms: Atoms, charge: int = 0, multiplicity: int = 1) -> Label:
-        from ase.calculators.mopac import MOPAC
+        """Label ``atoms`` with MOPAC; SCF failures are retried with :attr:`scf_retries`.
 
+        Raises
+        ------
+        ConfigError
+            Impossible charge/multiplicity, or a periodic cell.
+        ReferenceFailed
+            MOPAC failed (SCF after all retries, abort, timeout, kill, unreadable
+            output); the message names the step, closest atoms and MOPAC's lines.
+        """
         electron_parity_check(atoms, charge, multiplicity)
         if atoms.pbc.any():
             raise ConfigError(
                 "periodic cell given to the molecular MOPAC reference; set pbc=False "
                 "(MOPAC's periodic mode is not supported by otfml yet)")
+        t0 = time.perf_counter()
+        attempts, failed_dirs = [None, *self.scf_retries], []
+        for k, retry in enumerate(attempts):
+            try:
+                energy, forces = self._run(atoms, charge, multiplicity, retry)
+                break
+            except _ScfFailed as err:
+                if k + 1 == len(attempts):
+                    raise err.failure from None
+                failed_dirs.append(err.tmp)
+                log.warning("step %s: MOPAC SCF did not converge%s; retrying with %s",
+                            atoms.info.get("otfml_step", "?"),
+                            "" if retry is None else f" with {retry}", attempts[k + 1])
+        for d in failed_dirs:  # rescued: the failed attempts are of no further interest
+            shutil.rmtree(d, ignore_errors=True)
+        if k:
+            self.n_rescued += 1
+            log.info("SCF converged on retry %d (%s)", k, attempts[k])
+        return Label(energy, forces, self.fingerprint(charge, multiplicity),
+                     time.perf_counter() - t0)
+
+    def _run(self, atoms: Atoms, charge: int, multiplicity: int,
+             retry: str | None) -> tuple[float, np.ndarray]:
+        from ase.calculators.mopac import MOPAC
+
         if self.workdir:
             os.makedirs(self.workdir, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix="otfml-mopac-", dir=self.workdir)
         calc = MOPAC(label=os.path.join(tmp, "mopac"), command=self.command,
-                     method=self.method, task=self.task(multiplicity), charge=int(charge),
-                     relscf=self.relscf)
+                     method=self.method, task=self.task(multiplicity, retry),
+                     charge=int(charge), relscf=self.relscf)
+        calc.profile = _TimedShell(self.command, self.timeout)
         bare = Atoms(numbers=atoms.numbers, positions=atoms.positions)
-        t0 = time.perf_counter()
         try:
             calc.calculate(bare, ["energy", "forces"], system_changes=["positions", "numbers"])
             problem = self._scan_output(tmp)
             if problem:
-                raise ReferenceFailed(problem)
+                raise _ScfFailed(self._failure(tmp, atoms, problem), tmp)
             energy, forces = self._checked(atoms, calc.results["energy"], calc.results["forces"])
+        except _ScfFailed:
+            raise
         except ReferenceFailed as err:
             raise self._failure(tmp, atoms, str(err)) from err
         except Exception as err:  # ASE reports MOPAC failures as parse/IO errors
-            why = self._scan_output(tmp) or f"{type(err).__name__}: {err}"
+            why = self._scan_output(tmp)
+            if why:
+                raise _ScfFailed(self._failure(tmp, atoms, why), tmp) from err
+            out = os.path.join(tmp, "mopac.out")
+            if os.path.exists(out):
+                why = (f"MOPAC's output could not be read ({type(err).__name__}: {err}); it is "
+                       "truncated, or MOPAC stopped before writing results")
+            else:
+                why = f"{type(err).__name__}: {err}"
             raise self._failure(tmp, atoms, why) from err
-        seconds = time.perf_counter() - t0
         self._version = str(calc.results.get("version", self._version))
         shutil.rmtree(tmp, ignore_errors=True)
-        return Label(energy, forces, self.fingerprint(charge, multiplicity), seconds)
+        return energy, forces
 
     @staticmethod
     def _scan_output(tmp: str) -> str | None:
@@ -261,8 +369,15 @@ class MopacReference(Reference):
             return None
         with open(out, errors="replace") as fh:
             text = fh.read()
+        if "JOB CONTINUING" in text and "UNABLE TO ACHIEVE SELF-CONSISTENCE" in text:
+            return ("MOPAC SCF did not converge (UNABLE TO ACHIEVE SELF-CONSISTENCE, JOB "
+                    "CONTINUING: MOPAC went on with an unconverged energy)")
         if "UNABLE TO ACHIEVE SELF-CONSISTENCE" in text:
             return "MOPAC SCF did not converge (UNABLE TO ACHIEVE SELF-CONSISTENCE)"
+        if re.search(r"SCF CALCULATIONS\s*=\s*0\b", text):
+            # seen with ITRY=2: "SCF FIELD WAS ACHIEVED" and a heat of formation ~140 eV off
+            return ("MOPAC ran no SCF calculation (SCF CALCULATIONS = 0) yet reported an energy; "
+                    "the label is meaningless (too small an ITRY?)")
         return None
 
     def _failure(self, tmp: str, atoms: Atoms, why: str) -> ReferenceFailed:
@@ -285,6 +400,14 @@ class MopacReference(Reference):
             f"command: {self.command}\nworking directory {where}\n"
             + ("relevant output lines:\n  " + "\n  ".join(lines) if lines else "")
         )
+
+
+class _ScfFailed(Exception):
+    """Internal: an SCF failure (may be retried); ``failure`` is the error to raise."""
+
+    def __init__(self, failure: ReferenceFailed, tmp: str) -> None:
+        super().__init__(str(failure))
+        self.failure, self.tmp = failure, tmp
 
 
 class CalculatorReference(Reference):

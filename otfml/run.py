@@ -25,10 +25,11 @@ from ase import Atoms, units
 
 from .calculator import OTFCalculator
 from .config import index_of
-from .errors import ConfigError
+from .errors import ConfigError, UnstableRun
+from .learner import MIN_DISTANCE
 from .policy import LearningPolicy
 from .progress import Progress
-from .reference import CalculatorReference, MopacReference, Reference
+from .reference import CalculatorReference, MopacReference, Reference, closest_pair
 
 __all__ = ["run", "build_structures", "build_reference", "read_steps", "stage_dirs"]
 
@@ -106,6 +107,18 @@ def build_structures(cfg: dict) -> list[Atoms]:
             raise ConfigError(f"{what} has {len(atoms)} atom(s); otfml needs at least 2")
         if not np.all(np.isfinite(atoms.positions)):
             raise ConfigError(f"{what} has NaN/inf coordinates")
+        if len(atoms) > sysc["max_atoms"]:
+            raise ConfigError(f"{what} has {len(atoms)} atoms, more than system.max_atoms = "
+                              f"{sysc['max_atoms']}; check the file, or raise system.max_atoms")
+        i, j, dist = closest_pair(atoms)
+        if dist < MIN_DISTANCE:
+            raise ConfigError(f"{what}: atoms {i} ({atoms[i].symbol}) and {j} "
+                              f"({atoms[j].symbol}) are {dist:.3f} Å apart (< {MIN_DISTANCE} "
+                              "Å); fix the overlapping atoms in the structure")
+        if cfg["reference"]["code"] == "mopac" and atoms.pbc.any():
+            raise ConfigError(f"{what} is periodic (pbc={atoms.pbc.tolist()}), but the MOPAC "
+                              "reference is molecular in otfml; use a non-periodic structure "
+                              "(atoms.pbc = False) of the molecule")
         atoms.info["charge"] = sysc["charge"]
         if sysc["multiplicity"] is not None:
             atoms.info["multiplicity"] = sysc["multiplicity"]
@@ -118,7 +131,8 @@ def build_reference(cfg: dict, workdir: str | None = None) -> Reference:
     code = ref["code"]
     if code == "mopac":
         return MopacReference(method=ref["method"], keywords=ref["keywords"],
-                              command=ref["command"], workdir=workdir)
+                              command=ref["command"], workdir=workdir,
+                              timeout=ref["timeout_s"], scf_retries=ref["scf_retries"])
     if code == "emt":
         from ase.calculators.emt import EMT
 
@@ -424,6 +438,8 @@ def _run(cfg: dict, outdir: str, resume: bool | None) -> dict:
         "steps": L.n_steps,
         "reference_calls": L.n_calls,
         "reference_fraction": L.n_calls / max(L.n_steps, 1),
+        "reference_failures": L.n_failures,
+        "scf_failures_rescued": getattr(L.reference, "n_rescued", 0),
         "warm_start_frames": L.n_warm,
         "wall_s": wall,
         "median_model_step_s": med("model"),
@@ -570,6 +586,17 @@ def _run_md(atoms: Atoms, calc: OTFCalculator, drv: dict, sdir: str, name: str,
             dyn.set_temperature(temperature_K=t_start + (t_end - t_start) * min(
                 steplog.n / drv["steps"], 1.0))
         dyn.attach(ramp, interval=1)
+    limit = drv["max_temperature_K"] or max(2000.0, 5.0 * max(t_start, t_end or 0.0))
+
+    def guard():
+        temp = atoms.get_temperature()
+        if temp > limit:
+            raise UnstableRun(
+                f"stage {name}, MD step {steplog.n - 1}: the temperature is {temp:.0f} K, above "
+                f"driver.max_temperature_K = {limit:g} K (thermostat at {t_start:g} K): the "
+                "run was stopped. Every labelled frame is in the store. Lower "
+                "driver.timestep_fs or learning.force_tolerance and resume (otfml run again)")
+    dyn.attach(guard, interval=1)
     steplog.n = done
     steplog.resumed_at = done if done else -1
     try:

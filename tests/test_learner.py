@@ -45,8 +45,10 @@ def test_reference_steps_return_reference_values_exactly(ethanol, tmp_path):
 
 def test_loop_calls_store_and_trusts(tmp_path):
     a = molecule("CH3CH2OH")
-    # EMT is a crude surface for a molecule: a loose tolerance keeps this about the loop
-    a.calc = OTFCalculator(EMT(), store=str(tmp_path / "s.h5"), force_tolerance=1.0)
+    # EMT is a crude surface for a molecule (an H drifts off): a loose tolerance and allowed
+    # fragmentation keep this about the loop
+    a.calc = OTFCalculator(EMT(), store=str(tmp_path / "s.h5"),
+                           policy=LearningPolicy(force_tolerance=1.0, allow_fragmentation=True))
     sources = _md(a, 150)
     L = a.calc.learner
     assert sources.count("reference") == L.n_calls
@@ -89,12 +91,13 @@ def test_policy_knobs_budget_interval_forced(tmp_path):
 
 def test_warm_start_from_store_makes_no_initial_calls(tmp_path):
     a = molecule("CH3CH2OH")
-    a.calc = OTFCalculator(EMT(), store=str(tmp_path / "s.h5"), force_tolerance=0.3)
+    pol = LearningPolicy(force_tolerance=0.3, allow_fragmentation=True)  # EMT H drifts off
+    a.calc = OTFCalculator(EMT(), store=str(tmp_path / "s.h5"), policy=pol)
     _md(a, 60)
     n = a.calc.learner.n_calls
     a.calc.close()
     b = molecule("CH3CH2OH")
-    b.calc = OTFCalculator(EMT(), store=str(tmp_path / "s.h5"), force_tolerance=0.3)
+    b.calc = OTFCalculator(EMT(), store=str(tmp_path / "s.h5"), policy=pol)
     assert b.calc.learner.n_warm == n and b.calc.model.is_fitted
     b.get_forces()
     assert b.calc.results["source"] == "model"

@@ -70,10 +70,22 @@ def test_scf_failure_is_named_and_nothing_is_returned(tmp_path):
     """Real MOPAC with too few SCF iterations allowed: the failure says SCF, not a parse error."""
     a = molecule("CH3CH2OH")
     a.rattle(0.2, seed=3)
-    ref = MopacReference(keywords="ITRY=3 SHIFT=0", workdir=str(tmp_path))
+    ref = MopacReference(keywords="ITRY=3 SHIFT=0", workdir=str(tmp_path / "a"), scf_retries=())
     with pytest.raises(ReferenceFailed, match="SCF did not converge") as err:
         ref.compute(a, 0, 1)
     assert "UNABLE TO ACHIEVE SELF-CONSISTENCE" in str(err.value)
+
+
+def test_scf_failure_is_rescued_by_a_retry_with_other_keywords(tmp_path):
+    """The default retries replace the bad SCF keywords and give the converged energy."""
+    a = molecule("CH3CH2OH")
+    a.rattle(0.2, seed=3)
+    good = MopacReference(workdir=str(tmp_path / "good")).compute(a, 0, 1)
+    ref = MopacReference(keywords="ITRY=3 SHIFT=0", workdir=str(tmp_path / "retry"))
+    rescued = ref.compute(a, 0, 1)
+    assert ref.n_rescued == 1
+    assert abs(rescued.energy - good.energy) < 1e-3
+    np.testing.assert_allclose(rescued.forces, good.forces, atol=1e-2)
 
 
 def test_missing_binary_says_how_to_fix(monkeypatch):
