@@ -57,7 +57,7 @@ def _cmd_info(args) -> int:
                 "sparse": m.sparse_counts(), "hyperparameters": vars(m.hyp),
                 "descriptor": m.descriptor.to_dict(), **m.extra}
     else:
-        with Store(args.path) as st:
+        with Store(args.path, "a" if args.repair else "r", repair=args.repair) as st:
             info = st.summary()
         import os
 
@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="summarize a store (.h5) or model (.npz)")
     i.add_argument("path")
     i.add_argument("--json", action="store_true")
+    i.add_argument("--repair", action="store_true",
+                   help="open the store for writing: recovers it after a writer died or a "
+                        "write failed (disk full), keeping every committed frame")
     i.set_defaults(func=_cmd_info)
     e = sub.add_parser("evaluate", help="errors of a model/store on a labelled extxyz")
     e.add_argument("model", help="store (.h5, trained on the fly) or model (.npz)")

@@ -31,6 +31,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,6 +43,7 @@ import scipy.sparse
 from ase import Atoms
 
 from .descriptor import Descriptor, Environments
+from .errors import ConfigError
 
 __all__ = ["SparseGP", "Prediction", "Hyperparameters"]
 
@@ -827,16 +831,24 @@ class SparseGP:
     @classmethod
     def load(cls, path: str) -> SparseGP:
         """Load a model saved by :meth:`save` (prediction only)."""
+        if not os.path.isfile(path):
+            raise ConfigError(f"model file {path!r} does not exist; give the path of a file "
+                              "written by `otfml train` or a run's model.npz")
         try:
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
                 arrays = {k: data[k] for k in ("Z", "zs", "e0", "beta", "LB", "Linv", "C")}
-        except (OSError, ValueError, KeyError) as err:
-            raise ValueError(f"{path!r} is not an otfml model file ({err})") from err
-        if meta.get("format") != _MODEL_FORMAT:
-            raise ValueError(f"{path!r} is not an otfml model file")
+            ok = isinstance(meta, dict) and meta.get("format") == _MODEL_FORMAT
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+            raise ConfigError(
+                f"{path!r} is not an otfml model file or is truncated/damaged "
+                f"({type(err).__name__}: {err}); rebuild it from its store with "
+                "`otfml train STORE.h5 -o model.npz`") from err
+        if not ok:
+            raise ConfigError(f"{path!r} is not an otfml model file (no otfml model format "
+                              "marker); rebuild it with `otfml train STORE.h5 -o model.npz`")
         if meta.get("version") != _MODEL_VERSION:
-            raise ValueError(
+            raise ConfigError(
                 f"{path!r} has model format version {meta.get('version')}, "
                 f"this otfml reads version {_MODEL_VERSION}; retrain it from its store"
             )

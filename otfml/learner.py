@@ -311,6 +311,8 @@ class Learner:
                         n_other, len(frames) - n_other)
         frames = [fr for fr in frames if fingerprint_key(fr.fingerprint) == latest]
         self.fingerprint = frames[-1].fingerprint
+        # fragments are counted against the structure the store's run started from
+        self._n_fragments = int(fragments(frames[0].atoms).max()) + 1
         t0 = time.perf_counter()
         if self.model is None:
             self.model = train_from_frames(frames, self.settings, self._species)
@@ -373,7 +375,12 @@ class Learner:
         if self.model.is_fitted:
             t0 = time.perf_counter()
             with self._blas:
-                pred = self.model.predict(atoms)
+                try:
+                    pred = self.model.predict(atoms)
+                except ValueError as err:
+                    if "isolated atom" not in str(err):
+                        raise
+                    raise self._isolated(atoms, step) from None
             self.timings["model"].append(time.perf_counter() - t0)
         dec = self.policy.decide(step, self.n_calls, self.steps_since_call,
                                  None if pred is None else pred.novelty,
@@ -401,6 +408,19 @@ class Learner:
         self.history.append({"step": step, "source": res.source, "reason": res.reason,
                              "max_force_std": res.max_force_std, "energy": res.energy})
         return res
+
+    def _isolated(self, atoms: Atoms, step: int) -> UnphysicalGeometry:
+        """The error for atoms with no neighbour within the descriptor cutoff."""
+        cutoff = self.model.descriptor.cutoff
+        d = atoms.get_all_distances()
+        np.fill_diagonal(d, np.inf)
+        lonely = np.flatnonzero(d.min(axis=1) >= cutoff)
+        names = ", ".join(f"{i} ({atoms[i].symbol}, {d[i].min():.2f} Å)" for i in lonely[:10])
+        return UnphysicalGeometry(
+            f"step {step}: atoms {names} have no neighbour within the model's cutoff of "
+            f"{cutoff:g} Å: the structure has flown apart. It was not sent to the "
+            "reference; nothing was stored. Lower the time step, the temperature or "
+            "learning.force_tolerance")
 
     def _after_failure(self, err: ReferenceFailed, pred, step: int, dec) -> StepResult:
         """Stop, or (``on_reference_failure: use_model``) go on with the model's prediction."""

@@ -387,6 +387,8 @@ class MopacReference(Reference):
             with open(out, errors="replace") as fh:
                 lines = [ln.rstrip() for ln in fh
                          if any(m in ln.upper() for m in _MOPAC_ERROR_MARKERS)][:12]
+        elif "killed" in why or "did not finish" in why:
+            lines = ["(no mopac.out was written before MOPAC was stopped)"]
         else:
             lines = ["(no mopac.out was written: is the MOPAC command right?)"]
         where = f"kept in {tmp}" if self.keep_failed else "removed"

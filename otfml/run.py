@@ -29,7 +29,14 @@ from .errors import ConfigError, UnstableRun
 from .learner import MIN_DISTANCE
 from .policy import LearningPolicy
 from .progress import Progress
-from .reference import CalculatorReference, MopacReference, Reference, closest_pair
+from .reference import (
+    CalculatorReference,
+    MopacReference,
+    Reference,
+    closest_pair,
+    default_multiplicity,
+    electron_parity_check,
+)
 
 __all__ = ["run", "build_structures", "build_reference", "read_steps", "stage_dirs"]
 
@@ -122,6 +129,12 @@ def build_structures(cfg: dict) -> list[Atoms]:
         atoms.info["charge"] = sysc["charge"]
         if sysc["multiplicity"] is not None:
             atoms.info["multiplicity"] = sysc["multiplicity"]
+        try:  # odd electrons without a multiplicity, impossible charge/multiplicity
+            mult = sysc["multiplicity"] or default_multiplicity(atoms, sysc["charge"])
+            electron_parity_check(atoms, sysc["charge"], mult)
+        except ConfigError as err:
+            raise ConfigError(f"{what}: {err} (system.charge = {sysc['charge']}, "
+                              f"system.multiplicity = {sysc['multiplicity']})") from None
     return images
 
 

@@ -31,6 +31,7 @@ import fcntl
 import json
 import logging
 import os
+import struct
 import time
 from dataclasses import dataclass
 
@@ -56,6 +57,8 @@ _FRAME_DTYPE = np.dtype([
 _ATOM_DTYPE = np.dtype([("number", "i4"), ("position", "f8", (3,)), ("force", "f8", (3,))])
 _MAX_FINGERPRINTS = 1024
 _FINGERPRINT_BYTES = 2048
+_DATASETS = ("frames", "atoms", "fingerprints", "committed")
+_SUPERBLOCK_V2_BYTES = 48  # signature, versions, 4 addresses, checksum
 
 
 def _h5py():
@@ -112,6 +115,9 @@ class Store:
         ``"r"`` opens an existing store for reading (allowed while another
         process writes); ``"a"`` opens or creates it for appending and takes the
         writer lock.
+    repair : bool, default False
+        With ``"a"``: repair a store a failed write (disk full) left short, after
+        reading back every committed frame (``otfml info --repair``).
 
     Raises
     ------
@@ -120,13 +126,18 @@ class Store:
         version, or already open by another writer.
     """
 
-    def __init__(self, path: str | os.PathLike, mode: str = "r") -> None:
+    def __init__(self, path: str | os.PathLike, mode: str = "r", repair: bool = False) -> None:
         if mode not in ("r", "a"):
             raise ValueError(f"mode={mode!r}; use 'r' (read) or 'a' (append)")
         self.path = os.fspath(path)
         self.mode = mode
         self._lock_fh = None
         self._f = None
+        self._repair = repair and mode == "a"
+        self._abandoned = None
+        self._ds: dict = {}
+        #: set when a write failed; further appends are refused until reopened
+        self._failed: str | None = None
         h5py = _h5py()
         if mode == "r":
             if not os.path.exists(self.path):
@@ -146,6 +157,7 @@ class Store:
 
     # ------------------------------------------------------------------
     def _open_read(self, h5py):
+        self._check_not_truncated()
         try:
             return h5py.File(self.path, "r", libver="latest", swmr=True)
         except OSError as err:
@@ -153,6 +165,93 @@ class Store:
                 f"{self.path!r} cannot be opened as an HDF5 otfml store ({err}); "
                 "is it truncated or another kind of file?"
             ) from err
+
+    def _recorded_eof(self) -> tuple[int, int]:
+        """File size and the end-of-file HDF5's superblock records (0 if unknown)."""
+        with open(self.path, "rb") as fh:
+            head = fh.read(_SUPERBLOCK_V2_BYTES)
+            size = os.fstat(fh.fileno()).st_size
+        if len(head) < _SUPERBLOCK_V2_BYTES or head[:8] != b"\x89HDF\r\n\x1a\n":
+            return size, 0  # not HDF5: h5py names the problem
+        if head[8] not in (2, 3) or head[9] != 8:
+            return size, 0  # superblock layout otfml does not write
+        return size, struct.unpack_from("<Q", head, 28)[0]
+
+    def _check_not_truncated(self) -> None:
+        """Refuse a file shorter than the end-of-file its HDF5 superblock records.
+
+        HDF5 skips this check for SWMR readers, so a truncated copy would read as
+        zeros. A live writer never leaves the file shorter than the recorded end;
+        a write that failed (disk full) does, and opening for appending repairs it.
+        """
+        size, eof = self._recorded_eof()
+        if size < eof:
+            raise StoreError(
+                f"store {self.path!r} is truncated: the file has {size} bytes but HDF5 "
+                f"recorded {eof}. Either it was cut short while being copied (copy it again "
+                "from the original) or a write failed on a full disk: then free space and "
+                f"run `otfml info --repair {self.path}`, which keeps every committed frame"
+            )
+
+    def _repair_after_failed_write(self, h5py) -> None:
+        """Extend a file a failed write (disk full) left shorter than HDF5 recorded.
+
+        The committed frames were flushed before the failure; the missing tail only
+        held the interrupted frame, which is dropped on opening. Every committed
+        frame is read back before the repair is accepted; otherwise the file is
+        cut back to its size and the store refused (e.g. a truncated copy).
+        """
+        size, eof = self._recorded_eof()
+        if size >= eof:
+            return
+        try:
+            os.truncate(self.path, eof)
+        except OSError as err:
+            raise StoreError(
+                f"store {self.path!r} is {eof - size} bytes short after a failed write "
+                f"and cannot be extended ({err}); free disk space and retry") from err
+        try:
+            try:  # not SWMR: its readers retry bad metadata for minutes instead of failing
+                f = h5py.File(self.path, "r", libver="latest")
+            except OSError as err:
+                if "already open for write" not in str(err):
+                    raise
+                f = h5py.File(self.path, "r", libver="latest", swmr=True)  # writer died
+            with f:
+                self._f = f
+                self._check_schema()
+                n = self._check_committed()
+        except Exception as err:
+            os.truncate(self.path, size)
+            raise StoreError(
+                f"store {self.path!r} is truncated ({size} of {eof} bytes) and its "
+                f"committed frames are not all in the part that is left ({err}); it cannot "
+                "be repaired. Copy it again from the original, or use a backup") from err
+        finally:
+            self._f = None
+        log.warning("store %s: repaired after a failed write (disk full?): %d bytes "
+                    "restored, all %d committed frames read back", self.path, eof - size, n)
+
+    def _check_committed(self) -> int:
+        """Read back every committed frame; raise if any is inconsistent."""
+        n = len(self)
+        for name in _DATASETS:  # every chunk, committed or not: metadata checksums
+            self._f[name][:]
+        fr = self._f["frames"][:n] if n else np.zeros(0, _FRAME_DTYPE)
+        ends = np.cumsum(fr["natoms"])
+        ok = (n <= self._f["frames"].shape[0] and np.all(fr["natoms"] > 0)
+              and np.array_equal(fr["offset"], ends - fr["natoms"])
+              and (not n or ends[-1] <= self._f["atoms"].shape[0]))
+        if ok and n:
+            at = self._f["atoms"][: int(ends[-1])]
+            ok = bool(np.all((at["number"] > 0) & (at["number"] < 119))
+                      and np.all(np.isfinite(at["position"])) and np.all(np.isfinite(at["force"]))
+                      and np.all(np.isfinite(fr["energy"])))
+            fps = self.fingerprints
+            ok = ok and bool(np.all(fr["fingerprint"] < len(fps)))
+        if not ok:
+            raise StoreError("the frame table is inconsistent")
+        return n
 
     def _take_lock(self) -> None:
         lock_path = self.path + ".lock"
@@ -200,9 +299,22 @@ class Store:
         f.flush()
         f.swmr_mode = True
         self._f = f
+        self._bind()
         return f
 
+    def _bind(self) -> None:
+        self._ds = {name: self._f[name] for name in _DATASETS}
+
     def _open_append(self, h5py):
+        if not os.access(self.path, os.W_OK):
+            raise StoreError(
+                f"store {self.path!r} is read-only for this user (permission denied); its "
+                "frames can be read (otfml info/export, or a warm start from a copy). Fix the "
+                "permissions or set store.path to a writable location")
+        if self._repair:
+            self._repair_after_failed_write(h5py)
+        else:
+            self._check_not_truncated()
         try:
             f = h5py.File(self.path, "a", libver="latest")
         except OSError as err:
@@ -219,6 +331,7 @@ class Store:
         self._check_schema()
         self._truncate_uncommitted()
         f.swmr_mode = True
+        self._bind()
         return f
 
     def _recover(self, h5py) -> None:
@@ -227,7 +340,7 @@ class Store:
                 h5py.File(tmp, "w", libver="latest") as dst:
             for key, val in src.attrs.items():
                 dst.attrs[key] = val
-            for name in ("frames", "atoms", "fingerprints", "committed"):
+            for name in _DATASETS:
                 if name in src:
                     src.copy(name, dst)
         os.replace(tmp, self.path)
@@ -257,12 +370,42 @@ class Store:
             self._f["atoms"].resize((n_atoms,))
 
     # ------------------------------------------------------------------
+    def _abandon(self) -> None:
+        """Detach from the file after a failed write, leaving it as the failure left it.
+
+        HDF5 retries its failed writes when the file is closed (and can crash at exit
+        doing so). Its descriptor is pointed at an in-memory scratch file instead, so
+        nothing touches the store any more and the lock can be released; the next
+        open repairs the file.
+        """
+        f, self._f = self._f, None
+        try:
+            fd = f.id.get_vfd_handle()
+            scratch = os.memfd_create("otfml-abandoned-store")
+            os.dup2(scratch, fd)
+            os.close(scratch)
+            # closed by close(), writing only to the scratch file
+            self._abandoned, self._ds = (f, self._ds), {}
+        except (OSError, RuntimeError, ValueError) as err:
+            log.debug("detaching %s after a failed write: %s", self.path, err)
+        self._release_lock()
+
     def close(self) -> None:
         """Close the file and release the writer lock."""
-        if self._f is not None:
-            self._f.close()
-            self._f = None
-        self._release_lock()
+        try:
+            if self._f is not None:
+                f, self._f = self._f, None
+                f.close()
+        finally:
+            self._release_lock()
+        self._ds = {}
+        if self._abandoned is not None:
+            (f, ds), self._abandoned = self._abandoned, None
+            try:
+                ds.clear()
+                f.close()
+            except (OSError, RuntimeError) as err:
+                log.debug("closing the detached %s: %s", self.path, err)
 
     def __enter__(self) -> Store:
         return self
@@ -279,7 +422,7 @@ class Store:
     def refresh(self) -> None:
         """See frames appended by a writer since this reader opened the file."""
         if self.mode == "r":
-            for name in ("frames", "atoms", "fingerprints", "committed"):
+            for name in _DATASETS:
                 self._f[name].refresh()
 
     def __len__(self) -> int:
@@ -336,36 +479,49 @@ class Store:
         if not (np.isfinite(energy) and np.all(np.isfinite(forces))
                 and np.all(np.isfinite(atoms.positions))):
             raise StoreError("frame has NaN/inf energy, forces or positions; refused")
+        if self._failed:
+            raise StoreError(f"store {self.path!r}: an earlier write failed ({self._failed}); "
+                             "no more frames are written in this session. Free disk space, "
+                             "then rerun: the store is repaired when it is opened again")
         f = self._f
-        fid = self._fingerprint_id(fingerprint)
         n = len(self)
-        start = f["atoms"].shape[0]
+        # persistent handles: a dataset closed while a write fails stays a zombie in
+        # HDF5 that crashes the interpreter at exit
+        ds = self._ds
+        start = ds["atoms"].shape[0]
         rows = np.zeros(n_at, dtype=_ATOM_DTYPE)
         rows["number"] = atoms.numbers
         rows["position"] = atoms.positions
         rows["force"] = forces
         frame = np.zeros(1, dtype=_FRAME_DTYPE)
-        frame[0] = (n_at, start, float(energy), int(fingerprint["charge"]),
-                    int(fingerprint["multiplicity"]), atoms.cell.array, atoms.pbc, int(step),
-                    int(walker), float(max_std), time.time(), fid)
         try:
-            f["atoms"].resize((start + n_at,))
-            f["atoms"][start:] = rows
-            f["frames"].resize((n + 1,))
-            f["frames"][n] = frame[0]
+            fid = self._fingerprint_id(fingerprint)
+            frame[0] = (n_at, start, float(energy), int(fingerprint["charge"]),
+                        int(fingerprint["multiplicity"]), atoms.cell.array, atoms.pbc,
+                        int(step), int(walker), float(max_std), time.time(), fid)
+            ds["atoms"].resize((start + n_at,))
+            ds["atoms"][start:] = rows
+            ds["frames"].resize((n + 1,))
+            ds["frames"][n] = frame[0]
             f.flush()
-            f["committed"][0] = n + 1  # the commit: the frame now exists
+            ds["committed"][0] = n + 1  # the commit: the frame now exists
             f.flush()
-        except OSError as err:
+        except StoreError:
+            raise
+        except (OSError, RuntimeError) as err:  # h5py reports failed flushes as RuntimeError
+            self._failed = str(err)
+            self._abandon()
+            why = " ".join(str(err).split())
             raise StoreError(
-                f"writing frame {n} to {self.path!r} failed ({err}); frames 0..{n - 1} "
-                "are intact. Free disk space or check permissions, then rerun"
+                f"writing frame {n} to {self.path!r} failed ({why}); frames 0..{n - 1} "
+                "are intact and are kept. Free disk space (or fix the permissions or quota), "
+                "then rerun or resume: the store is repaired when it is next opened"
             ) from err
         return n
 
     def _fingerprint_id(self, fp: dict) -> int:
         key = fingerprint_key(fp)
-        ds = self._f["fingerprints"]
+        ds = self._ds["fingerprints"]
         existing = self._fingerprint_texts()
         if key in existing:
             return existing.index(key)
@@ -385,10 +541,20 @@ class Store:
             i += n
         if not 0 <= i < n:
             raise IndexError(f"frame {i} out of range: the store holds {n} frames")
-        row = self._f["frames"][i]
-        start = int(row["offset"])
-        at = self._f["atoms"][start: start + int(row["natoms"])]
-        fp = json.loads(self._f["fingerprints"][int(row["fingerprint"])].decode())
+        try:
+            row = self._f["frames"][i]
+            start = int(row["offset"])
+            at = self._f["atoms"][start: start + int(row["natoms"])]
+            fp = json.loads(self._f["fingerprints"][int(row["fingerprint"])].decode())
+        except (OSError, ValueError, IndexError) as err:
+            raise StoreError(
+                f"frame {i} of store {self.path!r} cannot be read ({type(err).__name__}: "
+                f"{err}); the file is damaged. Frames before it may still be exported "
+                "with `otfml export`"
+            ) from err
+        if len(at) != int(row["natoms"]):
+            raise StoreError(f"frame {i} of store {self.path!r} is damaged: "
+                             f"{len(at)} atom rows instead of {int(row['natoms'])}")
         atoms = Atoms(numbers=at["number"], positions=at["position"], cell=row["cell"],
                       pbc=row["pbc"])
         atoms.info["charge"] = int(row["charge"])

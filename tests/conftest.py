@@ -1,5 +1,6 @@
 """Shared fixtures. Tests that involve the reference use the real MOPAC."""
 
+import os
 import shutil
 
 import numpy as np
@@ -50,3 +51,63 @@ def mopac_frames(tmp_path_factory):
     dyn.attach(keep, interval=5)
     dyn.run(300)
     return out
+
+
+# ----------------------------------------------------------------------
+# Fault tally: tests that inject a fault or feed bad input count it here once they
+# pass; a full passing run writes the totals into docs/reliability.md.
+FIGURES: dict[str, int] = {}
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_DOC = os.path.join(_ROOT, "docs", "reliability.md")
+_BEGIN, _END = "<!-- figures:begin -->", "<!-- figures:end -->"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    rep = (yield).get_result()
+    if rep.when == "call":
+        item.passed_call = rep.passed
+
+
+@pytest.fixture
+def tally(request):
+    """``tally(category, n)`` counts faults/inputs; kept only if the test passes."""
+    pending: dict[str, int] = {}
+
+    def add(category: str, n: int = 1) -> None:
+        pending[category] = pending.get(category, 0) + n
+
+    yield add
+    if getattr(request.node, "passed_call", False):
+        for k, v in pending.items():
+            FIGURES[k] = FIGURES.get(k, 0) + v
+
+
+def figures_table() -> str:
+    rows = ["| fault or input | count |", "|---|---|"]
+    rows += [f"| {k} | {FIGURES[k]} |" for k in sorted(FIGURES)]
+    return "\n".join(rows)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FIGURES:
+        terminalreporter.write_sep("-", "faults injected and bad inputs tried (passed tests)")
+        terminalreporter.write_line(figures_table())
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """After a full, passing run of tests/, rewrite the figures in docs/reliability.md."""
+    tests = {f for f in os.listdir(os.path.dirname(__file__))
+             if f.startswith("test_") and f.endswith(".py")}
+    ran = {os.path.basename(str(item.fspath)) for item in session.items}
+    if exitstatus != 0 or not FIGURES or ran != tests or not os.path.exists(_DOC):
+        return
+    with open(_DOC) as fh:
+        text = fh.read()
+    if _BEGIN not in text or _END not in text:
+        return
+    head, rest = text.split(_BEGIN, 1)
+    new = f"{head}{_BEGIN}\n{figures_table()}\n{_END}{rest.split(_END, 1)[1]}"
+    if new != text:
+        with open(_DOC, "w") as fh:
+            fh.write(new)

@@ -39,12 +39,13 @@ BROKEN = [
 
 
 @pytest.mark.parametrize("cfg,expected", BROKEN)
-def test_broken_configs_name_the_problem(tmp_path, capsys, cfg, expected):
+def test_broken_configs_name_the_problem(tmp_path, capsys, cfg, expected, tally):
     path = _write(tmp_path, cfg)
     assert main(["check", path]) == 2
     err = capsys.readouterr().err
     for text in expected:
         assert text in err, err
+    tally("broken configs tried")
 
 
 def test_missing_config_file(capsys, tmp_path):
@@ -140,7 +141,7 @@ def test_export_and_train_from_a_store(tmp_path, capsys):
 
 
 @mopac
-def test_sigkill_then_resume_loses_no_frame(tmp_path):
+def test_sigkill_then_resume_loses_no_frame(tmp_path, tally):
     """kill -9 an `otfml run` mid-run, then `--resume`: every labelled frame survives and the
     MD finishes with one step-log line per step."""
     import signal
@@ -179,6 +180,7 @@ def test_sigkill_then_resume_loses_no_frame(tmp_path):
             np.testing.assert_array_equal(fr.atoms.positions, pos)
     rows = steps_csv.read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == list(range(1201))
+    tally("SIGKILLs of a running `otfml run`, resumed without losing a frame")
 
 
 @mopac

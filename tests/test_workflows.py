@@ -79,7 +79,7 @@ def test_anneal_ramps_the_thermostat(tmp_path):
 
 
 @mopac
-def test_multistage_resumes_after_sigkill_in_a_later_stage(tmp_path, caplog):
+def test_multistage_resumes_after_sigkill_in_a_later_stage(tmp_path, caplog, tally):
     """kill -9 in the second stage; re-running the same command (no flag) resumes: the first
     stage is not rerun, every frame survives, a changed setting is logged and applies."""
     from otfml.store import Store
@@ -117,6 +117,7 @@ def test_multistage_resumes_after_sigkill_in_a_later_stage(tmp_path, caplog):
     with Store(tmp_path / "out" / "otfml.h5") as st:
         after = [fr.energy for fr in st]
     assert after[:len(before)] == before
+    tally("SIGKILLs of a running `otfml run`, resumed without losing a frame")
 
 
 @mopac
