@@ -182,7 +182,7 @@ class Store:
 
         HDF5 skips this check for SWMR readers, so a truncated copy would read as
         zeros. A live writer never leaves the file shorter than the recorded end;
-        a write that failed (disk full) does, and opening for appending repairs it.
+        a write that failed (disk full) does: ``repair=True`` mends that.
         """
         size, eof = self._recorded_eof()
         if size < eof:
@@ -375,8 +375,8 @@ class Store:
 
         HDF5 retries its failed writes when the file is closed (and can crash at exit
         doing so). Its descriptor is pointed at an in-memory scratch file instead, so
-        nothing touches the store any more and the lock can be released; the next
-        open repairs the file.
+        nothing touches the store any more and the lock can be released;
+        ``repair=True`` mends the file later.
         """
         f, self._f = self._f, None
         try:
@@ -482,7 +482,7 @@ class Store:
         if self._failed:
             raise StoreError(f"store {self.path!r}: an earlier write failed ({self._failed}); "
                              "no more frames are written in this session. Free disk space, "
-                             "then rerun: the store is repaired when it is opened again")
+                             f"run `otfml info --repair {self.path}`, then rerun or resume")
         f = self._f
         n = len(self)
         # persistent handles: a dataset closed while a write fails stays a zombie in
@@ -515,7 +515,7 @@ class Store:
             raise StoreError(
                 f"writing frame {n} to {self.path!r} failed ({why}); frames 0..{n - 1} "
                 "are intact and are kept. Free disk space (or fix the permissions or quota), "
-                "then rerun or resume: the store is repaired when it is next opened"
+                f"run `otfml info --repair {self.path}`, then rerun or resume"
             ) from err
         return n
 

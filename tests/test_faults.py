@@ -449,6 +449,7 @@ def test_disk_full_keeps_every_committed_frame(tmp_path, room, tally):
     n = int(lines[0])
     assert f"writing frame {n} to {path!r} failed" in lines[1]
     assert "Free disk space" in lines[1] and f"frames 0..{n - 1} are intact" in lines[1]
+    assert f"otfml info --repair {path}" in lines[1]
     assert "an earlier write failed" in lines[2]
     with pytest.raises(StoreError, match="write failed on a full disk"):
         Store(path)  # a reader is told what happened and what to do
