@@ -210,6 +210,10 @@ class LearningPolicy:
         est = float(np.max(self.force_std(uncertainty)))
         if self.max_calls is not None and n_calls >= self.max_calls:
             return Decision(False, "budget exhausted", est)
+        if not self._ratios:
+            # a model without a calibration (warm start, resume): its estimate is in
+            # uncalibrated units, so one call measures its actual error first
+            return Decision(True, "calibrating", est)
         if self.force_call_every and steps_since_call >= self.force_call_every:
             return Decision(True, "forced", est)
         if est > self.tolerance:

@@ -89,18 +89,27 @@ def test_policy_knobs_budget_interval_forced(tmp_path):
     assert src.count("reference") >= 4  # 2 initial + one per 10 model steps
 
 
-def test_warm_start_from_store_makes_no_initial_calls(tmp_path):
+def test_warm_start_calibrates_with_one_call_then_trusts(tmp_path):
+    """A warm-started model is fitted but its uncertainty is not calibrated yet: one call
+    measures its error (no initial_calls needed), then the calibrated estimate decides."""
+
+    def policy():
+        return LearningPolicy(force_tolerance=0.3, allow_fragmentation=True)  # EMT H drifts
+
     a = molecule("CH3CH2OH")
-    pol = LearningPolicy(force_tolerance=0.3, allow_fragmentation=True)  # EMT H drifts off
-    a.calc = OTFCalculator(EMT(), store=str(tmp_path / "s.h5"), policy=pol)
+    a.calc = OTFCalculator(EMT(), store=str(tmp_path / "s.h5"), policy=policy())
     _md(a, 60)
     n = a.calc.learner.n_calls
     a.calc.close()
     b = molecule("CH3CH2OH")
-    b.calc = OTFCalculator(EMT(), store=str(tmp_path / "s.h5"), policy=pol)
+    b.calc = OTFCalculator(EMT(), store=str(tmp_path / "s.h5"), policy=policy())
     assert b.calc.learner.n_warm == n and b.calc.model.is_fitted
     b.get_forces()
-    assert b.calc.results["source"] == "model"
+    assert b.calc.learner.history[-1]["reason"] == "calibrating"
+    assert b.calc.learner.policy.scale != b.calc.learner.policy.initial_scale
+    b.rattle(0.001, seed=1)
+    b.get_forces()  # decided with the calibrated estimate now
+    assert b.calc.learner.history[-1]["reason"] in ("trusted", "uncertain")
     b.calc.close()
 
 
@@ -186,3 +195,33 @@ def test_changed_charge_is_never_mixed_into_a_store(tmp_path):
     b.calc.close()
     with Store(tmp_path / "e.h5") as st:
         assert len(st) == 1
+
+
+@mopac
+def test_one_store_and_model_for_two_molecules_of_the_same_elements(tmp_path):
+    """Ethanol, then methanol on the same store (real MOPAC): the warm-started model
+    calibrates on methanol, learns it, and predicts both on independent MOPAC MD."""
+    store = str(tmp_path / "s.h5")
+    calls = {}
+    for name in ("CH3CH2OH", "CH3OH"):
+        a = molecule(name)
+        a.calc = OTFCalculator(reference=MOPAC(method="PM7"), store=store)
+        _md(a, 400)
+        calls[name] = a.calc.learner.n_calls
+        model = a.calc.model
+        a.calc.close()
+    assert calls["CH3OH"] >= 2  # methanol is new to the ethanol model: it asks MOPAC
+    for name in ("CH3CH2OH", "CH3OH"):
+        b = molecule(name)
+        b.calc = MOPAC(method="PM7", label=str(tmp_path / "m"))
+        rng = np.random.default_rng(7)
+        MaxwellBoltzmannDistribution(b, temperature_K=500, rng=rng)
+        dyn = Langevin(b, 0.5 * units.fs, temperature_K=500, friction=0.01, rng=rng)
+        errors = []
+
+        def check(b=b, errors=errors):
+            errors.append(np.abs(model.predict(b).forces - b.get_forces()).mean())
+
+        dyn.attach(check, interval=25)
+        dyn.run(200)
+        assert np.mean(errors) < 0.08, (name, np.mean(errors))

@@ -33,6 +33,15 @@ def test_decide_thresholds_in_ev_per_angstrom():
     assert pol.decide(1, 0, 0, None).reason == "no model"
 
 
+def test_uncalibrated_model_calls_once_to_calibrate():
+    pol = LearningPolicy(force_tolerance=0.2)  # e.g. after a warm start: no errors seen
+    d = pol.decide(1, 0, 0, np.array([0.01, 0.02]), n_frames=40)
+    assert d.call and d.reason == "calibrating"
+    pol.observe(np.array([0.01, 0.02]), np.array([0.02, 0.04]))
+    assert pol.decide(2, 1, 0, np.array([0.01, 0.02]), n_frames=41).reason == "trusted"
+    assert pol.scale == pytest.approx(2.0)
+
+
 def test_adaptive_tolerance_follows_errors_within_bounds():
     pol = LearningPolicy(force_tolerance=0.2, adaptive=True)
     for _ in range(10):
