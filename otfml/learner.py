@@ -165,12 +165,14 @@ def check_geometry(atoms: Atoms, step: int) -> None:
 BOND_FACTOR = 1.5
 
 
-def fragments(atoms: Atoms) -> np.ndarray:
-    """Bonded-fragment label of each atom (bond: distance < BOND_FACTOR x covalent radii sum).
+def fragments(atoms: Atoms) -> tuple[int, np.ndarray]:
+    """Bonded fragments (bond: distance < BOND_FACTOR x covalent radii sum).
 
     Returns
     -------
-    ndarray (n_atoms,) of int
+    n : int
+        Number of fragments.
+    labels : ndarray (n_atoms,) of int
         Atoms with the same label are connected through bonds.
     """
     from ase.neighborlist import natural_cutoffs, neighbor_list
@@ -180,7 +182,7 @@ def fragments(atoms: Atoms) -> np.ndarray:
     n = len(atoms)
     i, j = neighbor_list("ij", atoms, natural_cutoffs(atoms, mult=BOND_FACTOR))
     graph = coo_matrix((np.ones(len(i)), (i, j)), shape=(n, n))
-    return connected_components(graph, directed=False)[1]
+    return connected_components(graph, directed=False)
 
 
 def check_fragments(atoms: Atoms, step: int, n_start: int) -> None:
@@ -191,8 +193,7 @@ def check_fragments(atoms: Atoms, step: int, n_start: int) -> None:
     UnphysicalGeometry
         Naming the atoms of the smallest new fragment and how far it is from the rest.
     """
-    labels = fragments(atoms)
-    n = int(labels.max()) + 1
+    n, labels = fragments(atoms)
     if n <= n_start:
         return
     sizes = np.bincount(labels)
@@ -312,7 +313,7 @@ class Learner:
         frames = [fr for fr in frames if fingerprint_key(fr.fingerprint) == latest]
         self.fingerprint = frames[-1].fingerprint
         # fragments are counted against the structure the store's run started from
-        self._n_fragments = int(fragments(frames[0].atoms).max()) + 1
+        self._n_fragments = fragments(frames[0].atoms)[0]
         t0 = time.perf_counter()
         if self.model is None:
             self.model = train_from_frames(frames, self.settings, self._species)
@@ -428,12 +429,11 @@ class Learner:
         self.failures_in_a_row += 1
         p = self.policy
         if (p.on_reference_failure != "use_model" or pred is None
-                or isinstance(err, UnphysicalGeometry)
-                or self.failures_in_a_row > p.max_consecutive_failures):
-            if p.on_reference_failure == "use_model" and pred is not None and \
-                    not isinstance(err, UnphysicalGeometry):
-                log.error("%d reference failures in a row (learning.max_consecutive_failures"
-                          " = %d): stopping", self.failures_in_a_row, p.max_consecutive_failures)
+                or isinstance(err, UnphysicalGeometry)):
+            raise err
+        if self.failures_in_a_row > p.max_consecutive_failures:
+            log.error("%d reference failures in a row (learning.max_consecutive_failures = %d):"
+                      " stopping", self.failures_in_a_row, p.max_consecutive_failures)
             raise err
         log.warning("%s\n-> step %d uses the model's prediction (learning.on_reference_failure"
                     " = use_model; %d failure(s) in a row); nothing was stored", err, step,
@@ -462,7 +462,7 @@ class Learner:
         check_geometry(atoms, step)
         if not self.policy.allow_fragmentation:
             if self._n_fragments is None:
-                self._n_fragments = int(fragments(atoms).max()) + 1
+                self._n_fragments = fragments(atoms)[0]
             check_fragments(atoms, step, self._n_fragments)
         work = atoms.copy()
         work.info["otfml_step"] = step

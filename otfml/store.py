@@ -234,21 +234,22 @@ class Store:
 
     def _check_committed(self) -> int:
         """Read back every committed frame; raise if any is inconsistent."""
-        n = len(self)
-        for name in _DATASETS:  # every chunk, committed or not: metadata checksums
-            self._f[name][:]
-        fr = self._f["frames"][:n] if n else np.zeros(0, _FRAME_DTYPE)
+        # every chunk, committed or not, so that HDF5 checks all metadata checksums
+        data = {name: self._f[name][:] for name in _DATASETS}
+        n = int(data["committed"][0])
+        fr = data["frames"][:n]
         ends = np.cumsum(fr["natoms"])
-        ok = (n <= self._f["frames"].shape[0] and np.all(fr["natoms"] > 0)
+        ok = (n <= len(data["frames"]) and np.all(fr["natoms"] > 0)
               and np.array_equal(fr["offset"], ends - fr["natoms"])
-              and (not n or ends[-1] <= self._f["atoms"].shape[0]))
+              and (not n or ends[-1] <= len(data["atoms"])))
         if ok and n:
-            at = self._f["atoms"][: int(ends[-1])]
+            at = data["atoms"][: int(ends[-1])]
             ok = bool(np.all((at["number"] > 0) & (at["number"] < 119))
                       and np.all(np.isfinite(at["position"])) and np.all(np.isfinite(at["force"]))
-                      and np.all(np.isfinite(fr["energy"])))
-            fps = self.fingerprints
-            ok = ok and bool(np.all(fr["fingerprint"] < len(fps)))
+                      and np.all(np.isfinite(fr["energy"]))
+                      and np.all(fr["fingerprint"] < len(data["fingerprints"])))
+            for b in data["fingerprints"]:
+                json.loads(b.decode())
         if not ok:
             raise StoreError("the frame table is inconsistent")
         return n

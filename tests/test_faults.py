@@ -8,6 +8,7 @@ passing run into docs/reliability.md.
 
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -16,6 +17,7 @@ import tempfile
 
 import numpy as np
 import pytest
+import yaml
 from ase import Atoms
 from ase.build import molecule
 from ase.calculators.emt import EMT
@@ -338,8 +340,6 @@ def _config(tmp_path, structure, **extra):
         section, name = key.split(".")
         cfg.setdefault(section, {})[name] = value
     path = tmp_path / "c.yaml"
-    import yaml
-
     path.write_text(yaml.safe_dump(cfg))
     return str(path)
 
@@ -397,8 +397,6 @@ def test_bad_structure_is_a_clear_config_error(tmp_path, capsys, case, tally):
     assert main(["check", cfg]) == 2
     err = capsys.readouterr().err
     assert err.startswith("otfml: error: system.structure = ")
-    import re
-
     assert re.search(pattern, err), err
     tally(BAD_INPUT)
 
