@@ -728,12 +728,15 @@ class SparseGP:
         self._blocks = {}
         for s in range(len(self.descriptor.species)):
             cols = self._cols(s)
+            Cs = np.ascontiguousarray(self._C[:, cols])
             self._blocks[s] = {
                 "cols": cols,
                 "Z": np.ascontiguousarray(self.Z[cols]),
                 "beta": self._beta[cols],
                 "Linv": np.ascontiguousarray(self._Linv[np.ix_(cols, cols)]),
-                "C": np.ascontiguousarray(self._C[:, cols]),
+                "C": Cs,
+                # |C kt|^2 = kt^T (C_s^T C_s) kt: M_s^2 per atom instead of M M_s
+                "CtC": Cs.T @ Cs,
             }
 
     # ------------------------------------------------------------------
@@ -785,12 +788,11 @@ class SparseGP:
             g -= np.sum(g * pa, axis=1)[:, None] * pa
             dE_dp[at] = g / norm[at][:, None]
             w = k @ blk["Linv"].T
-            v = k @ blk["C"].T
             ww[at] = np.einsum("ij,ij->i", w, w)
-            cc[at] = np.einsum("ij,ij->i", v, v)
+            cc[at] = np.einsum("ij,ij->i", k @ blk["CtC"], k)
             wE = w.sum(axis=0)
             wE2 += wE @ wE
-            vE += v.sum(axis=0)
+            vE += blk["C"] @ k.sum(axis=0)
         forces = self.descriptor.backprop(env, dE_dp)
         var = sigma2 * (1.0 - ww + cc)
         e_var = sigma2 * (e_var_prior - wE2 + vE @ vE)

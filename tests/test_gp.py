@@ -147,3 +147,24 @@ def test_refuses_nan_labels(trained):
     with pytest.raises(ValueError, match="NaN"):
         gp.add_frame(a, float("nan"), f)
     assert gp.n_frames == 0
+
+
+def test_uncertainties_match_the_dense_dtc_posterior(trained):
+    """local_std, energy_std and novelty against the DTC covariance built densely."""
+    gp, frames = trained
+    a = frames[3][0].copy()
+    a.positions += 0.03
+    p = gp.predict(a)
+    ph = p.env.p / np.linalg.norm(p.env.p, axis=1)[:, None]
+    same = p.env.species[:, None] == p.env.species[None, :]
+    k_nn = np.where(same, (ph @ ph.T) ** 2, 0.0)
+    k_nm = np.where(p.env.species[:, None] == gp.zs[None, :], (ph @ gp.Z.T) ** 2, 0.0)
+    Kmm = gp._Kt + 1e-8 * np.eye(gp.n_sparse)
+    B = gp._LB @ gp._LB.T
+    Sigma = gp._Linv.T @ np.linalg.solve(B, gp._Linv)  # L^-T B^-1 L^-1, normalized kernel
+    cov = gp.hyp.sigma**2 * (k_nn - k_nm @ np.linalg.solve(Kmm, k_nm.T) + k_nm @ Sigma @ k_nm.T)
+    np.testing.assert_allclose(p.local_std, np.sqrt(np.diag(cov)), rtol=1e-6, atol=1e-9)
+    assert p.energy_std == pytest.approx(np.sqrt(cov.sum()), rel=1e-6)
+    prior = k_nn - k_nm @ np.linalg.solve(Kmm, k_nm.T)
+    np.testing.assert_allclose(p.novelty, gp.hyp.sigma * np.sqrt(np.clip(np.diag(prior), 0, 1)),
+                               rtol=1e-5, atol=1e-7)
