@@ -107,6 +107,7 @@ class LearningPolicy:
     allow_fragmentation: bool = False
     _ratios: deque = field(default_factory=deque, init=False, repr=False)
     _errors: deque = field(default_factory=deque, init=False, repr=False)
+    _scale: float | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not (self.force_tolerance > 0):
@@ -140,6 +141,7 @@ class LearningPolicy:
         """Take over the calibration observed by ``other`` (a previous stage); returns self."""
         self._ratios.extend(other._ratios)
         self._errors.extend(other._errors)
+        self._scale = None
         return self
 
     def settings(self) -> dict:
@@ -149,7 +151,9 @@ class LearningPolicy:
     @property
     def scale(self) -> float:
         """Calibration factor from uncertainty (eV) to force error (eV/Å), 1/Å."""
-        return float(np.median(self._ratios)) if self._ratios else self.initial_scale
+        if self._scale is None:  # the median is asked for at every step: kept until a call
+            self._scale = float(np.median(self._ratios)) if self._ratios else self.initial_scale
+        return self._scale
 
     @property
     def tolerance(self) -> float:
@@ -182,6 +186,7 @@ class LearningPolicy:
             else:  # per atom: least-squares fit e_i ~ scale * u_i through the origin
                 self._ratios.append(float(np.sqrt((e @ e) / uu)))
             self._errors.append(float(e.max()))
+            self._scale = None
 
     def decide(self, step: int, n_calls: int, steps_since_call: int,
                uncertainty: np.ndarray | None, n_frames: int | None = None) -> Decision:
