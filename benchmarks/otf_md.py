@@ -1,16 +1,29 @@
 """otfml on-the-fly MD vs plain MOPAC MD, side by side in one process.
 
-Both runs start from the same geometry and velocities (Langevin, same seed).
-Prints steps, reference calls, wall times and their ratio, median time of a
-model-only step and of a MOPAC call, the errors of the forces the OTF run
-actually used and of the final model, both against fresh MOPAC calculations
-on every 20th frame of the OTF trajectory, and the temperatures of both runs.
+Plain MOPAC MD runs from the same geometry with other Maxwell-Boltzmann
+velocities and thermostat noise (``--seed + 1``): it gives the wall time per
+step of plain MOPAC MD *and* an independent labelled trajectory (every 20th
+frame, MOPAC's own forces) on which the final model is tested.  The OTF run
+(``--seed``) then starts from an empty store.  Printed:
 
-    python benchmarks/otf_md.py --molecule ethanol --steps 2000 --json
-    python benchmarks/otf_md.py --molecule aspirin --steps 2000 --plain-steps 500
+* steps, reference calls and their spread over the quarters of the run;
+* wall times and their ratio; where the OTF time went (model, MOPAC, updates);
+* median model-only step and MOPAC call, and their ratio;
+* the force MAE of the forces the OTF run actually used (every 20th step
+  against a fresh MOPAC call);
+* the final model on the independent trajectory: force/energy MAE, rank
+  correlation of its uncertainty with the actual per-atom force errors, and the
+  miss rate (atoms with an actual error above the tolerance the calibrated
+  estimate said they were within);
+* how the model step and the update time grow with the number of stored frames;
+* peak memory of this process (MOPAC runs in its own processes).
 
-``--plain-steps N`` times plain MOPAC MD on the first N steps only and
-extrapolates its wall time per step (said so in the output).
+    python benchmarks/otf_md.py --molecule ethanol --steps 10000 --plain-steps 2000
+    python benchmarks/otf_md.py --molecule aspirin --steps 10000 --plain-steps 1000
+    python benchmarks/otf_md.py --molecule water64 --steps 1000 --plain-steps 20
+
+``--plain-steps N`` times plain MOPAC MD on N steps only and extrapolates its
+wall time per step (said so in the output); the test trajectory is then N steps long.
 """
 
 from __future__ import annotations
@@ -24,7 +37,7 @@ import tempfile
 import time
 
 import numpy as np
-from ase import units
+from ase import Atoms, units
 from ase.build import molecule
 from ase.calculators.mopac import MOPAC
 from ase.io import read
@@ -32,14 +45,41 @@ from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def water_cluster(n_side: int = 4, spacing: float = 3.1, seed: int = 0) -> Atoms:
+    """``n_side**3`` randomly oriented waters on a cubic grid (liquid density at 3.1 Å).
+
+    Orientations are redrawn until no two atoms of different molecules are
+    closer than 1.7 Å.
+    """
+    from scipy.spatial.distance import cdist
+    from scipy.spatial.transform import Rotation
+
+    rng = np.random.default_rng(seed)
+    w = molecule("H2O")
+    w.positions -= w.get_center_of_mass()
+    pos, nums = [], []
+    for idx in np.ndindex(n_side, n_side, n_side):
+        centre = spacing * np.array(idx, dtype=float)
+        for _ in range(1000):
+            p = Rotation.random(random_state=rng).apply(w.positions) + centre
+            if not pos or cdist(p, np.concatenate(pos)).min() > 1.7:
+                break
+        pos.append(p)
+        nums.extend(w.numbers)
+    return Atoms(numbers=nums, positions=np.concatenate(pos))
+
+
 MOLECULES = {
-    "ethanol": lambda: molecule("CH3CH2OH"),
-    "aspirin": lambda: read(os.path.join(HERE, "aspirin.xyz")),
+    "ethanol": (lambda: molecule("CH3CH2OH"), 500.0),
+    "aspirin": (lambda: read(os.path.join(HERE, "aspirin.xyz")), 500.0),
+    "water64": (water_cluster, 300.0),
 }
 
 
-def start(name: str, temperature: float, seed: int):
-    atoms = MOLECULES[name]()
+def start(name: str, temperature: float, seed: int) -> Atoms:
+    atoms = MOLECULES[name][0]()
     rng = np.random.default_rng(seed)
     MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
     Stationary(atoms)
@@ -48,7 +88,7 @@ def start(name: str, temperature: float, seed: int):
 
 
 def md(atoms, steps, temperature, seed, every=20):
-    """Langevin MD; returns wall time, temperatures and a copy of every `every`-th frame."""
+    """Langevin MD; returns wall time, temperatures and every `every`-th frame with its forces."""
     rng = np.random.default_rng(seed + 1)
     dyn = Langevin(atoms, 0.5 * units.fs, temperature_K=temperature, friction=0.01,
                    fixcm=False, rng=rng)
@@ -57,13 +97,43 @@ def md(atoms, steps, temperature, seed, every=20):
     def observe():
         temps.append(atoms.get_temperature())
         if dyn.nsteps % every == 0 and dyn.nsteps > 0:
-            f = atoms.get_forces()  # cached: the forces this step used
-            frames.append((atoms.copy(), f.copy(), atoms.calc.results.get("source", "mopac")))
+            # cached: the energy and forces this step used
+            frames.append((atoms.copy(), atoms.get_potential_energy(), atoms.get_forces().copy()))
 
     dyn.attach(observe, interval=1)
     t0 = time.perf_counter()
     dyn.run(steps)
     return time.perf_counter() - t0, np.array(temps), frames
+
+
+def growth(history) -> list[dict]:
+    """Median model step and update time per range of stored frames."""
+    frames = np.array([h["frames"] for h in history])
+    edges = [1, 10, 25, 50, 100, 200, 400, 800, 1600, 10**9]
+    rows = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = [h for h, n in zip(history, frames) if lo <= n < hi]
+        model = [h["model_s"] for h in sel if h["model_s"] is not None]
+        upd = [h["update_s"] for h in sel if h["update_s"] is not None]
+        if not model and not upd:
+            continue
+        rows.append({
+            "frames": f"{lo}-{min(hi, frames.max() + 1) - 1}",
+            "sparse": int(max(h["sparse"] for h in sel)),
+            "model_steps": len(model),
+            "median_model_step_ms": 1e3 * float(np.median(model)) if model else None,
+            "updates": len(upd),
+            "median_update_ms": 1e3 * float(np.median(upd)) if upd else None,
+        })
+    return rows
+
+
+def parse_settings(items) -> dict:
+    out = {}
+    for item in items or []:
+        key, _, val = item.partition("=")
+        out[key] = json.loads(val) if val not in ("", None) else None
+    return out
 
 
 def main(argv=None) -> int:
@@ -72,16 +142,21 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--plain-steps", type=int, default=None,
                     help="time plain MOPAC MD on this many steps and extrapolate")
-    ap.add_argument("--temperature", type=float, default=500.0)
+    ap.add_argument("--temperature", type=float, default=None,
+                    help="K (default: 500, water64: 300)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force-tolerance", type=float, default=None,
                     help="eV/Å (default: otfml's default)")
     ap.add_argument("--min-steps-between-calls", type=int, default=0)
     ap.add_argument("--calibration", choices=("atom", "max"), default="atom")
+    ap.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="model setting, e.g. --set sparse_tolerance=0.01 (JSON value)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    temperature = args.temperature or MOLECULES[args.molecule][1]
 
     from otfml import OTFCalculator
+    from otfml.evaluate import evaluate
     from otfml.policy import LearningPolicy
     from otfml.reference import MopacReference
 
@@ -91,49 +166,50 @@ def main(argv=None) -> int:
     work = tempfile.mkdtemp(prefix="otfml-bench-")
     plain_steps = min(args.plain_steps or args.steps, args.steps)
 
-    # plain MOPAC MD
-    a = start(args.molecule, args.temperature, args.seed)
+    # plain MOPAC MD with another seed: the timing and the independent test trajectory
+    a = start(args.molecule, temperature, args.seed + 1)
     a.calc = MOPAC(method="PM7", label=os.path.join(work, "plain", "m"), command=command)
-    plain_wall, plain_T, _ = md(a, plain_steps, args.temperature, args.seed)
+    plain_wall, plain_T, test = md(a, plain_steps, temperature, args.seed + 1)
     plain_per_step = plain_wall / (plain_steps + 1)
     plain_extrapolated = plain_per_step * (args.steps + 1)
 
-    # otfml OTF MD from the same start
-    b = start(args.molecule, args.temperature, args.seed)
+    # otfml OTF MD from an empty store
+    b = start(args.molecule, temperature, args.seed)
     policy = LearningPolicy(min_steps_between_calls=args.min_steps_between_calls,
                             calibration=args.calibration)
     if args.force_tolerance is not None:
         policy.force_tolerance = args.force_tolerance
     calc = OTFCalculator(reference=MOPAC(method="PM7"), store=os.path.join(work, "otf.h5"),
-                         policy=policy)
+                         policy=policy, model_settings=parse_settings(args.set))
     b.calc = calc
-    otf_wall, otf_T, frames = md(b, args.steps, args.temperature, args.seed)
+    otf_wall, otf_T, frames = md(b, args.steps, temperature, args.seed)
     L = calc.learner
 
-    # errors against fresh MOPAC on every 20th frame of the OTF trajectory
+    # the forces the OTF run used, against fresh MOPAC on every 20th frame
     chk = MOPAC(method="PM7", label=os.path.join(work, "check", "m"), command=command)
-    used_err, final_err, final_e_err = [], [], []
-    for atoms, used_f, _source in frames:
+    used_err = []
+    for atoms, _e, used_f in frames:
         x = atoms.copy()
         x.calc = chk
-        f_ref = x.get_forces()
-        e_ref = x.get_potential_energy()
-        used_err.append(np.abs(used_f - f_ref).ravel())
-        p = L.model.predict(atoms)
-        final_err.append(np.abs(p.forces - f_ref).ravel())
-        final_e_err.append(abs(p.energy - e_ref) / len(atoms))
+        used_err.append(np.abs(used_f - x.get_forces()).ravel())
     used_err = np.concatenate(used_err)
-    final_err = np.concatenate(final_err)
+    # the final model on the independent trajectory
+    L.model.extra["force_std_scale"] = L.policy.scale
+    ev = evaluate(L.model, test, force_tolerance=policy.force_tolerance)
     calc.close()
 
+    t = L.timings
     n = len(b)
     half = len(otf_T) // 2
     result = {
         "molecule": args.molecule,
         "atoms": n,
         "steps": args.steps,
-        "temperature_K": args.temperature,
+        "temperature_K": temperature,
+        "model_settings": L.settings,
+        "force_tolerance_eV_A": policy.force_tolerance,
         "plain_mopac": {
+            "seed": args.seed + 1,
             "steps_timed": plain_steps,
             "wall_s": plain_wall,
             "wall_s_for_all_steps": plain_extrapolated,
@@ -141,14 +217,17 @@ def main(argv=None) -> int:
             "mean_T_second_half_K": float(plain_T[len(plain_T) // 2:].mean()),
         },
         "otfml": {
+            "seed": args.seed,
             "wall_s": otf_wall,
             "reference_calls": L.n_calls,
             "reference_fraction": L.n_calls / (args.steps + 1),
             "sparse_environments": L.model.n_sparse,
-            "median_model_step_ms": 1e3 * float(np.median(L.timings["model"])),
-            "median_mopac_call_ms": 1e3 * float(np.median(L.timings["reference"])),
-            "median_update_ms": 1e3 * float(np.median(L.timings["update"])),
-            "total_update_s": float(np.sum(L.timings["update"])),
+            "median_model_step_ms": 1e3 * float(np.median(t["model"])),
+            "median_mopac_call_ms": 1e3 * float(np.median(t["reference"])),
+            "median_update_ms": 1e3 * float(np.median(t["update"])),
+            "total_model_s": float(np.sum(t["model"])),
+            "total_mopac_s": float(np.sum(t["reference"])),
+            "total_update_s": float(np.sum(t["update"])),
             "calls_per_quarter_of_run": np.histogram(
                 [h["step"] for h in L.history if h["source"] == "reference"],
                 bins=4, range=(1, args.steps + 2))[0].tolist(),
@@ -156,37 +235,53 @@ def main(argv=None) -> int:
             "max_T_K": float(otf_T.max()),
         },
         "wall_ratio_otf_over_plain": otf_wall / plain_extrapolated,
-        "model_step_over_mopac_call": float(np.median(L.timings["model"])
-                                            / np.median(L.timings["reference"])),
-        "errors_vs_fresh_mopac_every_20th_frame": {
-            "frames": len(frames),
-            "used_forces_mae_eV_A": float(used_err.mean()),
-            "final_model_force_mae_eV_A": float(final_err.mean()),
-            "final_model_force_rmse_eV_A": float(np.sqrt(np.mean(final_err**2))),
-            "final_model_energy_mae_meV_per_atom": 1e3 * float(np.mean(final_e_err)),
-        },
+        "model_step_over_mopac_call": float(np.median(t["model"]) / np.median(t["reference"])),
+        "used_forces_mae_eV_A": float(used_err.mean()),
+        "used_forces_frames": len(frames),
+        "final_model_on_independent_trajectory": ev,
+        "growth_with_stored_frames": growth(L.history),
         "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        o, p, e = result["otfml"], result["plain_mopac"], \
-            result["errors_vs_fresh_mopac_every_20th_frame"]
-        print(f"{args.molecule} ({n} atoms), {args.steps} steps at {args.temperature:.0f} K")
-        print(f"plain MOPAC MD: {p['wall_s_for_all_steps']:.1f} s"
-              + (f" (extrapolated from {plain_steps} steps)" if p["extrapolated"] else ""))
-        print(f"otfml OTF MD:   {o['wall_s']:.1f} s, {o['reference_calls']} MOPAC calls "
-              f"({100 * o['reference_fraction']:.1f} % of steps)")
-        print(f"MOPAC calls per quarter of the run: {o['calls_per_quarter_of_run']}")
-        print(f"wall ratio otfml/plain: {result['wall_ratio_otf_over_plain']:.3f}")
-        print(f"median model step {o['median_model_step_ms']:.2f} ms, MOPAC call "
-              f"{o['median_mopac_call_ms']:.1f} ms, update {o['median_update_ms']:.1f} ms")
-        print(f"force MAE used {e['used_forces_mae_eV_A']:.4f}, final model "
-              f"{e['final_model_force_mae_eV_A']:.4f} eV/Å; energy MAE "
-              f"{e['final_model_energy_mae_meV_per_atom']:.2f} meV/atom")
-        print(f"mean T (second half): plain {p['mean_T_second_half_K']:.0f} K, "
-              f"otfml {o['mean_T_second_half_K']:.0f} K (max {o['max_T_K']:.0f} K)")
+        report(result)
     return 0
+
+
+def report(r: dict) -> None:
+    o, p, ev = r["otfml"], r["plain_mopac"], r["final_model_on_independent_trajectory"]
+    print(f"{r['molecule']} ({r['atoms']} atoms), {r['steps']} steps at "
+          f"{r['temperature_K']:.0f} K, force_tolerance {r['force_tolerance_eV_A']} eV/Å")
+    print(f"plain MOPAC MD (seed {p['seed']}): {p['wall_s_for_all_steps']:.1f} s"
+          + (f" (extrapolated from {p['steps_timed']} steps)" if p["extrapolated"] else ""))
+    print(f"otfml OTF MD (seed {o['seed']}):   {o['wall_s']:.1f} s, {o['reference_calls']} "
+          f"MOPAC calls ({100 * o['reference_fraction']:.2f} % of steps), "
+          f"{o['sparse_environments']} sparse environments")
+    print(f"  of which model {o['total_model_s']:.1f} s, MOPAC {o['total_mopac_s']:.1f} s, "
+          f"updates {o['total_update_s']:.1f} s")
+    print(f"MOPAC calls per quarter of the run: {o['calls_per_quarter_of_run']}")
+    print(f"wall ratio otfml/plain: {r['wall_ratio_otf_over_plain']:.3f}")
+    print(f"median model step {o['median_model_step_ms']:.2f} ms, MOPAC call "
+          f"{o['median_mopac_call_ms']:.1f} ms (ratio 1/{1 / r['model_step_over_mopac_call']:.0f}),"
+          f" update {o['median_update_ms']:.1f} ms")
+    print(f"force MAE of the forces used (every 20th step, {r['used_forces_frames']} frames): "
+          f"{r['used_forces_mae_eV_A']:.4f} eV/Å")
+    print(f"final model on the independent trajectory ({ev['frames']} frames): force MAE "
+          f"{ev['force_mae_eV_A']:.4f} eV/Å (RMSE {ev['force_rmse_eV_A']:.4f}), energy MAE "
+          f"{ev['energy_mae_meV_per_atom']:.2f} meV/atom")
+    print(f"  uncertainty vs actual error: Spearman {ev['spearman_atom']:.2f} per atom, "
+          f"{ev['spearman_frame']:.2f} per frame (largest); miss rate "
+          f"{100 * ev.get('miss_rate', float('nan')):.2f} % of atoms")
+    print(f"mean T (second half): plain {p['mean_T_second_half_K']:.0f} K, "
+          f"otfml {o['mean_T_second_half_K']:.0f} K (max {o['max_T_K']:.0f} K)")
+    print(f"peak memory (this process) {r['peak_rss_MB']:.0f} MB")
+    print("stored frames | sparse | model steps | median model step | updates | median update")
+    for g in r["growth_with_stored_frames"]:
+        ms = "-" if g["median_model_step_ms"] is None else f"{g['median_model_step_ms']:.2f} ms"
+        up = "-" if g["median_update_ms"] is None else f"{g['median_update_ms']:.1f} ms"
+        print(f"{g['frames']:>13} | {g['sparse']:>6} | {g['model_steps']:>11} | {ms:>17} | "
+              f"{g['updates']:>7} | {up:>13}")
 
 
 if __name__ == "__main__":

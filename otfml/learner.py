@@ -28,11 +28,11 @@ log = logging.getLogger(__name__)
 #: default model settings (descriptor and sparse GP)
 MODEL_DEFAULTS = {
     "cutoff": 3.0,
-    "n_max": 8,
+    "n_max": 5,
     "l_max": 3,
     "r_min": 0.8,
     "max_sparse_per_species": 600,
-    "sparse_tolerance": 0.02,
+    "sparse_tolerance": 0.005,
     "hyperparameter_every": 50,
     "hyperparameter_first": 5,
     "blas_threads": 1,
@@ -286,6 +286,9 @@ class Learner:
         self.n_calls = 0
         self.steps_since_call = 0
         self.timings = {"model": [], "reference": [], "update": []}
+        #: one dict per step: step, source, reason, max_force_std (eV/Å), energy (eV),
+        #: frames and sparse (the model's frames and sparse environments before the
+        #: step), model_s and update_s (seconds, None where not done)
         self.history: list[dict] = []
         self._budget_warned = False
         self.n_warm = 0
@@ -373,6 +376,8 @@ class Learner:
         charge, mult = self.charge_and_multiplicity(atoms)
         self._ensure_model(sorted(set(self._species) | {int(z) for z in atoms.numbers}))
         pred = None
+        n_frames, n_sparse = self.model.n_frames, self.model.n_sparse
+        t_model = t_update = None
         if self.model.is_fitted:
             t0 = time.perf_counter()
             with self._blas:
@@ -382,7 +387,8 @@ class Learner:
                     if "isolated atom" not in str(err):
                         raise
                     raise self._isolated(atoms, step) from None
-            self.timings["model"].append(time.perf_counter() - t0)
+            t_model = time.perf_counter() - t0
+            self.timings["model"].append(t_model)
         dec = self.policy.decide(step, self.n_calls, self.steps_since_call,
                                  None if pred is None else pred.novelty,
                                  n_frames=self.model.n_frames)
@@ -401,13 +407,18 @@ class Learner:
             res = StepResult(pred.energy, pred.forces, "model", pred.energy_std,
                              pred.local_std, fstd, dec.max_force_std, dec.reason)
         else:
+            n_updates = len(self.timings["update"])
             try:
                 res = self._learn(atoms, step, charge, mult, pred, dec)
                 self.failures_in_a_row = 0
+                if len(self.timings["update"]) > n_updates:
+                    t_update = self.timings["update"][-1]
             except ReferenceFailed as err:
                 res = self._after_failure(err, pred, step, dec)
         self.history.append({"step": step, "source": res.source, "reason": res.reason,
-                             "max_force_std": res.max_force_std, "energy": res.energy})
+                             "max_force_std": res.max_force_std, "energy": res.energy,
+                             "frames": n_frames, "sparse": n_sparse, "model_s": t_model,
+                             "update_s": t_update})
         return res
 
     def _isolated(self, atoms: Atoms, step: int) -> UnphysicalGeometry:
@@ -448,6 +459,8 @@ class Learner:
         if limit is None or pred is None or self.model.n_frames < max(self.policy.initial_calls,
                                                                        2):
             return
+        if self.policy.allow_fragmentation and fragments(atoms)[0] > self._n_fragments:
+            return  # an allowed dissociation: a real change the model has not seen
         per_atom = abs(label.energy - pred.energy) / len(atoms)
         if per_atom > limit:
             raise ReferenceFailed(
@@ -460,9 +473,9 @@ class Learner:
 
     def _learn(self, atoms, step, charge, mult, pred, dec) -> StepResult:
         check_geometry(atoms, step)
+        if self._n_fragments is None:
+            self._n_fragments = fragments(atoms)[0]
         if not self.policy.allow_fragmentation:
-            if self._n_fragments is None:
-                self._n_fragments = fragments(atoms)[0]
             check_fragments(atoms, step, self._n_fragments)
         work = atoms.copy()
         work.info["otfml_step"] = step
