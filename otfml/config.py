@@ -68,12 +68,12 @@ SCHEMA: dict[str, dict[str, Field]] = {
     },
     "model": {
         "cutoff": _f(NUM, 3.0, "Descriptor cutoff radius, Å", positive=True),
-        "n_max": _f(int, 8, "Radial functions", minimum=1),
+        "n_max": _f(int, 5, "Radial functions", minimum=1),
         "l_max": _f(int, 3, "Largest angular momentum", minimum=0),
         "r_min": _f(NUM, 0.8, "Centre of the first radial Gaussian, Å", positive=True),
         "max_sparse_per_species": _f(int, 600, "Cap on sparse environments per species",
                                      minimum=1),
-        "sparse_tolerance": _f(NUM, 0.02, "Novelty (0-1) above which an environment of a "
+        "sparse_tolerance": _f(NUM, 0.005, "Novelty (0-1) above which an environment of a "
                                "labelled frame joins the sparse set", positive=True),
         "hyperparameter_first": _f(int, 5, "Refit hyperparameters at each of the first N "
                                    "reference calls", minimum=0),

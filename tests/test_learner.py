@@ -69,14 +69,16 @@ def test_loop_calls_store_and_trusts(tmp_path):
 
 def test_policy_knobs_budget_interval_forced(tmp_path):
     a = molecule("CH3CH2OH")
-    pol = LearningPolicy(force_tolerance=1e-6, max_calls=5)  # always uncertain, 5 calls
+    # always uncertain, 5 calls; EMT's H/C/O surface lets H atoms drift off
+    pol = LearningPolicy(force_tolerance=1e-6, max_calls=5, allow_fragmentation=True)
     a.calc = OTFCalculator(EMT(), policy=pol)
     sources = _md(a, 30)
     assert sources.count("reference") == 5 and sources[5:] == ["model"] * (len(sources) - 5)
 
     b = molecule("CH3CH2OH")
     b.calc = OTFCalculator(EMT(), policy=LearningPolicy(force_tolerance=1e-6,
-                                                        min_steps_between_calls=4))
+                                                        min_steps_between_calls=4,
+                                                        allow_fragmentation=True))
     src = _md(b, 30)
     calls = [i for i, s in enumerate(src) if s == "reference"]
     gaps = np.diff(calls[2:])  # after the initial calls
@@ -84,7 +86,8 @@ def test_policy_knobs_budget_interval_forced(tmp_path):
 
     c = molecule("CH3CH2OH")
     c.calc = OTFCalculator(EMT(), policy=LearningPolicy(force_tolerance=100.0,
-                                                        force_call_every=10))
+                                                        force_call_every=10,
+                                                        allow_fragmentation=True))
     src = _md(c, 40)
     assert src.count("reference") >= 4  # 2 initial + one per 10 model steps
 
@@ -210,7 +213,7 @@ def test_one_store_and_model_for_two_molecules_of_the_same_elements(tmp_path):
         calls[name] = a.calc.learner.n_calls
         model = a.calc.model
         a.calc.close()
-    assert calls["CH3OH"] >= 2  # methanol is new to the ethanol model: it asks MOPAC
+    assert calls["CH3OH"] >= 1  # methanol is new to the ethanol model: it calibrates on MOPAC
     for name in ("CH3CH2OH", "CH3OH"):
         b = molecule(name)
         b.calc = MOPAC(method="PM7", label=str(tmp_path / "m"))
