@@ -728,13 +728,12 @@ class SparseGP:
         self._blocks = {}
         for s in range(len(self.descriptor.species)):
             cols = self._cols(s)
-            Cs = np.ascontiguousarray(self._C[:, cols])
+            Cs = self._C[:, cols]
             self._blocks[s] = {
                 "cols": cols,
                 "Z": np.ascontiguousarray(self.Z[cols]),
                 "beta": self._beta[cols],
                 "Linv": np.ascontiguousarray(self._Linv[np.ix_(cols, cols)]),
-                "C": Cs,
                 # |C kt|^2 = kt^T (C_s^T C_s) kt: M_s^2 per atom instead of M M_s
                 "CtC": Cs.T @ Cs,
             }
@@ -771,8 +770,7 @@ class SparseGP:
         # L^-1 is block diagonal over species, LB^-1 L^-1 (= C) is not
         ww = np.zeros(N)
         cc = np.zeros(N)
-        wE2 = 0.0
-        vE = np.zeros(M)
+        wE = np.zeros(M)  # L^-1 sum_i kt_i
         e_var_prior = 0.0
         for s in np.unique(env.species):
             at = np.flatnonzero(env.species == s)
@@ -790,12 +788,11 @@ class SparseGP:
             w = k @ blk["Linv"].T
             ww[at] = np.einsum("ij,ij->i", w, w)
             cc[at] = np.einsum("ij,ij->i", k @ blk["CtC"], k)
-            wE = w.sum(axis=0)
-            wE2 += wE @ wE
-            vE += blk["C"] @ k.sum(axis=0)
+            wE[blk["cols"]] = w.sum(axis=0)
         forces = self.descriptor.backprop(env, dE_dp)
         var = sigma2 * (1.0 - ww + cc)
-        e_var = sigma2 * (e_var_prior - wE2 + vE @ vE)
+        vE = scipy.linalg.solve_triangular(self._LB, wE, lower=True, check_finite=False)
+        e_var = sigma2 * (e_var_prior - wE @ wE + vE @ vE)
         return Prediction(
             energy=float(eps.sum()),
             forces=forces,

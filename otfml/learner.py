@@ -373,8 +373,8 @@ class Learner:
                               "to learn; otfml needs at least 2 atoms")
         if not np.all(np.isfinite(atoms.positions)):
             raise ConfigError(f"step {step}: positions contain NaN/inf")
-        charge, mult = self.charge_and_multiplicity(atoms)
-        self._ensure_model(sorted(set(self._species) | {int(z) for z in atoms.numbers}))
+        if self.model is None:
+            self._ensure_model(sorted(set(self._species) | {int(z) for z in atoms.numbers}))
         pred = None
         n_frames, n_sparse = self.model.n_frames, self.model.n_sparse
         t_model = t_update = None
@@ -408,6 +408,7 @@ class Learner:
                              pred.local_std, fstd, dec.max_force_std, dec.reason)
         else:
             n_updates = len(self.timings["update"])
+            charge, mult = self.charge_and_multiplicity(atoms)  # checked where it is needed
             try:
                 res = self._learn(atoms, step, charge, mult, pred, dec)
                 self.failures_in_a_row = 0
