@@ -220,7 +220,8 @@ class SparseGP:
         # inverse of the Cholesky factor L of K_mm + jitter (maintained incrementally)
         self._Linv = np.zeros((0, 0))
         self._AFw = np.zeros((0, 0))  # L^-1 A_F L^-T
-        self._Ew = np.zeros((0, 0))  # L^-1 r_f / sqrt(N_f), one column per frame
+        self._EwT = _Grow(0)  # whitened energy rows L^-1 r_f / sqrt(N_f), one row per frame
+        self._AEw = np.zeros((0, 0))  # their sum of outer products (kept, not re-formed)
         self._beta = np.zeros(0)
         self._LB = np.zeros((0, 0))  # Cholesky factor of B = I + s2 (AEw/se^2 + AFw/sf^2)
         self._blocks: dict = {}
@@ -495,11 +496,17 @@ class SparseGP:
         mid = L21 @ W11 @ L21.T - L21 @ Y - Y.T @ L21.T + A22
         AFw[M0:, M0:] = I22 @ mid @ I22.T
         self._AFw = 0.5 * (AFw + AFw.T)
-        # whitened energy rows
-        if len(self.frames):
-            self._Ew = np.vstack([self._Ew, I22 @ (E_new - L21 @ self._Ew)])
-        else:
-            self._Ew = np.zeros((M, 0))
+        # whitened energy rows and their outer-product sum
+        Ew = self._EwT.view.T  # (M0, frames)
+        new = I22 @ (E_new - L21 @ Ew) if len(self.frames) else np.zeros((n_new, 0))
+        cross = Ew @ new.T
+        AEw = np.zeros((M, M))
+        AEw[:M0, :M0] = self._AEw
+        AEw[:M0, M0:] = cross
+        AEw[M0:, :M0] = cross.T
+        AEw[M0:, M0:] = new @ new.T
+        self._AEw = AEw
+        self._EwT.add_columns(new.T)
 
     def add_frame(
         self,
@@ -558,7 +565,9 @@ class SparseGP:
         f = forces.ravel()
         W = self._Linv @ rows_f.T  # whitened force rows (M, 3N)
         self._AFw += W @ W.T
-        self._Ew = np.hstack([self._Ew, (self._Linv @ row_e / math.sqrt(N))[:, None]])
+        ew = self._Linv @ row_e / math.sqrt(N)
+        self._EwT.append(ew[None, :])
+        self._AEw += np.outer(ew, ew)
         self.c_E += row_e * energy / N
         self.C_E += np.outer(row_e, counts) / N
         self.b_F += rows_f.T @ f
@@ -604,12 +613,13 @@ class SparseGP:
         In this basis ``P = K_mm + K_mn Lam^-1 K_nm = sigma^2 L B L^T`` with
         ``B = I + sigma^2 (AEw/se^2 + AFw/sf^2)``, whose eigenvalues are >= 1, so
         the solve stays well conditioned however small the noises get.  The
-        energy block is formed from the whitened rows (PSD by construction: its
-        rank is only the number of frames).
+        energy block is a sum of outer products of the whitened energy rows (PSD
+        by construction; its rank is at most the number of frames), kept up to
+        date as frames and sparse columns arrive, so a solve costs no O(frames M^2).
         """
         c = self.c_E - self.C_E @ self.e0
         return {
-            "AE": self._Ew @ self._Ew.T,
+            "AE": self._AEw,
             "AF": self._AFw,
             "c": self._Linv @ c,
             "bF": self._Linv @ self.b_F,

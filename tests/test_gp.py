@@ -99,7 +99,9 @@ def test_incremental_equals_batch():
                                atol=1e-8 * np.abs(inc._AFw).max())
     R = np.array([inc.frame_rows(k)[0] / np.sqrt(len(fr.numbers))
                   for k, fr in enumerate(inc.frames)])
-    np.testing.assert_allclose(inc._Ew, inc._Linv @ R.T, atol=1e-8)
+    Ew = inc._Linv @ R.T
+    np.testing.assert_allclose(inc._EwT.view.T, Ew, atol=1e-8)
+    np.testing.assert_allclose(inc._AEw, Ew @ Ew.T, atol=1e-8 * np.abs(inc._AEw).max())
     # force rows of an old frame against all columns equal freshly computed ones
     for k in (0, 2):
         e, rows = inc._rows(inc.frames[k].env, np.arange(inc.n_sparse))
