@@ -22,6 +22,9 @@ frame, MOPAC's own forces) on which the final model is tested.  The OTF run
     python benchmarks/otf_md.py --molecule aspirin --steps 10000 --plain-steps 1000
     python benchmarks/otf_md.py --molecule water64 --steps 1000 --plain-steps 20
 
+``water64`` starts from ``water64.xyz`` (64 waters minimised with MOPAC from
+the grid ``water64-grid`` builds).
+
 ``--plain-steps N`` times plain MOPAC MD on N steps only and extrapolates its
 wall time per step (said so in the output); the test trajectory is then N steps long.
 """
@@ -74,7 +77,9 @@ def water_cluster(n_side: int = 4, spacing: float = 3.1, seed: int = 0) -> Atoms
 MOLECULES = {
     "ethanol": (lambda: molecule("CH3CH2OH"), 500.0),
     "aspirin": (lambda: read(os.path.join(HERE, "aspirin.xyz")), 500.0),
-    "water64": (water_cluster, 300.0),
+    # water_cluster() minimised with MOPAC (PM7, 400 EF cycles): a start near equilibrium
+    "water64": (lambda: read(os.path.join(HERE, "water64.xyz")), 300.0),
+    "water64-grid": (water_cluster, 300.0),
 }
 
 
@@ -136,6 +141,46 @@ def parse_settings(items) -> dict:
     return out
 
 
+def table(results: list[dict]) -> str:
+    """Markdown table of benchmark results (``--json`` outputs), one column per run."""
+    def col(r):
+        o, p, ev = r["otfml"], r["plain_mopac"], r["final_model_on_independent_trajectory"]
+        ex = f" (from {p['steps_timed']} steps)" if p["extrapolated"] else ""
+        return [
+            f"{r['steps']}",
+            f"{o['reference_calls']} ({100 * o['reference_fraction']:.2f} %)",
+            " / ".join(map(str, o["calls_per_quarter_of_run"])),
+            f"{p['wall_s_for_all_steps']:.0f} s{ex}",
+            f"{o['wall_s']:.1f} s",
+            f"{o['total_model_s']:.1f} / {o['total_mopac_s']:.1f} / {o['total_update_s']:.1f} s",
+            f"**{r['wall_ratio_otf_over_plain']:.3f}**",
+            f"{o['median_model_step_ms']:.2f} ms / {o['median_mopac_call_ms']:.0f} ms "
+            f"(**1/{1 / r['model_step_over_mopac_call']:.0f}**)",
+            f"{o['median_update_ms']:.0f} ms",
+            f"**{r['used_forces_mae_eV_A']:.4f}**",
+            f"**{ev['force_mae_eV_A']:.4f}** ({ev['frames']} frames)",
+            f"{ev['energy_mae_meV_per_atom']:.2f} meV/atom",
+            f"{ev['spearman_atom']:.2f} / {ev['spearman_frame']:.2f}",
+            f"{100 * ev.get('miss_rate', float('nan')):.2f} %",
+            f"{p['mean_T_second_half_K']:.0f} / {o['mean_T_second_half_K']:.0f} K "
+            f"(max {o['max_T_K']:.0f} K)",
+            f"{o['sparse_environments']}",
+            f"{r['peak_rss_MB']:.0f} MB",
+        ]
+    names = ["steps", "MOPAC calls", "calls per quarter of the run", "plain MOPAC MD wall",
+             "otfml wall", "of which model / MOPAC / updates", "wall ratio otfml / plain",
+             "median model step / MOPAC call", "median update",
+             "force MAE of the forces used (eV/Å)",
+             "final model force MAE, independent trajectory (eV/Å)", "final model energy MAE",
+             "Spearman uncertainty vs error (atom / frame)", "miss rate (atoms)",
+             "mean T second half, plain / otfml", "sparse environments", "peak memory"]
+    cols = [col(r) for r in results]
+    head = [f"{r['molecule']}, seed {r['otfml']['seed']}" for r in results]
+    lines = ["| | " + " | ".join(head) + " |", "|---" * (len(results) + 1) + "|"]
+    lines += [f"| {n} | " + " | ".join(c[k] for c in cols) + " |" for k, n in enumerate(names)]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--molecule", choices=sorted(MOLECULES), default="ethanol")
@@ -152,7 +197,16 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="model setting, e.g. --set sparse_tolerance=0.01 (JSON value)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--table", nargs="+", metavar="JSON",
+                    help="print a markdown table of earlier --json outputs and exit")
     args = ap.parse_args(argv)
+    if args.table:
+        results = []
+        for path in args.table:
+            with open(path) as fh:
+                results.append(json.load(fh))
+        print(table(results))
+        return 0
     temperature = args.temperature or MOLECULES[args.molecule][1]
 
     from otfml import OTFCalculator
