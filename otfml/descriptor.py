@@ -146,20 +146,36 @@ def _pair_basis(D, r_c, mu, width, l_max, norm, B, dB):
 
 @njit(cache=True)
 def _expansion(n_atoms, n_species, pi, pj, D, sj, r_c, mu, width, l_max, norm):
-    """Density coefficients c[i, s*n_max + n, lm]."""
+    """Density coefficients c[i, s*n_max + n, lm] and the pair basis gradients.
+
+    Returns ``c`` (n_atoms, K, L) and ``dB`` (n_pairs, n_max, L, 3), the
+    gradient of every pair's basis values, which both gradient passes reuse.
+    """
     n_max = mu.shape[0]
     L = (l_max + 1) * (l_max + 1)
     c = np.zeros((n_atoms, n_species * n_max, L))
     B = np.empty((n_max, L))
-    dB = np.empty((n_max, L, 3))
+    dB = np.empty((pi.shape[0], n_max, L, 3))
     for q in range(pi.shape[0]):
-        _pair_basis(D[q], r_c, mu, width, l_max, norm, B, dB)
+        _pair_basis(D[q], r_c, mu, width, l_max, norm, B, dB[q])
         i = pi[q]
         off = sj[q] * n_max
         for n in range(n_max):
             for k in range(L):
                 c[i, off + n, k] += B[n, k]
-    return c
+    return c, dB
+
+
+@njit(cache=True)
+def _pair_gradients(D, r_c, mu, width, l_max, norm):
+    """Gradients of every pair's basis values, (n_pairs, n_max, L, 3)."""
+    n_max = mu.shape[0]
+    L = (l_max + 1) * (l_max + 1)
+    B = np.empty((n_max, L))
+    dB = np.empty((D.shape[0], n_max, L, 3))
+    for q in range(D.shape[0]):
+        _pair_basis(D[q], r_c, mu, width, l_max, norm, B, dB[q])
+    return dB
 
 
 @njit(cache=True)
@@ -181,10 +197,9 @@ def _power(c, l_max, qa, qb, qw):
 
 
 @njit(cache=True)
-def _backprop(gp, c, pi, pj, D, sj, r_c, mu, width, l_max, norm, qa, qb, qw):
+def _backprop(gp, c, dBq, pi, pj, sj, n_max, l_max, qa, qb, qw):
     """Forces -dE/dr given gp = dE/dp (n_atoms, F) (adjoint pass)."""
     n_atoms, K, L = c.shape
-    n_max = mu.shape[0]
     KK = qa.shape[0]
     # dE/dc[i, a, lm]
     gc = np.zeros((n_atoms, K, L))
@@ -200,10 +215,8 @@ def _backprop(gp, c, pi, pj, D, sj, r_c, mu, width, l_max, norm, qa, qb, qw):
                     gc[i, a, k] += g * c[i, b, k]
                     gc[i, b, k] += g * c[i, a, k]
     forces = np.zeros((n_atoms, 3))
-    B = np.empty((n_max, L))
-    dB = np.empty((n_max, L, 3))
     for q in range(pi.shape[0]):
-        _pair_basis(D[q], r_c, mu, width, l_max, norm, B, dB)
+        dB = dBq[q]
         i = pi[q]
         j = pj[q]
         off = sj[q] * n_max
@@ -227,17 +240,14 @@ def _backprop(gp, c, pi, pj, D, sj, r_c, mu, width, l_max, norm, qa, qb, qw):
 
 
 @njit(cache=True)
-def _gradient(c, pi, pj, D, sj, r_c, mu, width, l_max, norm, qa, qb, qw):
+def _gradient(c, dBq, pi, sj, n_max, l_max, qa, qb, qw):
     """dp_i/dD_ij for every pair: array (n_pairs, 3, F)."""
     n_atoms, K, L = c.shape
-    n_max = mu.shape[0]
     KK = qa.shape[0]
     F = (l_max + 1) * KK
     G = np.zeros((pi.shape[0], 3, F))
-    B = np.empty((n_max, L))
-    dB = np.empty((n_max, L, 3))
     for q in range(pi.shape[0]):
-        _pair_basis(D[q], r_c, mu, width, l_max, norm, B, dB)
+        dB = dBq[q]
         i = pi[q]
         off = sj[q] * n_max
         for l in range(l_max + 1):
@@ -295,6 +305,8 @@ class Environments:
     pj: np.ndarray = field(repr=False)
     D: np.ndarray = field(repr=False)
     sj: np.ndarray = field(repr=False)
+    #: pair basis gradients (n_pairs, n_max, L, 3); None: recomputed from D when needed
+    dB: np.ndarray | None = field(repr=False, default=None)
 
 
 class Descriptor:
@@ -429,19 +441,19 @@ class Descriptor:
         pj = pj.astype(np.int64)
         D = np.ascontiguousarray(D, dtype=float)
         sj = spec[pj]
-        c = _expansion(
+        c, dB = _expansion(
             len(numbers), len(self.species), pi, pj, D, sj,
             self.cutoff, self.mu, self.width, self.l_max, self._norm,
         )
         p = _power(c, self.l_max, self._qa, self._qb, self._qw)
-        return Environments(p=p, species=spec, numbers=numbers, c=c, pi=pi, pj=pj, D=D, sj=sj)
+        return Environments(p=p, species=spec, numbers=numbers, c=c, pi=pi, pj=pj, D=D, sj=sj,
+                            dB=dB)
 
     def backprop(self, env: Environments, dE_dp: np.ndarray) -> np.ndarray:
         """Forces ``-dE/dr`` (n_atoms, 3) in eV/Å given ``dE/dp`` (n_atoms, F)."""
         return _backprop(
-            np.ascontiguousarray(dE_dp, dtype=float), env.c, env.pi, env.pj, env.D, env.sj,
-            self.cutoff, self.mu, self.width, self.l_max, self._norm,
-            self._qa, self._qb, self._qw,
+            np.ascontiguousarray(dE_dp, dtype=float), env.c, self._dB(env), env.pi, env.pj, env.sj,
+            self.n_max, self.l_max, self._qa, self._qb, self._qw,
         )
 
     def gradient(self, env: Environments) -> np.ndarray:
@@ -451,11 +463,13 @@ class Descriptor:
         and with respect to ``r_i`` it is ``-G[q]`` (pairs in ``env.pi``,
         ``env.pj``).
         """
-        return _gradient(
-            env.c, env.pi, env.pj, env.D, env.sj,
-            self.cutoff, self.mu, self.width, self.l_max, self._norm,
-            self._qa, self._qb, self._qw,
-        )
+        return _gradient(env.c, self._dB(env), env.pi, env.sj, self.n_max, self.l_max,
+                         self._qa, self._qb, self._qw)
+
+    def _dB(self, env: Environments) -> np.ndarray:
+        if env.dB is not None:
+            return env.dB
+        return _pair_gradients(env.D, self.cutoff, self.mu, self.width, self.l_max, self._norm)
 
 
 def _molecular_pairs(pos: np.ndarray, cutoff: float):

@@ -28,6 +28,7 @@ baselines ``e0`` needs no pass over the data.  A solve is one Cholesky of
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -594,8 +595,10 @@ class SparseGP:
             self._cache_geometry(geom, len(self.frames), self._n_atoms)
         self._RF.append(rows_f)
         self._RE.append(row_e[None, :])
-        self.frames.append(_Frame(env.numbers.copy(), env, float(energy), forces.copy(), counts,
-                                  self._n_atoms, cached))
+        # the frame keeps its environments without the pair basis gradients (large for
+        # big structures; recomputed from the pair vectors if the frame is not cached)
+        self.frames.append(_Frame(env.numbers.copy(), dataclasses.replace(env, dB=None),
+                                  float(energy), forces.copy(), counts, self._n_atoms, cached))
         self._n_atoms += N
         if solve:
             self.solve()
