@@ -329,8 +329,9 @@ class Learner:
                  len(frames), self.store.path, self.model.n_sparse, time.perf_counter() - t0)
         self.n_warm = len(frames)
 
-    def _ensure_model(self, species: list[int]) -> None:
+    def _ensure_model(self, atoms: Atoms) -> None:
         if self.model is None:
+            species = sorted(set(self._species) | {int(z) for z in atoms.numbers})
             self.model = _model_from_settings(species, self.settings)
             self._species = list(self.model.descriptor.species)
 
@@ -373,8 +374,7 @@ class Learner:
                               "to learn; otfml needs at least 2 atoms")
         if not np.all(np.isfinite(atoms.positions)):
             raise ConfigError(f"step {step}: positions contain NaN/inf")
-        if self.model is None:
-            self._ensure_model(sorted(set(self._species) | {int(z) for z in atoms.numbers}))
+        self._ensure_model(atoms)
         pred = None
         n_frames, n_sparse = self.model.n_frames, self.model.n_sparse
         t_model = t_update = None
