@@ -228,3 +228,22 @@ def test_one_store_and_model_for_two_molecules_of_the_same_elements(tmp_path):
         dyn.attach(check, interval=25)
         dyn.run(200)
         assert np.mean(errors) < 0.08, (name, np.mean(errors))
+
+
+def test_calculator_recomputes_exactly_when_the_structure_changes():
+    """The fast path of check_state (positions) keeps ASE's semantics for everything else."""
+    a = molecule("CH3CH2OH")
+    a.calc = OTFCalculator(EMT(), policy=LearningPolicy(allow_fragmentation=True))
+    learner = a.calc.learner
+    a.get_potential_energy()
+    a.get_forces()
+    assert learner.n_steps == 1  # nothing changed: cached
+    a.positions[0, 0] += 1e-3
+    a.get_forces()
+    assert learner.n_steps == 2
+    a.set_initial_charges([0.0] * (len(a) - 2) + [1.0, -1.0])  # same positions, new charges
+    a.get_forces()
+    assert learner.n_steps == 3
+    assert a.calc.check_state(a) == []
+    a.get_potential_energy()
+    assert learner.n_steps == 3
