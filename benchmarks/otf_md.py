@@ -175,9 +175,22 @@ def table(results: list[dict]) -> str:
              "Spearman uncertainty vs error (atom / frame)", "miss rate (atoms)",
              "mean T second half, plain / otfml", "sparse environments", "peak memory"]
     cols = [col(r) for r in results]
-    head = [f"{r['molecule']}, seed {r['otfml']['seed']}" for r in results]
+    from otfml.learner import MODEL_DEFAULTS
+
+    head = [f"{r['molecule']}, seed {r['otfml']['seed']}"
+            + "".join(f", {k} {v}" for k, v in r["model_settings"].items()
+                      if MODEL_DEFAULTS.get(k) != v) for r in results]
     lines = ["| | " + " | ".join(head) + " |", "|---" * (len(results) + 1) + "|"]
     lines += [f"| {n} | " + " | ".join(c[k] for c in cols) + " |" for k, n in enumerate(names)]
+    for r, h in zip(results, head):
+        lines += ["", f"Growth with stored frames, {h}:", "",
+                  "| stored frames | sparse environments | model steps | median model step "
+                  "| updates | median update |", "|---|---|---|---|---|---|"]
+        for g in r["growth_with_stored_frames"]:
+            ms = "-" if g["median_model_step_ms"] is None else f"{g['median_model_step_ms']:.2f} ms"
+            up = "-" if g["median_update_ms"] is None else f"{g['median_update_ms']:.1f} ms"
+            lines.append(f"| {g['frames']} | {g['sparse']} | {g['model_steps']} | {ms} | "
+                         f"{g['updates']} | {up} |")
     return "\n".join(lines)
 
 
