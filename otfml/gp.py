@@ -242,6 +242,7 @@ class SparseGP:
         # descriptor gradients of the cached frames, per centre species (see _geometry)
         self._geo: dict[int, dict[str, _Grow]] = {}
         self._fitted = False
+        self._full_warned: set[int] = set()  # species whose full sparse set was reported
         #: free-form metadata saved with the model (e.g. the force-error calibration)
         self.extra: dict = {}
 
@@ -443,9 +444,19 @@ class SparseGP:
                 chosen.append(int(at[best]))
                 room -= 1
                 C = C - np.outer(C[:, best], C[best, :]) / C[best, best]
-            if room <= 0 and self.max_sparse_per_species <= np.sum(self.zs == s):
-                log.info("sparse set of species Z=%d is full (%d)",
-                         self.descriptor.species[s], self.max_sparse_per_species)
+            full = len(cols) + sum(env.species[i] == s for i in chosen) \
+                >= self.max_sparse_per_species
+            if full and s not in self._full_warned and np.diag(C).max() > tol2:
+                from ase.data import chemical_symbols
+
+                self._full_warned.add(s)
+                log.warning(
+                    "the sparse set of %s is full (max_sparse_per_species = %d): new %s "
+                    "environments can no longer join, so their uncertainty stays high and the "
+                    "reference may be asked at most steps. Raise model.max_sparse_per_species "
+                    "(each prediction and update costs more) or model.sparse_tolerance (fewer, "
+                    "coarser environments)", chemical_symbols[self.descriptor.species[s]],
+                    self.max_sparse_per_species, chemical_symbols[self.descriptor.species[s]])
         return chosen
 
     def _add_columns(self, new_Z: np.ndarray, new_zs: np.ndarray) -> None:

@@ -170,3 +170,14 @@ def test_uncertainties_match_the_dense_dtc_posterior(trained):
     prior = k_nn - k_nm @ np.linalg.solve(Kmm, k_nm.T)
     np.testing.assert_allclose(p.novelty, gp.hyp.sigma * np.sqrt(np.clip(np.diag(prior), 0, 1)),
                                rtol=1e-5, atol=1e-7)
+
+
+def test_a_full_sparse_set_is_reported_once_per_species(caplog):
+    gp = SparseGP(Descriptor([1, 6, 8]), max_sparse_per_species=3)
+    with caplog.at_level("WARNING", logger="otfml.gp"):
+        for a, e, f in _emt_frames(8):
+            gp.add_frame(a, e, f, solve=False)
+    assert gp.sparse_counts() == {"H": 3, "C": 3, "O": 3}
+    warned = [r.getMessage() for r in caplog.records if "is full" in r.getMessage()]
+    assert sorted(m.split()[4] for m in warned) == ["C", "H", "O"]  # once each, not per frame
+    assert "model.max_sparse_per_species" in warned[0]
