@@ -436,6 +436,7 @@ class SparseGP:
                 W = self._Linv[np.ix_(cols, cols)] @ ((ph[at] @ self.Z[cols].T) ** 2).T
                 C -= W.T @ W
             tol2 = self.sparse_tolerance**2
+            n_before = len(chosen)
             while room > 0:
                 diag = np.diag(C)
                 best = int(np.argmax(diag))
@@ -444,8 +445,7 @@ class SparseGP:
                 chosen.append(int(at[best]))
                 room -= 1
                 C = C - np.outer(C[:, best], C[best, :]) / C[best, best]
-            full = len(cols) + sum(env.species[i] == s for i in chosen) \
-                >= self.max_sparse_per_species
+            full = len(cols) + len(chosen) - n_before >= self.max_sparse_per_species
             if full and s not in self._full_warned and np.diag(C).max() > tol2:
                 from ase.data import chemical_symbols
 
