@@ -236,7 +236,9 @@ def main(argv=None) -> int:
     # plain MOPAC MD with another seed: the timing and the independent test trajectory
     a = start(args.molecule, temperature, args.seed + 1)
     a.calc = MOPAC(method="PM7", label=os.path.join(work, "plain", "m"), command=command)
-    plain_wall, plain_T, test = md(a, plain_steps, temperature, args.seed + 1)
+    # every 20th frame is a test frame; short plain runs (water) use more of their frames
+    plain_wall, plain_T, test = md(a, plain_steps, temperature, args.seed + 1,
+                                   every=min(20, max(1, plain_steps // 10)))
     plain_per_step = plain_wall / (plain_steps + 1)
     plain_extrapolated = plain_per_step * (args.steps + 1)
 

@@ -78,6 +78,9 @@ def evaluate(model: SparseGP, data: list, force_tolerance: float | None = None,
     """
     from scipy.stats import spearmanr
 
+    if not data:
+        raise ConfigError("no labelled frames to evaluate the model on; give a test set with "
+                          "energies and forces")
     de, dfs, nov, err_atom, fr_nov, fr_err, f_ref, f_mod = [], [], [], [], [], [], [], []
     for atoms, e, f in data:
         p = model.predict(atoms)

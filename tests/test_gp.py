@@ -181,3 +181,11 @@ def test_a_full_sparse_set_is_reported_once_per_species(caplog):
     warned = [r.getMessage() for r in caplog.records if "is full" in r.getMessage()]
     assert sorted(m.split()[4] for m in warned) == ["C", "H", "O"]  # once each, not per frame
     assert "model.max_sparse_per_species" in warned[0]
+
+
+def test_evaluate_refuses_an_empty_test_set(trained):
+    from otfml.errors import ConfigError
+    from otfml.evaluate import evaluate
+
+    with pytest.raises(ConfigError, match="no labelled frames"):
+        evaluate(trained[0], [])
