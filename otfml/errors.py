@@ -8,7 +8,7 @@ from __future__ import annotations
 from ase.calculators.calculator import CalculationFailed
 
 __all__ = ["OTFMLError", "ConfigError", "StoreError", "ReferenceFailed", "FingerprintMismatch",
-           "UnphysicalGeometry", "UnstableRun"]
+           "UnphysicalGeometry", "UnstableRun", "IsolatedAtoms"]
 
 
 class OTFMLError(Exception):
@@ -37,3 +37,7 @@ class UnphysicalGeometry(ReferenceFailed):
 
 class UnstableRun(OTFMLError):
     """The simulation left physical ground (e.g. a temperature blow-up) and was stopped."""
+
+
+class IsolatedAtoms(OTFMLError, ValueError):
+    """An atom has no neighbour within the descriptor cutoff, so it has no environment."""

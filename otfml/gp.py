@@ -44,7 +44,7 @@ import scipy.sparse
 from ase import Atoms
 
 from .descriptor import Descriptor, Environments
-from .errors import ConfigError
+from .errors import ConfigError, IsolatedAtoms
 
 __all__ = ["SparseGP", "Prediction", "Hyperparameters"]
 
@@ -127,7 +127,7 @@ class _Frame:
 def _normalize(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     norm = np.linalg.norm(p, axis=1)
     if np.any(norm == 0.0):
-        raise ValueError(
+        raise IsolatedAtoms(
             "an atom has no neighbour within the cutoff (isolated atom); "
             "increase the descriptor cutoff or check the structure"
         )

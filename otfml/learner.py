@@ -14,7 +14,13 @@ import numpy as np
 from ase import Atoms
 
 from .descriptor import Descriptor
-from .errors import ConfigError, FingerprintMismatch, ReferenceFailed, UnphysicalGeometry
+from .errors import (
+    ConfigError,
+    FingerprintMismatch,
+    IsolatedAtoms,
+    ReferenceFailed,
+    UnphysicalGeometry,
+)
 from .gp import SparseGP
 from .policy import Decision, LearningPolicy
 from .reference import Reference, closest_pair, default_multiplicity, electron_parity_check
@@ -383,9 +389,7 @@ class Learner:
             with self._blas:
                 try:
                     pred = self.model.predict(atoms)
-                except ValueError as err:
-                    if "isolated atom" not in str(err):
-                        raise
+                except IsolatedAtoms:
                     raise self._isolated(atoms, step) from None
             t_model = time.perf_counter() - t0
             self.timings["model"].append(t_model)
