@@ -411,13 +411,11 @@ class Learner:
             res = StepResult(pred.energy, pred.forces, "model", pred.energy_std,
                              pred.local_std, fstd, dec.max_force_std, dec.reason)
         else:
-            n_updates = len(self.timings["update"])
             charge, mult = self.charge_and_multiplicity(atoms)  # checked where it is needed
             try:
                 res = self._learn(atoms, step, charge, mult, pred, dec)
                 self.failures_in_a_row = 0
-                if len(self.timings["update"]) > n_updates:
-                    t_update = self.timings["update"][-1]
+                t_update = self.timings["update"][-1]  # _learn returns only after its update
             except ReferenceFailed as err:
                 res = self._after_failure(err, pred, step, dec)
         self.history.append({"step": step, "source": res.source, "reason": res.reason,
@@ -464,8 +462,6 @@ class Learner:
         if limit is None or pred is None or self.model.n_frames < max(self.policy.initial_calls,
                                                                        2):
             return
-        if self.policy.allow_fragmentation and fragments(atoms)[0] > self._n_fragments:
-            return  # an allowed dissociation: a real change the model has not seen
         per_atom = abs(label.energy - pred.energy) / len(atoms)
         if per_atom > limit:
             raise ReferenceFailed(
@@ -478,17 +474,20 @@ class Learner:
 
     def _learn(self, atoms, step, charge, mult, pred, dec) -> StepResult:
         check_geometry(atoms, step)
+        n_fragments = fragments(atoms)[0]
         if self._n_fragments is None:
-            self._n_fragments = fragments(atoms)[0]
-        if not self.policy.allow_fragmentation:
-            check_fragments(atoms, step, self._n_fragments)
+            self._n_fragments = n_fragments
+        dissociated = n_fragments > self._n_fragments
+        if dissociated and not self.policy.allow_fragmentation:
+            check_fragments(atoms, step, self._n_fragments)  # raises, naming the atoms
         work = atoms.copy()
         work.info["otfml_step"] = step
         t0 = time.perf_counter()
         label = self.reference.compute(work, charge, mult)
         self.timings["reference"].append(time.perf_counter() - t0)
         self._check_fingerprint(label.fingerprint)
-        self._check_label(label, pred, atoms, step)
+        if not dissociated:  # an allowed dissociation is a real change the model has not seen
+            self._check_label(label, pred, atoms, step)
         if pred is not None:
             self.policy.observe(pred.novelty,
                                 np.linalg.norm(pred.forces - label.forces, axis=1))
