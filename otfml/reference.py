@@ -78,13 +78,13 @@ class _TimedShell:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            raise ReferenceFailed(f"MOPAC did not finish within reference.timeout_s = "
+            raise _Stopped(f"MOPAC did not finish within reference.timeout_s = "
                                   f"{self.timeout:g} s and was killed; raise the timeout or "
                                   "check the structure") from None
         if code < 0 or code > 128:
             sig = -code if code < 0 else code - 128
             name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else sig
-            raise ReferenceFailed(f"MOPAC was killed by signal {name} (exit code {code}): "
+            raise _Stopped(f"MOPAC was killed by signal {name} (exit code {code}): "
                                   "out of memory, a time limit, or an operator's kill")
         if code:
             raise CalculationFailed(f"the MOPAC command exited with code {code}")
@@ -346,7 +346,7 @@ class MopacReference(Reference):
         except _ScfFailed:
             raise
         except ReferenceFailed as err:
-            raise self._failure(tmp, atoms, str(err)) from err
+            raise self._failure(tmp, atoms, str(err), isinstance(err, _Stopped)) from err
         except Exception as err:  # ASE reports MOPAC failures as parse/IO errors
             why = self._scan_output(tmp)
             if why:
@@ -380,14 +380,16 @@ class MopacReference(Reference):
                     "the label is meaningless (too small an ITRY?)")
         return None
 
-    def _failure(self, tmp: str, atoms: Atoms, why: str) -> ReferenceFailed:
+    def _failure(self, tmp: str, atoms: Atoms, why: str,
+                 stopped: bool = False) -> ReferenceFailed:
+        """The error for a failed call (``stopped``: MOPAC was killed or timed out)."""
         lines = []
         out = os.path.join(tmp, "mopac.out")
         if os.path.exists(out):
             with open(out, errors="replace") as fh:
                 lines = [ln.rstrip() for ln in fh
                          if any(m in ln.upper() for m in _MOPAC_ERROR_MARKERS)][:12]
-        elif "killed" in why or "did not finish" in why:
+        elif stopped:
             lines = ["(no mopac.out was written before MOPAC was stopped)"]
         else:
             lines = ["(no mopac.out was written: is the MOPAC command right?)"]
@@ -402,6 +404,10 @@ class MopacReference(Reference):
             f"command: {self.command}\nworking directory {where}\n"
             + ("relevant output lines:\n  " + "\n  ".join(lines) if lines else "")
         )
+
+
+class _Stopped(ReferenceFailed):
+    """Internal: MOPAC was killed (timeout, signal) before it finished."""
 
 
 class _ScfFailed(Exception):
