@@ -23,7 +23,7 @@ from .errors import (
 )
 from .gp import SparseGP
 from .policy import Decision, LearningPolicy
-from .reference import Reference, closest_pair, default_multiplicity, electron_parity_check
+from .reference import Reference, charge_and_multiplicity, closest_pair
 from .store import Store, fingerprint_key
 
 __all__ = ["Learner", "StepResult", "MODEL_DEFAULTS", "train_from_frames", "check_model_settings",
@@ -343,14 +343,7 @@ class Learner:
 
     def charge_and_multiplicity(self, atoms: Atoms) -> tuple[int, int]:
         """Charge and multiplicity for ``atoms`` (atoms.info, else the learner's defaults)."""
-        charge = atoms.info.get("charge", self.charge)
-        if charge is None:
-            charge = int(round(float(atoms.get_initial_charges().sum())))
-        mult = atoms.info.get("multiplicity", self.multiplicity)
-        if mult is None:
-            mult = default_multiplicity(atoms, charge)
-        electron_parity_check(atoms, int(charge), int(mult))
-        return int(charge), int(mult)
+        return charge_and_multiplicity(atoms, self.charge, self.multiplicity)
 
     def _check_fingerprint(self, fp: dict) -> None:
         if self.fingerprint is None:

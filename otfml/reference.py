@@ -23,7 +23,7 @@ from ase.calculators.calculator import Calculator
 from .errors import ConfigError, ReferenceFailed
 
 __all__ = ["Reference", "MopacReference", "CalculatorReference", "Label", "make_reference",
-           "electron_parity_check", "closest_pair"]
+           "electron_parity_check", "closest_pair", "charge_and_multiplicity"]
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +155,29 @@ def default_multiplicity(atoms: Atoms, charge: int) -> int:
             "config (system.multiplicity) or atoms.info['multiplicity']"
         )
     return 1
+
+
+def charge_and_multiplicity(atoms: Atoms, charge: int | None = None,
+                            multiplicity: int | None = None) -> tuple[int, int]:
+    """Checked charge and multiplicity of ``atoms``.
+
+    ``atoms.info['charge']``/``['multiplicity']`` win over the defaults given;
+    without either, the charge is the sum of the initial charges and the
+    multiplicity a singlet (odd electron counts must set it).
+
+    Raises
+    ------
+    ConfigError
+        Odd electrons without a multiplicity, or an impossible combination.
+    """
+    charge = atoms.info.get("charge", charge)
+    if charge is None:
+        charge = int(round(float(atoms.get_initial_charges().sum())))
+    mult = atoms.info.get("multiplicity", multiplicity)
+    if mult is None:
+        mult = default_multiplicity(atoms, charge)
+    electron_parity_check(atoms, int(charge), int(mult))
+    return int(charge), int(mult)
 
 
 class Reference:

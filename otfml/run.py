@@ -33,9 +33,8 @@ from .reference import (
     CalculatorReference,
     MopacReference,
     Reference,
+    charge_and_multiplicity,
     closest_pair,
-    default_multiplicity,
-    electron_parity_check,
 )
 
 __all__ = ["run", "build_structures", "build_reference", "read_steps", "stage_dirs"]
@@ -130,8 +129,7 @@ def build_structures(cfg: dict) -> list[Atoms]:
         if sysc["multiplicity"] is not None:
             atoms.info["multiplicity"] = sysc["multiplicity"]
         try:  # odd electrons without a multiplicity, impossible charge/multiplicity
-            mult = sysc["multiplicity"] or default_multiplicity(atoms, sysc["charge"])
-            electron_parity_check(atoms, sysc["charge"], mult)
+            charge_and_multiplicity(atoms)
         except ConfigError as err:
             raise ConfigError(f"{what}: {err} (system.charge = {sysc['charge']}, "
                               f"system.multiplicity = {sysc['multiplicity']})") from None
