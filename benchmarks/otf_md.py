@@ -314,43 +314,10 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        report(result)
+        print(f"{args.molecule} ({n} atoms) at {temperature:.0f} K, force_tolerance "
+              f"{policy.force_tolerance} eV/Å\n")
+        print(table([result]))
     return 0
-
-
-def report(r: dict) -> None:
-    o, p, ev = r["otfml"], r["plain_mopac"], r["final_model_on_independent_trajectory"]
-    print(f"{r['molecule']} ({r['atoms']} atoms), {r['steps']} steps at "
-          f"{r['temperature_K']:.0f} K, force_tolerance {r['force_tolerance_eV_A']} eV/Å")
-    print(f"plain MOPAC MD (seed {p['seed']}): {p['wall_s_for_all_steps']:.1f} s"
-          + (f" (extrapolated from {p['steps_timed']} steps)" if p["extrapolated"] else ""))
-    print(f"otfml OTF MD (seed {o['seed']}):   {o['wall_s']:.1f} s, {o['reference_calls']} "
-          f"MOPAC calls ({100 * o['reference_fraction']:.2f} % of steps), "
-          f"{o['sparse_environments']} sparse environments")
-    print(f"  of which model {o['total_model_s']:.1f} s, MOPAC {o['total_mopac_s']:.1f} s, "
-          f"updates {o['total_update_s']:.1f} s")
-    print(f"MOPAC calls per quarter of the run: {o['calls_per_quarter_of_run']}")
-    print(f"wall ratio otfml/plain: {r['wall_ratio_otf_over_plain']:.3f}")
-    print(f"median model step {o['median_model_step_ms']:.2f} ms, MOPAC call "
-          f"{o['median_mopac_call_ms']:.1f} ms (ratio 1/{1 / r['model_step_over_mopac_call']:.0f}),"
-          f" update {o['median_update_ms']:.1f} ms")
-    print(f"force MAE of the forces used (every 20th step, {r['used_forces_frames']} frames): "
-          f"{r['used_forces_mae_eV_A']:.4f} eV/Å")
-    print(f"final model on the independent trajectory ({ev['frames']} frames): force MAE "
-          f"{ev['force_mae_eV_A']:.4f} eV/Å (RMSE {ev['force_rmse_eV_A']:.4f}), energy MAE "
-          f"{ev['energy_mae_meV_per_atom']:.2f} meV/atom")
-    print(f"  uncertainty vs actual error: Spearman {ev['spearman_atom']:.2f} per atom, "
-          f"{ev['spearman_frame']:.2f} per frame (largest); miss rate "
-          f"{100 * ev.get('miss_rate', float('nan')):.2f} % of atoms")
-    print(f"mean T (second half): plain {p['mean_T_second_half_K']:.0f} K, "
-          f"otfml {o['mean_T_second_half_K']:.0f} K (max {o['max_T_K']:.0f} K)")
-    print(f"peak memory (this process) {r['peak_rss_MB']:.0f} MB")
-    print("stored frames | sparse | model steps | median model step | updates | median update")
-    for g in r["growth_with_stored_frames"]:
-        ms = "-" if g["median_model_step_ms"] is None else f"{g['median_model_step_ms']:.2f} ms"
-        up = "-" if g["median_update_ms"] is None else f"{g['median_update_ms']:.1f} ms"
-        print(f"{g['frames']:>13} | {g['sparse']:>6} | {g['model_steps']:>11} | {ms:>17} | "
-              f"{g['updates']:>7} | {up:>13}")
 
 
 if __name__ == "__main__":
