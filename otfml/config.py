@@ -75,6 +75,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
                                      minimum=1),
         "sparse_tolerance": _f(NUM, 0.005, "Novelty (0-1) above which an environment of a "
                                "labelled frame joins the sparse set", positive=True),
+        "prune_sparse": _f(bool, True, "When an element's sparse set is full, swap its most "
+                           "redundant environments for new ones (false: keep the set as it is)"),
         "hyperparameter_first": _f(int, 5, "Refit hyperparameters at each of the first N "
                                    "reference calls", minimum=0),
         "blas_threads": _f(int, 1, "BLAS threads for otfml's own linear algebra (null: "

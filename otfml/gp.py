@@ -171,6 +171,13 @@ class _Grow:
         self._a[self.n : self.n + len(x), : self.m] = x
         self.n += len(x)
 
+    def keep_columns(self, keep: np.ndarray) -> None:
+        """Keep only columns ``keep`` (increasing indices), in place, in row chunks."""
+        m = len(keep)
+        for i in range(0, self.n, 4096):
+            self._a[i: min(i + 4096, self.n), :m] = self._a[i: min(i + 4096, self.n), keep]
+        self.m = m
+
     def add_columns(self, x: np.ndarray) -> None:
         j = x.shape[1]
         self._reserve(self.n, self.m + j)
@@ -198,6 +205,12 @@ class SparseGP:
     cache_bytes : int, default 2 GiB
         Memory for the descriptor gradients of training frames, which new
         sparse environments need; frames beyond it are recomputed on demand.
+    prune : bool, default True
+        When a species' sparse set is full and a new frame brings environments
+        it cannot represent, swap out the most redundant ones (those the rest
+        of the set represents best, and better than the newcomers), a batch of
+        ``max(1, max_sparse_per_species // 20)`` at a time.  False: the set
+        stays as it is once full.
     """
 
     def __init__(
@@ -208,6 +221,7 @@ class SparseGP:
         max_sparse_per_species: int = 600,
         sparse_tolerance: float = 0.05,
         cache_bytes: int = 2 * 1024**3,
+        prune: bool = True,
     ) -> None:
         self.descriptor = descriptor
         self.hyp = hyperparameters or Hyperparameters()
@@ -215,6 +229,9 @@ class SparseGP:
         self.max_sparse_per_species = int(max_sparse_per_species)
         self.sparse_tolerance = float(sparse_tolerance)
         self.cache_bytes = int(cache_bytes)
+        self.prune = bool(prune)
+        #: sparse environments swapped out so far, per species index
+        self.n_pruned: dict[int, int] = {}
         self._cache_bytes = 0
         F = descriptor.n_features
         S = len(descriptor.species)
@@ -410,6 +427,35 @@ class SparseGP:
     # ------------------------------------------------------------------
     # training
     # ------------------------------------------------------------------
+    def _conditioned(self, s: int, pa: np.ndarray) -> np.ndarray:
+        """Normalized kernel of unit descriptors ``pa`` (n, F) of species ``s``,
+        conditioned on that species' sparse set: (n, n)."""
+        cols = self._cols(s)
+        C = (pa @ pa.T) ** 2
+        if len(cols):
+            W = self._Linv[np.ix_(cols, cols)] @ ((pa @ self.Z[cols].T) ** 2).T
+            C -= W.T @ W
+        return C
+
+    def _pivots(self, C: np.ndarray, limit: int) -> tuple[list[int], list[float], np.ndarray]:
+        """Greedy pivoted Cholesky of ``C``: at most ``limit`` pivots above the tolerance.
+
+        Returns the pivots (indices into ``C``), their unrepresented variances
+        and what is left of ``C`` after them.
+        """
+        tol2 = self.sparse_tolerance**2
+        chosen: list[int] = []
+        values: list[float] = []
+        while len(chosen) < limit:
+            diag = np.diag(C)
+            best = int(np.argmax(diag))
+            if diag[best] <= tol2:
+                break
+            chosen.append(best)
+            values.append(float(diag[best]))
+            C = C - np.outer(C[:, best], C[best, :]) / C[best, best]
+        return chosen, values, C
+
     def _select_sparse(
         self, env: Environments, candidates: np.ndarray | None, max_new: int | None
     ) -> list[int]:
@@ -418,46 +464,127 @@ class SparseGP:
         Pivoted Cholesky on the kernel of the candidates conditioned on the
         current sparse set: repeatedly take the candidate the set (plus the
         ones taken so far) represents worst, while its unrepresented fraction
-        exceeds ``sparse_tolerance``.
+        exceeds ``sparse_tolerance``.  A full species makes room first by
+        pruning (see :meth:`_prune_species`) if ``self.prune``.
         """
         ph, _ = _normalize(env.p)
         if candidates is None:
             candidates = np.arange(len(ph))
         candidates = np.asarray(candidates, dtype=np.int64)
+        cap = self.max_sparse_per_species
         chosen: list[int] = []
         for s in np.unique(env.species[candidates]):
-            room = self.max_sparse_per_species - int(np.sum(self.zs == s))
-            if max_new is not None:
-                room = min(room, max_new)
             at = candidates[env.species[candidates] == s]
-            cols = self._cols(s)
-            C = (ph[at] @ ph[at].T) ** 2
-            if len(cols):
-                W = self._Linv[np.ix_(cols, cols)] @ ((ph[at] @ self.Z[cols].T) ** 2).T
-                C -= W.T @ W
-            tol2 = self.sparse_tolerance**2
-            n_before = len(chosen)
-            while room > 0:
-                diag = np.diag(C)
-                best = int(np.argmax(diag))
-                if diag[best] <= tol2:
-                    break
-                chosen.append(int(at[best]))
-                room -= 1
-                C = C - np.outer(C[:, best], C[best, :]) / C[best, best]
-            full = len(cols) + len(chosen) - n_before >= self.max_sparse_per_species
-            if full and s not in self._full_warned and np.diag(C).max() > tol2:
+            limit = len(at) if max_new is None else min(len(at), max_new)
+            C = self._conditioned(s, ph[at])
+            n_have = int(np.sum(self.zs == s))
+            if self.prune and n_have + limit > cap:
+                want, values, _ = self._pivots(C, limit)
+                excess = n_have + len(want) - cap
+                if excess > 0:
+                    gone = self._prune_species(s, max(excess, cap // 20), values[0])
+                    if gone:
+                        C = self._conditioned(s, ph[at])
+                        n_have -= gone
+            picked, _, rest = self._pivots(C, min(limit, cap - n_have))
+            chosen.extend(int(at[i]) for i in picked)
+            full = n_have + len(picked) >= cap
+            if full and s not in self._full_warned and len(rest) and np.diag(rest).max() > (
+                    self.sparse_tolerance**2):
                 from ase.data import chemical_symbols
 
                 self._full_warned.add(s)
+                el = chemical_symbols[self.descriptor.species[s]]
+                why = ("and none of its environments is redundant enough to swap out"
+                       if self.prune else "and pruning is off")
                 log.warning(
-                    "the sparse set of %s is full (max_sparse_per_species = %d): new %s "
-                    "environments can no longer join, so their uncertainty stays high and the "
+                    "the sparse set of %s is full (max_sparse_per_species = %d) %s: new %s "
+                    "environments cannot join, so their uncertainty stays high and the "
                     "reference may be asked at most steps. Raise model.max_sparse_per_species "
                     "(each prediction and update costs more) or model.sparse_tolerance (fewer, "
-                    "coarser environments)", chemical_symbols[self.descriptor.species[s]],
-                    self.max_sparse_per_species, chemical_symbols[self.descriptor.species[s]])
+                    "coarser environments)", el, cap, why, el)
         return chosen
+
+    def _prune_species(self, s: int, n: int, threshold: float) -> int:
+        """Remove up to ``n`` of the most redundant sparse environments of species ``s``.
+
+        The redundancy of environment j is its variance given the rest of the
+        set, ``1 / [K_ss^-1]_jj`` (normalized kernel units): the smaller, the
+        better the others represent it.  Environments are removed greedily
+        (the inverse is downdated after each) while that variance is below
+        ``threshold`` (the novelty squared of the newcomer that wants in), so
+        an environment is never swapped for a less informative one.
+
+        Returns
+        -------
+        int
+            Number removed.
+        """
+        cols = self._cols(s)
+        Li = self._Linv[np.ix_(cols, cols)]
+        Kinv = Li.T @ Li
+        alive = np.ones(len(cols), dtype=bool)
+        drop: list[int] = []
+        for _ in range(min(n, len(cols) - 1)):
+            r = np.full(len(cols), np.inf)
+            r[alive] = 1.0 / np.diag(Kinv)[alive]
+            j = int(np.argmin(r))
+            if r[j] >= threshold:
+                break
+            drop.append(j)
+            alive[j] = False
+            kj = Kinv[:, j].copy()
+            Kinv -= np.outer(kj, kj) / kj[j]
+        if drop:
+            self._remove_columns(s, cols[drop])
+            self.n_pruned[s] = self.n_pruned.get(s, 0) + len(drop)
+            from ase.data import chemical_symbols
+
+            log.info("sparse set of %s full: swapped out %d redundant environments",
+                     chemical_symbols[self.descriptor.species[s]], len(drop))
+        return len(drop)
+
+    def _remove_columns(self, s: int, drop: np.ndarray) -> None:
+        """Remove sparse columns ``drop`` (all of species ``s``) and re-whiten.
+
+        K_mm is block diagonal over species, so only species ``s`` changes
+        basis: with ``L_s`` its old factor and ``L_k`` the factor of the kept
+        block, whitened vectors map by ``W = L_k^-1 L_s[kept]`` (orthonormal
+        rows), at O(M_s^2 M) for the whitened accumulators and O(frames M_s^2)
+        for the whitened energy rows.  Nothing is recomputed from the frames.
+        """
+        M = self.n_sparse
+        cs = self._cols(s)
+        kept_local = ~np.isin(cs, drop)
+        ks = cs[kept_local]
+        keep = np.setdiff1d(np.arange(M), drop)
+        Ls = scipy.linalg.solve_triangular(self._Linv[np.ix_(cs, cs)], np.eye(len(cs)),
+                                           lower=True)
+        Lk = scipy.linalg.cholesky(self._Kt[np.ix_(ks, ks)] + _JITTER * np.eye(len(ks)),
+                                   lower=True)
+        W = scipy.linalg.solve_triangular(Lk, Ls[kept_local], lower=True)  # (kept, M_s)
+
+        def rewhiten(A: np.ndarray) -> np.ndarray:
+            X = W @ A[cs]
+            A[ks] = X
+            A[:, ks] = X.T
+            A[np.ix_(ks, ks)] = X[:, cs] @ W.T
+            return A[np.ix_(keep, keep)]
+
+        self._AFw = rewhiten(self._AFw)
+        self._AEw = rewhiten(self._AEw)
+        Ew = self._EwT.view
+        Ew[:, ks] = Ew[:, cs] @ W.T
+        for g in (self._EwT, self._RF, self._RE):
+            g.keep_columns(keep)
+        pos = np.searchsorted(keep, ks)
+        Linv = self._Linv[np.ix_(keep, keep)]
+        Linv[np.ix_(pos, pos)] = scipy.linalg.solve_triangular(Lk, np.eye(len(ks)), lower=True)
+        self._Linv = Linv
+        self._Kt = self._Kt[np.ix_(keep, keep)]
+        self.Z, self.zs = self.Z[keep], self.zs[keep]
+        self.c_E, self.C_E, self.b_F = self.c_E[keep], self.C_E[keep], self.b_F[keep]
+        self._full_warned.discard(s)
 
     def _add_columns(self, new_Z: np.ndarray, new_zs: np.ndarray) -> None:
         """Append sparse environments: extend K_mm, its factor and every accumulator.

@@ -39,6 +39,7 @@ MODEL_DEFAULTS = {
     "r_min": 0.8,
     "max_sparse_per_species": 600,
     "sparse_tolerance": 0.005,
+    "prune_sparse": True,
     "hyperparameter_every": 50,
     "hyperparameter_first": 5,
     "blas_threads": 1,
@@ -114,7 +115,8 @@ def _model_from_settings(species, settings: dict) -> SparseGP:
     desc = Descriptor(species, cutoff=settings["cutoff"], n_max=settings["n_max"],
                       l_max=settings["l_max"], r_min=settings["r_min"])
     return SparseGP(desc, max_sparse_per_species=settings["max_sparse_per_species"],
-                    sparse_tolerance=settings["sparse_tolerance"])
+                    sparse_tolerance=settings["sparse_tolerance"],
+                    prune=settings["prune_sparse"])
 
 
 def train_from_frames(frames, settings: dict | None = None,

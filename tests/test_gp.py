@@ -172,8 +172,43 @@ def test_uncertainties_match_the_dense_dtc_posterior(trained):
                                rtol=1e-5, atol=1e-7)
 
 
-def test_a_full_sparse_set_is_reported_once_per_species(caplog):
+def test_pruning_swaps_redundant_environments_and_matches_a_fresh_build():
+    cap = 4
+    gp = SparseGP(Descriptor([1, 6, 8]), max_sparse_per_species=cap)
+    frames = _emt_frames(10, seed=3)
+    for a, e, f in frames:
+        gp.add_frame(a, e, f, solve=False)
+        assert max(gp.sparse_counts().values()) <= cap
+    gp.solve()
+    assert sum(gp.n_pruned.values()) > 0, "a full set met new environments: some must swap"
+    # the same sparse set and frames, built from scratch without pruning
+    ref = SparseGP(Descriptor([1, 6, 8]), hyperparameters=gp.hyp, prune=False)
+    ref._add_columns(gp.Z.copy(), gp.zs.copy())
+    for a, e, f in frames:
+        ref.add_frame(a, e, f, candidates=np.zeros(0, dtype=int), solve=False)
+    ref.solve()
+    np.testing.assert_allclose(gp._Linv, ref._Linv, rtol=1e-7, atol=1e-7)
+    np.testing.assert_allclose(gp._AFw, ref._AFw, rtol=1e-7, atol=1e-6 * np.abs(ref._AFw).max())
+    np.testing.assert_allclose(gp._AEw, ref._AEw, rtol=1e-7, atol=1e-6 * np.abs(ref._AEw).max())
+    np.testing.assert_allclose(gp._RF.view, ref._RF.view, atol=1e-12)
+    assert gp.log_marginal_likelihood() == pytest.approx(ref.log_marginal_likelihood(), rel=1e-7)
+    test = _emt_frames(2, seed=9)[1][0]
+    p, q = gp.predict(test), ref.predict(test)
+    np.testing.assert_allclose(p.forces, q.forces, atol=1e-7)
+    np.testing.assert_allclose(p.local_std, q.local_std, atol=1e-7)
+    np.testing.assert_allclose(p.novelty, q.novelty, atol=1e-7)
+
+
+def test_pruning_never_trades_an_environment_for_a_less_novel_one():
     gp = SparseGP(Descriptor([1, 6, 8]), max_sparse_per_species=3)
+    gp.add_frame(*_emt_frames(1, seed=4)[0], solve=False)
+    before = gp.Z.copy()
+    assert gp._prune_species(0, 2, threshold=0.0) == 0  # nothing is below zero variance
+    np.testing.assert_array_equal(gp.Z, before)
+
+
+def test_a_full_sparse_set_is_reported_once_per_species(caplog):
+    gp = SparseGP(Descriptor([1, 6, 8]), max_sparse_per_species=3, prune=False)
     with caplog.at_level("WARNING", logger="otfml.gp"):
         for a, e, f in _emt_frames(8):
             gp.add_frame(a, e, f, solve=False)
