@@ -400,6 +400,9 @@ class Descriptor:
     def species_index(self, numbers: np.ndarray) -> np.ndarray:
         """Map atomic numbers to species indices, refusing unknown elements."""
         numbers = np.asarray(numbers, dtype=np.int64)
+        known = (numbers >= 0) & (numbers < len(self._index))
+        if known.all() and np.all(self._index[numbers] >= 0):
+            return self._index[numbers]
         bad = sorted(
             {int(z) for z in numbers if z >= len(self._index) or z < 0 or self._index[z] < 0}
         )
@@ -472,10 +475,32 @@ class Descriptor:
         return _pair_gradients(env.D, self.cutoff, self.mu, self.width, self.l_max, self._norm)
 
 
+@njit(cache=True)
 def _molecular_pairs(pos: np.ndarray, cutoff: float):
-    """All ordered pairs closer than ``cutoff`` in a non-periodic structure."""
-    D = pos[None, :, :] - pos[:, None, :]
-    d2 = np.einsum("ijk,ijk->ij", D, D)
-    np.fill_diagonal(d2, np.inf)
-    pi, pj = np.nonzero(d2 < cutoff * cutoff)
-    return pi, pj, D[pi, pj]
+    """All ordered pairs (i, j, r_j - r_i) closer than ``cutoff``, non-periodic, i-major."""
+    n = len(pos)
+    c2 = cutoff * cutoff
+    close = np.zeros((n, n), dtype=np.bool_)
+    count = 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            dx = pos[j, 0] - pos[i, 0]
+            dy = pos[j, 1] - pos[i, 1]
+            dz = pos[j, 2] - pos[i, 2]
+            if dx * dx + dy * dy + dz * dz < c2:
+                close[i, j] = True
+                close[j, i] = True
+                count += 2
+    pi = np.empty(count, dtype=np.int64)
+    pj = np.empty(count, dtype=np.int64)
+    D = np.empty((count, 3))
+    q = 0
+    for i in range(n):
+        for j in range(n):
+            if close[i, j]:
+                pi[q] = i
+                pj[q] = j
+                for c in range(3):
+                    D[q, c] = pos[j, c] - pos[i, c]
+                q += 1
+    return pi, pj, D

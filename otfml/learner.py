@@ -21,7 +21,7 @@ from .errors import (
     ReferenceFailed,
     UnphysicalGeometry,
 )
-from .gp import SparseGP
+from .gp import Prediction, SparseGP
 from .policy import Decision, LearningPolicy
 from .reference import Reference, charge_and_multiplicity, closest_pair
 from .store import Store, fingerprint_key
@@ -58,24 +58,37 @@ class StepResult:
         eV/Å.
     source : str
         ``"model"`` or ``"reference"``: where energy and forces come from (never mixed).
-    energy_std, local_std, forces_std
-        Uncertainty of the returned values: eV, eV per atom, eV/Å per atom
-        (zero for reference values).
+    forces_std : ndarray (n_atoms,)
+        Calibrated force-error estimate per atom, eV/Å (zero for reference values).
     max_force_std : float
         Largest calibrated force-error estimate of the model at this geometry,
         eV/Å (NaN where there was no model yet).
     reason : str
         Why the reference was or was not asked.
+    prediction : Prediction or None
+        The model's prediction when ``source`` is ``"model"``.
+    energy_std, local_std
+        Predictive std of the returned energy (eV) and of each local energy
+        (eV per atom); zero for reference values.  Computed on first access.
     """
 
     energy: float
     forces: np.ndarray
     source: str
-    energy_std: float
-    local_std: np.ndarray
     forces_std: np.ndarray
     max_force_std: float
     reason: str
+    prediction: Prediction | None = None
+
+    @property
+    def energy_std(self) -> float:
+        return 0.0 if self.prediction is None else self.prediction.energy_std
+
+    @property
+    def local_std(self) -> np.ndarray:
+        if self.prediction is None:
+            return np.zeros(len(self.forces))
+        return self.prediction.local_std
 
 
 class _BlasLimit:
@@ -91,24 +104,27 @@ class _BlasLimit:
 
     def __init__(self, threads: int | None) -> None:
         self.threads = threads
-        self._controller = None
-        self._ctx = None
+        self._libs = None
+        self._saved: list[int] = []
 
     def __enter__(self):
+        # the BLAS libraries' own setters: threadpoolctl's limit() context re-inspects
+        # every library and took 0.18 ms per model step
         if self.threads is None:
             return self
-        if self._controller is None:
+        if self._libs is None:
             from threadpoolctl import ThreadpoolController
 
-            self._controller = ThreadpoolController()
-        self._ctx = self._controller.limit(limits=int(self.threads), user_api="blas")
-        self._ctx.__enter__()
+            self._libs = ThreadpoolController().select(user_api="blas").lib_controllers
+        self._saved = [lib.num_threads for lib in self._libs]
+        for lib in self._libs:
+            lib.set_num_threads(int(self.threads))
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._ctx is not None:
-            self._ctx.__exit__(*exc)
-            self._ctx = None
+        for lib, n in zip(self._libs or [], self._saved):
+            lib.set_num_threads(n)
+        self._saved = []
 
 
 def _model_from_settings(species, settings: dict) -> SparseGP:
@@ -403,8 +419,8 @@ class Learner:
                 raise ConfigError("no model and no reference budget left: raise max_calls")
             self.steps_since_call += 1
             fstd = self.policy.force_std(pred.novelty)
-            res = StepResult(pred.energy, pred.forces, "model", pred.energy_std,
-                             pred.local_std, fstd, dec.max_force_std, dec.reason)
+            res = StepResult(pred.energy, pred.forces, "model", fstd, dec.max_force_std,
+                             dec.reason, pred)
         else:
             charge, mult = self.charge_and_multiplicity(atoms)  # checked where it is needed
             try:
@@ -448,8 +464,8 @@ class Learner:
                     " = use_model; %d failure(s) in a row); nothing was stored", err, step,
                     self.failures_in_a_row)
         fstd = p.force_std(pred.novelty)
-        return StepResult(pred.energy, pred.forces, "model", pred.energy_std, pred.local_std,
-                          fstd, dec.max_force_std, "reference failed")
+        return StepResult(pred.energy, pred.forces, "model", fstd, dec.max_force_std,
+                          "reference failed", pred)
 
     def _check_label(self, label, pred, atoms, step: int) -> None:
         """Refuse a label implausibly far from a trained model (e.g. a false SCF)."""
@@ -502,8 +518,8 @@ class Learner:
                 self.model.solve()
         self.timings["update"].append(time.perf_counter() - t1)
         n = len(atoms)
-        return StepResult(label.energy, label.forces, "reference", 0.0, np.zeros(n),
-                          np.zeros(n), dec.max_force_std, dec.reason)
+        return StepResult(label.energy, label.forces, "reference", np.zeros(n),
+                          dec.max_force_std, dec.reason)
 
     def close(self) -> None:
         """Close the store."""

@@ -67,6 +67,25 @@ def test_loop_calls_store_and_trusts(tmp_path):
         assert [fr.step for fr in st] == called
 
 
+def test_uncertainties_are_computed_when_read_without_a_new_step():
+    a = molecule("CH3CH2OH")
+    a.calc = OTFCalculator(EMT(), policy=LearningPolicy(force_tolerance=100.0, initial_calls=1))
+    calc, L = a.calc, a.calc.learner
+    for _ in range(5):  # the initial call(s), then the model
+        a.positions += 1e-3
+        a.get_forces()
+        if calc.results["source"] == "model":
+            break
+    assert calc.results["source"] == "model"
+    steps = L.n_steps
+    assert "energy_std" in calc.results and "local_std" in calc.results
+    pred = calc.model.predict(a)
+    assert a.calc.get_property("energy_std", a) == pytest.approx(pred.energy_std, rel=1e-9)
+    np.testing.assert_allclose(calc.results["local_std"], pred.local_std, rtol=1e-9)
+    assert calc.results.copy()["energy_std"] == calc.results["energy_std"] > 0
+    assert L.n_steps == steps  # reading them did not run another step
+
+
 def test_policy_knobs_budget_interval_forced(tmp_path):
     a = molecule("CH3CH2OH")
     # always uncertain, 5 calls; EMT's H/C/O surface lets H atoms drift off
@@ -247,3 +266,23 @@ def test_calculator_recomputes_exactly_when_the_structure_changes():
     assert a.calc.check_state(a) == []
     a.get_potential_energy()
     assert learner.n_steps == 3
+
+
+def test_blas_limit_applies_inside_and_restores_after():
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from otfml.learner import _BlasLimit
+
+    def blas_threads():
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    with threadpool_limits(limits=2, user_api="blas"):  # 2 outside, whatever the machine
+        before = blas_threads()
+        assert before and set(before) == {2}
+        limit = _BlasLimit(1)
+        for _ in range(2):  # reusable
+            with limit:
+                assert set(blas_threads()) == {1}
+            assert blas_threads() == before
+        with _BlasLimit(None):
+            assert blas_threads() == before
