@@ -153,6 +153,38 @@ def _normalize(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return p / norm[:, None], norm
 
 
+class _Posterior:
+    """The factors the predictive variance needs, fixed at one solve.
+
+    ``C = LB^-1 L^-1`` (M x M, an O(M^3) triangular solve) and its per-species
+    products ``C_s^T C_s`` are formed on first use: a run that never reads
+    ``local_std``/``energy_std`` does not pay for them at every update.
+    """
+
+    def __init__(self, LB: np.ndarray, Linv: np.ndarray, blocks: dict,
+                 C: np.ndarray | None = None) -> None:
+        # LAPACK's triangular solve on a Fortran-ordered factor: 40 us at M = 600, where
+        # scipy.linalg.solve_triangular on the C-ordered one took 100-250 us per prediction
+        self.LB_F = np.asfortranarray(LB)
+        self.blocks = blocks
+        self._Linv = Linv
+        self._C = C
+        self._ctc: dict[int, np.ndarray] = {}
+
+    @property
+    def C(self) -> np.ndarray:
+        if self._C is None:
+            self._C = scipy.linalg.solve_triangular(self.LB_F, self._Linv, lower=True)
+        return self._C
+
+    def ctc(self, s: int) -> np.ndarray:
+        """``C_s^T C_s`` for species ``s``: |C kt|^2 = kt^T (C_s^T C_s) kt, M_s^2 per atom."""
+        if s not in self._ctc:
+            Cs = self.C[:, self.blocks[s]["cols"]]
+            self._ctc[s] = Cs.T @ Cs
+        return self._ctc[s]
+
+
 class _Grow:
     """Growable 2-D array: rows appended, columns appended.
 
@@ -897,28 +929,21 @@ class SparseGP:
         # weights alpha = P^-1 b = L^-T B^-1 u; local energy eps = kt^T (s2 alpha)
         self._beta = s2 * self._Linv.T @ scipy.linalg.cho_solve((LB, True), u)
         self._LB = LB
-        # C = LB^-1 L^-1: the Sigma part of the variance of kt is |C kt|^2
-        self._C = scipy.linalg.solve_triangular(LB, self._Linv, lower=True)
         self._make_blocks()
         self._fitted = True
 
-    def _make_blocks(self) -> None:
+    def _make_blocks(self, C: np.ndarray | None = None) -> None:
         """Per-species slices used at every prediction (no copies in the hot path)."""
-        # LAPACK's triangular solve on a Fortran-ordered factor: 40 us at M = 600, where
-        # scipy.linalg.solve_triangular on the C-ordered one took 100-250 us per prediction
-        self._LB_F = np.asfortranarray(self._LB)
         self._blocks = {}
         for s in range(len(self.descriptor.species)):
             cols = self._cols(s)
-            Cs = self._C[:, cols]
             self._blocks[s] = {
                 "cols": cols,
                 "Z": np.ascontiguousarray(self.Z[cols]),
                 "beta": self._beta[cols],
                 "Linv": np.ascontiguousarray(self._Linv[np.ix_(cols, cols)]),
-                # |C kt|^2 = kt^T (C_s^T C_s) kt: M_s^2 per atom instead of M M_s
-                "CtC": Cs.T @ Cs,
             }
+        self._posterior = _Posterior(self._LB, self._Linv, self._blocks, C)
 
     # ------------------------------------------------------------------
     # prediction
@@ -966,23 +991,23 @@ class SparseGP:
             ww[at] = np.einsum("ij,ij->i", w, w)
             groups.append((s, at, k, w.sum(axis=0)))
         forces = self.descriptor.backprop(env, dE_dp)
+        post = self._posterior  # this solve's factors, even if the model is updated meanwhile
 
         def posterior() -> tuple[np.ndarray, float]:
             # var(eps_i) = sigma^2 (1 - |L^-1 kt_i|^2 + |LB^-1 L^-1 kt_i|^2)  (DTC);
             # LB^-1 L^-1 (= C) is not block diagonal: the energy needs all of it
             cc = np.zeros(N)
-            wE = np.zeros(self.n_sparse)  # L^-1 sum_i kt_i
+            wE = np.zeros(len(post.LB_F))  # L^-1 sum_i kt_i
             e_var_prior = 0.0
             for s, at, k, w_sum in groups:
                 pa = ph[at]
                 e_var_prior += np.sum((pa @ pa.T) ** 2)
                 if k is None:
                     continue
-                blk = self._blocks[s]
-                cc[at] = np.einsum("ij,ij->i", k @ blk["CtC"], k)
-                wE[blk["cols"]] = w_sum
+                cc[at] = np.einsum("ij,ij->i", k @ post.ctc(s), k)
+                wE[post.blocks[s]["cols"]] = w_sum
             var = sigma2 * (1.0 - ww + cc)
-            vE = scipy.linalg.lapack.dtrtrs(self._LB_F, wE, lower=1)[0]  # LB^-1 wE
+            vE = scipy.linalg.lapack.dtrtrs(post.LB_F, wE, lower=1)[0]  # LB^-1 wE
             e_var = sigma2 * (e_var_prior - wE @ wE + vE @ vE)
             return np.sqrt(np.clip(var, 0.0, None)), float(math.sqrt(max(e_var, 0.0)))
 
@@ -1017,7 +1042,8 @@ class SparseGP:
         }
         with open(path, "wb") as fh:
             np.savez(fh, meta=np.array(json.dumps(meta)), Z=self.Z, zs=self.zs,
-                     e0=self.e0, beta=self._beta, LB=self._LB, Linv=self._Linv, C=self._C)
+                     e0=self.e0, beta=self._beta, LB=self._LB, Linv=self._Linv,
+                     C=self._posterior.C)
 
     @classmethod
     def load(cls, path: str) -> SparseGP:
@@ -1049,8 +1075,7 @@ class SparseGP:
                  sparse_tolerance=meta["sparse_tolerance"])
         gp.Z, gp.zs, gp.e0 = arrays["Z"], arrays["zs"].astype(np.int64), arrays["e0"]
         gp._beta, gp._LB, gp._Linv = arrays["beta"], arrays["LB"], arrays["Linv"]
-        gp._C = arrays["C"]
-        gp._make_blocks()
+        gp._make_blocks(arrays["C"])
         gp._n_e = int(meta["n_frames"])
         gp.extra = meta.get("extra", {})
         gp._fitted = gp.n_sparse > 0

@@ -224,3 +224,18 @@ def test_evaluate_refuses_an_empty_test_set(trained):
 
     with pytest.raises(ConfigError, match="no labelled frames"):
         evaluate(trained[0], [])
+
+
+def test_uncertainties_read_after_an_update_belong_to_the_prediction():
+    gp = SparseGP(Descriptor([1, 6, 8]), sparse_tolerance=0.02)
+    frames = _emt_frames(6, seed=5)
+    for a, e, f in frames[:4]:
+        gp.add_frame(a, e, f, solve=False)
+    gp.solve()
+    x = frames[5][0]
+    early, late = gp.predict(x), gp.predict(x)
+    std, e_std = early.local_std.copy(), early.energy_std  # read before the update
+    gp.add_frame(*frames[4])  # new sparse columns and a new solve
+    np.testing.assert_array_equal(late.local_std, std)  # read after it: same snapshot
+    assert late.energy_std == e_std
+    assert not np.allclose(gp.predict(x).local_std, std)  # the updated model differs
