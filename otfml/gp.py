@@ -635,7 +635,6 @@ class SparseGP:
         self._Kt = self._Kt[np.ix_(keep, keep)]
         self.Z, self.zs = self.Z[keep], self.zs[keep]
         self.c_E, self.C_E, self.b_F = self.c_E[keep], self.C_E[keep], self.b_F[keep]
-        self._full_warned.discard(s)
 
     def _add_columns(self, new_Z: np.ndarray, new_zs: np.ndarray) -> None:
         """Append sparse environments: extend K_mm, its factor and every accumulator.

@@ -207,15 +207,21 @@ def test_pruning_never_trades_an_environment_for_a_less_novel_one():
     np.testing.assert_array_equal(gp.Z, before)
 
 
-def test_a_full_sparse_set_is_reported_once_per_species(caplog):
-    gp = SparseGP(Descriptor([1, 6, 8]), max_sparse_per_species=3, prune=False)
+@pytest.mark.parametrize("prune", [False, True])
+def test_a_full_sparse_set_is_reported_once_per_species(caplog, prune):
+    gp = SparseGP(Descriptor([1, 6, 8]), max_sparse_per_species=3, prune=prune)
     with caplog.at_level("WARNING", logger="otfml.gp"):
-        for a, e, f in _emt_frames(8):
+        for a, e, f in _emt_frames(30):
             gp.add_frame(a, e, f, solve=False)
     assert gp.sparse_counts() == {"H": 3, "C": 3, "O": 3}
-    warned = [r.getMessage() for r in caplog.records if "is full" in r.getMessage()]
-    assert sorted(m.split()[4] for m in warned) == ["C", "H", "O"]  # once each, not per frame
-    assert "model.max_sparse_per_species" in warned[0]
+    warned = sorted(r.getMessage().split()[4] for r in caplog.records
+                    if "is full" in r.getMessage())
+    if not prune:
+        assert warned == ["C", "H", "O"]  # once each, not per frame
+    else:  # pruning swapped some in; those it could not are reported once, not per frame
+        assert sum(gp.n_pruned.values()) > 0
+        assert warned and len(warned) == len(set(warned))
+    assert "model.max_sparse_per_species" in caplog.records[0].getMessage()
 
 
 def test_evaluate_refuses_an_empty_test_set(trained):
