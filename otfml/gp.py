@@ -259,9 +259,9 @@ class SparseGP:
     prune : bool, default True
         When a species' sparse set is full and a new frame brings environments
         it cannot represent, swap out the most redundant ones (those the rest
-        of the set represents best, and better than the newcomers), a batch of
-        ``max(1, max_sparse_per_species // 20)`` at a time.  False: the set
-        stays as it is once full.
+        of the set represents best, and better than the newcomers): as many as
+        the newcomers need, and at least ``max_sparse_per_species // 20`` at a
+        time.  False: the set stays as it is once full.
     """
 
     def __init__(
