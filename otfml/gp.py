@@ -45,6 +45,7 @@ import scipy.linalg.lapack
 import scipy.optimize
 import scipy.sparse
 from ase import Atoms
+from ase.data import chemical_symbols
 
 from .descriptor import Descriptor, Environments
 from .errors import ConfigError, IsolatedAtoms
@@ -329,10 +330,12 @@ class SparseGP:
 
     def sparse_counts(self) -> dict[str, int]:
         """Sparse environments per element symbol."""
-        from ase.data import chemical_symbols
-
         return {chemical_symbols[z]: int(np.sum(self.zs == k))
                 for k, z in enumerate(self.descriptor.species)}
+
+    def _element(self, s: int) -> str:
+        """Chemical symbol of species index ``s``."""
+        return chemical_symbols[self.descriptor.species[s]]
 
     def _cols(self, s: int) -> np.ndarray:
         return np.flatnonzero(self.zs == s)
@@ -542,10 +545,8 @@ class SparseGP:
             full = n_have + len(picked) >= cap
             if full and s not in self._full_warned and len(rest) and np.diag(rest).max() > (
                     self.sparse_tolerance**2):
-                from ase.data import chemical_symbols
-
                 self._full_warned.add(s)
-                el = chemical_symbols[self.descriptor.species[s]]
+                el = self._element(s)
                 why = ("and none of its environments is redundant enough to swap out"
                        if self.prune else "and pruning is off")
                 log.warning(
@@ -589,10 +590,8 @@ class SparseGP:
         if drop:
             self._remove_columns(s, cols[drop])
             self.n_pruned[s] = self.n_pruned.get(s, 0) + len(drop)
-            from ase.data import chemical_symbols
-
             log.info("sparse set of %s full: swapped out %d redundant environments",
-                     chemical_symbols[self.descriptor.species[s]], len(drop))
+                     self._element(s), len(drop))
         return len(drop)
 
     def _remove_columns(self, s: int, drop: np.ndarray) -> None:
@@ -975,9 +974,10 @@ class SparseGP:
         groups = []
         for s, blk in self._blocks.items():
             at = np.flatnonzero(env.species == s)
-            if len(at) == 0 or len(blk["cols"]) == 0:
-                if len(at):
-                    groups.append((s, at, None, None))
+            if len(at) == 0:
+                continue
+            if len(blk["cols"]) == 0:  # no sparse set yet: prior variance only
+                groups.append((s, at, None, None))
                 continue
             pa = ph[at]
             d = pa @ blk["Z"].T
