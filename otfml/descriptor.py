@@ -400,9 +400,10 @@ class Descriptor:
     def species_index(self, numbers: np.ndarray) -> np.ndarray:
         """Map atomic numbers to species indices, refusing unknown elements."""
         numbers = np.asarray(numbers, dtype=np.int64)
-        known = (numbers >= 0) & (numbers < len(self._index))
-        if known.all() and np.all(self._index[numbers] >= 0):
-            return self._index[numbers]
+        if np.all((numbers >= 0) & (numbers < len(self._index))):
+            index = self._index[numbers]
+            if np.all(index >= 0):
+                return index
         bad = sorted(
             {int(z) for z in numbers if z >= len(self._index) or z < 0 or self._index[z] < 0}
         )
