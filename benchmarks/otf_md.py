@@ -92,28 +92,45 @@ def start(name: str, temperature: float, seed: int) -> Atoms:
     return atoms
 
 
+def rss_mb() -> float | None:
+    """Resident memory of this process now, MB (None where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1024**2
+    except OSError:
+        return None
+
+
 def md(atoms, steps, temperature, seed, every=20):
-    """Langevin MD; returns wall time, temperatures and every `every`-th frame with its forces."""
+    """Langevin MD; returns wall time, temperatures, every `every`-th frame with its forces,
+    and the resident memory (MB) at those steps."""
     rng = np.random.default_rng(seed + 1)
     dyn = Langevin(atoms, 0.5 * units.fs, temperature_K=temperature, friction=0.01,
                    fixcm=False, rng=rng)
-    temps, frames = [], []
+    temps, frames, rss = [], [], {}
 
     def observe():
         temps.append(atoms.get_temperature())
         if dyn.nsteps % every == 0 and dyn.nsteps > 0:
             # cached: the energy and forces this step used
             frames.append((atoms.copy(), atoms.get_potential_energy(), atoms.get_forces().copy()))
+            rss[dyn.nsteps] = rss_mb()
 
     dyn.attach(observe, interval=1)
     t0 = time.perf_counter()
     dyn.run(steps)
-    return time.perf_counter() - t0, np.array(temps), frames
+    return time.perf_counter() - t0, np.array(temps), frames, rss
 
 
-def growth(history) -> list[dict]:
-    """Median model step and update time per range of stored frames."""
-    frames = np.array([h["frames"] for h in history])
+def growth(history, rss: dict | None = None) -> list[dict]:
+    """Median model step and update time per range of labelled frames (the store's count).
+
+    With ``model.max_frames`` the model holds fewer than were labelled; the
+    largest number it held in each range is reported too, and the largest
+    resident memory sampled in it (``rss``: MB by MD step).
+    """
+    rss = rss or {}
+    frames = np.array([h.get("labelled", h["frames"]) for h in history])
     edges = [1, 10, 25, 50, 100, 200, 400, 800, 1600, 10**9]
     rows = []
     for lo, hi in zip(edges[:-1], edges[1:]):
@@ -125,6 +142,10 @@ def growth(history) -> list[dict]:
         rows.append({
             "frames": f"{lo}-{min(hi, frames.max() + 1) - 1}",
             "sparse": int(max(h["sparse"] for h in sel)),
+            "held": int(max(h["frames"] for h in sel)),
+            # the learner's step 1 is the forces of MD step 0
+            "max_rss_MB": max((rss[h["step"] - 1] for h in sel
+                               if rss.get(h["step"] - 1) is not None), default=None),
             "model_steps": len(model),
             "median_model_step_ms": 1e3 * float(np.median(model)) if model else None,
             "updates": len(upd),
@@ -184,13 +205,16 @@ def table(results: list[dict]) -> str:
     lines += [f"| {n} | " + " | ".join(c[k] for c in cols) + " |" for k, n in enumerate(names)]
     for r, h in zip(results, head):
         lines += ["", f"Growth with stored frames, {h}:", "",
-                  "| stored frames | sparse environments | model steps | median model step "
-                  "| updates | median update |", "|---|---|---|---|---|---|"]
+                  "| stored frames | held by the model | sparse environments | model steps "
+                  "| median model step | updates | median update | memory |",
+                  "|---|---|---|---|---|---|---|---|"]
         for g in r["growth_with_stored_frames"]:
             ms = "-" if g["median_model_step_ms"] is None else f"{g['median_model_step_ms']:.2f} ms"
             up = "-" if g["median_update_ms"] is None else f"{g['median_update_ms']:.1f} ms"
-            lines.append(f"| {g['frames']} | {g['sparse']} | {g['model_steps']} | {ms} | "
-                         f"{g['updates']} | {up} |")
+            mem = "-" if g.get("max_rss_MB") is None else f"{g['max_rss_MB']:.0f} MB"
+            lines.append(f"| {g['frames']} | {g.get('held', '-')} | {g['sparse']} | "
+                         f"{g['model_steps']} | {ms} | "
+                         f"{g['updates']} | {up} | {mem} |")
     return "\n".join(lines)
 
 
@@ -237,7 +261,7 @@ def main(argv=None) -> int:
     a = start(args.molecule, temperature, args.seed + 1)
     a.calc = MOPAC(method="PM7", label=os.path.join(work, "plain", "m"), command=command)
     # every 20th frame is a test frame; short plain runs (water) use more of their frames
-    plain_wall, plain_T, test = md(a, plain_steps, temperature, args.seed + 1,
+    plain_wall, plain_T, test, _ = md(a, plain_steps, temperature, args.seed + 1,
                                    every=min(20, max(1, plain_steps // 10)))
     plain_per_step = plain_wall / (plain_steps + 1)
     plain_extrapolated = plain_per_step * (args.steps + 1)
@@ -251,7 +275,7 @@ def main(argv=None) -> int:
     calc = OTFCalculator(reference=MOPAC(method="PM7"), store=os.path.join(work, "otf.h5"),
                          policy=policy, model_settings=parse_settings(args.set))
     b.calc = calc
-    otf_wall, otf_T, frames = md(b, args.steps, temperature, args.seed)
+    otf_wall, otf_T, frames, rss = md(b, args.steps, temperature, args.seed)
     L = calc.learner
 
     # the forces the OTF run used, against fresh MOPAC on every 20th frame
@@ -308,7 +332,7 @@ def main(argv=None) -> int:
         "used_forces_mae_eV_A": float(used_err.mean()),
         "used_forces_frames": len(frames),
         "final_model_on_independent_trajectory": ev,
-        "growth_with_stored_frames": growth(L.history),
+        "growth_with_stored_frames": growth(L.history, rss),
         "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     if args.json:

@@ -77,6 +77,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
                                "labelled frame joins the sparse set", positive=True),
         "prune_sparse": _f(bool, True, "When an element's sparse set is full, swap its most "
                            "redundant environments for new ones (false: keep the set as it is)"),
+        "max_frames": _f(int, 1000, "Most labelled frames the model holds; beyond it the oldest "
+                         "tenth leave the model (the store keeps them). Bounds memory and update "
+                         "time; null: no limit", nullable=True, minimum=1),
         "hyperparameter_first": _f(int, 5, "Refit hyperparameters at each of the first N "
                                    "reference calls", minimum=0),
         "blas_threads": _f(int, 1, "BLAS threads for otfml's own linear algebra (null: "

@@ -142,6 +142,7 @@ class _Frame:
     counts: np.ndarray
     atom_start: int  # first atom of the frame in the model's global atom numbering
     cached: bool  # its descriptor gradients are in the model's buffers
+    nbytes: int = 0  # bytes of those cached gradients
 
 
 def _normalize(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -230,6 +231,13 @@ class _Grow:
             self._a[i: min(i + 4096, self.n), :m] = self._a[i: min(i + 4096, self.n), keep]
         self.m = m
 
+    def drop_rows(self, n: int) -> None:
+        """Drop the first ``n`` rows, moving the others up in place, in row chunks."""
+        for i in range(n, self.n, 4096):
+            j = min(i + 4096, self.n)
+            self._a[i - n: j - n, : self.m] = self._a[i:j, : self.m]
+        self.n -= n
+
     def add_columns(self, x: np.ndarray) -> None:
         j = x.shape[1]
         self._reserve(self.n, self.m + j)
@@ -263,6 +271,12 @@ class SparseGP:
         of the set represents best, and better than the newcomers): as many as
         the newcomers need, and at least ``max_sparse_per_species // 20`` at a
         time.  False: the set stays as it is once full.
+    max_frames : int or None, default 1000
+        Most labelled frames the model holds.  When a frame would exceed it,
+        the oldest tenth of them is taken out of the model (their
+        contributions are subtracted from the accumulators; the store keeps
+        them), so memory and the update time stay bounded in long runs.
+        None: no limit.
     """
 
     def __init__(
@@ -274,7 +288,10 @@ class SparseGP:
         sparse_tolerance: float = 0.05,
         cache_bytes: int = 2 * 1024**3,
         prune: bool = True,
+        max_frames: int | None = 1000,
     ) -> None:
+        if max_frames is not None and max_frames < 1:
+            raise ValueError(f"max_frames = {max_frames}: give at least 1, or None for no limit")
         self.descriptor = descriptor
         self.hyp = hyperparameters or Hyperparameters()
         self.bounds = tuple(tuple(map(float, b)) for b in bounds)
@@ -282,6 +299,9 @@ class SparseGP:
         self.sparse_tolerance = float(sparse_tolerance)
         self.cache_bytes = int(cache_bytes)
         self.prune = bool(prune)
+        self.max_frames = None if max_frames is None else int(max_frames)
+        #: frames taken out of the model so far (oldest first; see ``max_frames``)
+        self.n_dropped = 0
         #: sparse environments swapped out so far, per species index
         self.n_pruned: dict[int, int] = {}
         self._cache_bytes = 0
@@ -752,6 +772,10 @@ class SparseGP:
         if env is None:
             env = self.descriptor.environments(atoms)
         ph, _ = _normalize(env.p)
+        if self.max_frames is not None and len(self.frames) >= self.max_frames:
+            # before the new columns, whose rows the dropped frames would no longer need
+            self.drop_oldest_frames(len(self.frames) - self.max_frames
+                                    + max(1, self.max_frames // 10))
         picked = self._select_sparse(env, candidates, max_new_sparse)
         if picked:
             self._add_columns(ph[picked], env.species[picked])
@@ -785,11 +809,72 @@ class SparseGP:
         # the frame keeps its environments without the pair basis gradients (large for
         # big structures; recomputed from the pair vectors if the frame is not cached)
         self.frames.append(_Frame(env.numbers.copy(), dataclasses.replace(env, dB=None),
-                                  float(energy), forces.copy(), counts, self._n_atoms, cached))
+                                  float(energy), forces.copy(), counts, self._n_atoms, cached,
+                                  geom["nbytes"] if cached else 0))
         self._n_atoms += N
         if solve:
             self.solve()
         return len(picked)
+
+    def drop_oldest_frames(self, n: int) -> None:
+        """Take the ``n`` oldest frames out of the model (weights not re-solved).
+
+        Their contributions are subtracted from every accumulator: whitened
+        force rows ``W = L^-1 R^T`` from ``AFw``, whitened energy rows from
+        ``AEw``, and the label sums, O(rows M^2); their rows and cached
+        descriptor gradients leave the buffers.  The sparse set stays.  The
+        result equals a model built on the remaining frames with the same
+        sparse set.
+        """
+        n = min(int(n), len(self.frames))
+        if n <= 0:
+            return
+        old = self.frames[:n]
+        n_atoms = sum(len(fr.numbers) for fr in old)
+        R = self._RF.view[: 3 * n_atoms]  # the oldest frames' rows come first
+        W = self._Linv @ R.T
+        self._AFw -= W @ W.T
+        self._AFw = 0.5 * (self._AFw + self._AFw.T)
+        Ew = self._EwT.view[:n]
+        self._AEw -= Ew.T @ Ew
+        inv_n = np.array([1.0 / len(fr.numbers) for fr in old])
+        energies = np.array([fr.energy for fr in old])
+        counts = np.array([fr.counts for fr in old])
+        f = np.concatenate([fr.forces.ravel() for fr in old])
+        RE = self._RE.view[:n]
+        self.c_E -= RE.T @ (energies * inv_n)
+        self.C_E -= RE.T @ (counts * inv_n[:, None])
+        self.b_F -= R.T @ f
+        self._EE -= float(np.sum(energies**2 * inv_n))
+        self._En -= (energies * inv_n) @ counts
+        self._nn -= (counts * inv_n[:, None]).T @ counts
+        self._ff -= float(f @ f)
+        self._n_e -= n
+        self._n_f -= len(f)
+        self._logN += float(np.sum(np.log(inv_n)))
+        self._RF.drop_rows(3 * n_atoms)
+        self._RE.drop_rows(n)
+        self._EwT.drop_rows(n)
+        for g in self._geo.values():  # cached frames were appended in frame order
+            n_pairs = int(np.count_nonzero(g["pi"].view[:, 0] < n_atoms))
+            n_at = int(np.count_nonzero(g["atom_frame"].view[:, 0] < n))
+            g["G"].drop_rows(3 * n_pairs)  # three rows per pair
+            for key in ("ph", "scale", "u", "pi", "pj"):
+                g[key].drop_rows(n_pairs)
+            for key in ("atoms", "atom_frame"):
+                g[key].drop_rows(n_at)
+            g["pi"].view[:] -= n_atoms
+            g["pj"].view[:] -= n_atoms
+            g["atom_frame"].view[:] -= n
+        self._cache_bytes -= sum(fr.nbytes for fr in old)
+        self.frames = self.frames[n:]
+        for fr in self.frames:
+            fr.atom_start -= n_atoms
+        self._n_atoms -= n_atoms
+        self.n_dropped += n
+        log.info("model holds %d frames (max_frames = %d): took out the %d oldest "
+                 "(%d so far; the store keeps them)", len(self.frames), self.max_frames or 0,
+                 n, self.n_dropped)
 
     def fit_baseline(self) -> np.ndarray:
         """Per-species energy baselines e0 (eV) by least squares on energy per atom.

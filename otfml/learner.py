@@ -40,6 +40,7 @@ MODEL_DEFAULTS = {
     "max_sparse_per_species": 600,
     "sparse_tolerance": 0.005,
     "prune_sparse": True,
+    "max_frames": 1000,
     "hyperparameter_every": 50,
     "hyperparameter_first": 5,
     "blas_threads": 1,
@@ -132,7 +133,7 @@ def _model_from_settings(species, settings: dict) -> SparseGP:
                       l_max=settings["l_max"], r_min=settings["r_min"])
     return SparseGP(desc, max_sparse_per_species=settings["max_sparse_per_species"],
                     sparse_tolerance=settings["sparse_tolerance"],
-                    prune=settings["prune_sparse"])
+                    prune=settings["prune_sparse"], max_frames=settings["max_frames"])
 
 
 def train_from_frames(frames, settings: dict | None = None,
@@ -312,7 +313,8 @@ class Learner:
         self.timings = {"model": [], "reference": [], "update": []}
         #: one dict per step: step, source, reason, max_force_std (eV/Å), energy (eV),
         #: frames and sparse (the model's frames and sparse environments before the
-        #: step), model_s and update_s (seconds, None where not done)
+        #: step), labelled (frames the model was given, including those it let go of
+        #: under ``max_frames``), model_s and update_s (seconds, None where not done)
         self.history: list[dict] = []
         self._budget_warned = False
         self.n_warm = 0
@@ -394,6 +396,7 @@ class Learner:
         self._ensure_model(atoms)
         pred = None
         n_frames, n_sparse = self.model.n_frames, self.model.n_sparse
+        n_dropped = self.model.n_dropped
         t_model = t_update = None
         if self.model.is_fitted:
             t0 = time.perf_counter()
@@ -431,7 +434,8 @@ class Learner:
                 res = self._after_failure(err, pred, step, dec)
         self.history.append({"step": step, "source": res.source, "reason": res.reason,
                              "max_force_std": res.max_force_std, "energy": res.energy,
-                             "frames": n_frames, "sparse": n_sparse, "model_s": t_model,
+                             "frames": n_frames, "sparse": n_sparse,
+                             "labelled": n_frames + n_dropped, "model_s": t_model,
                              "update_s": t_update})
         return res
 

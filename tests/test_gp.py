@@ -245,3 +245,51 @@ def test_uncertainties_read_after_an_update_belong_to_the_prediction():
     np.testing.assert_array_equal(late.local_std, std)  # read after it: same snapshot
     assert late.energy_std == e_std
     assert not np.allclose(gp.predict(x).local_std, std)  # the updated model differs
+
+
+@pytest.mark.parametrize("cache_frames", [None, 0, 2.5])
+def test_dropping_the_oldest_frames_matches_a_model_built_without_them(cache_frames):
+    frames = _emt_frames(13, seed=6)
+    kw = {}
+    if cache_frames is not None:  # all frames cached (default), none, or a few at a time
+        probe = SparseGP(Descriptor([1, 6, 8]))
+        one = probe._geometry(probe.descriptor.environments(frames[0][0]))["nbytes"]
+        kw["cache_bytes"] = int(cache_frames * one)
+    gp = SparseGP(Descriptor([1, 6, 8]), max_frames=5, **kw)
+    for a, e, f in frames[:12]:
+        gp.add_frame(a, e, f, solve=False)
+    assert gp.n_frames == len(gp.frames) == 5 and gp.n_dropped == 7
+    if cache_frames == 2.5:
+        assert 0 < sum(fr.cached for fr in gp.frames) < 5
+    # the same sparse set and the 5 frames it kept, built from scratch
+    ref = SparseGP(Descriptor([1, 6, 8]), hyperparameters=gp.hyp, max_frames=5, **kw)
+    ref._add_columns(gp.Z.copy(), gp.zs.copy())
+    for a, e, f in frames[7:12]:
+        ref.add_frame(a, e, f, candidates=np.zeros(0, dtype=int), solve=False)
+    # a 13th frame drops one more in both and brings new sparse environments, whose rows
+    # against the kept frames come from the re-indexed geometry cache
+    bigger = frames[12][0].copy()
+    bigger.positions += np.random.default_rng(1).normal(scale=0.15, size=(len(bigger), 3))
+    bigger.calc = EMT()
+    label = (bigger.get_potential_energy(), bigger.get_forces())
+    added = [m.add_frame(bigger, *label) for m in (gp, ref)]
+    assert added[0] == added[1] > 0
+    scale = np.abs(ref._AFw).max()
+    np.testing.assert_allclose(gp._RF.view, ref._RF.view, atol=1e-12)
+    np.testing.assert_allclose(gp._AFw, ref._AFw, atol=1e-9 * scale)
+    np.testing.assert_allclose(gp._AEw, ref._AEw, atol=1e-9 * np.abs(ref._AEw).max())
+    np.testing.assert_allclose(gp.b_F, ref.b_F, atol=1e-9 * np.abs(ref.b_F).max())
+    np.testing.assert_allclose(gp.c_E, ref.c_E, atol=1e-9 * np.abs(ref.c_E).max())
+    for name in ("_EE", "_En", "_nn", "_ff", "_logN", "_n_e", "_n_f"):
+        np.testing.assert_allclose(getattr(gp, name), getattr(ref, name), rtol=1e-9)
+    assert gp.log_marginal_likelihood() == pytest.approx(ref.log_marginal_likelihood(), rel=1e-8)
+    test = _emt_frames(1, seed=11)[0][0]
+    p, q = gp.predict(test), ref.predict(test)
+    # subtracting frames costs a few digits (forces up to ~100 eV/Å here)
+    np.testing.assert_allclose(p.forces, q.forces, atol=1e-8 * np.abs(q.forces).max())
+    np.testing.assert_allclose(p.local_std, q.local_std, atol=1e-8)
+
+
+def test_max_frames_must_be_positive():
+    with pytest.raises(ValueError, match="max_frames = 0"):
+        SparseGP(Descriptor([1, 6, 8]), max_frames=0)
