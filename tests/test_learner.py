@@ -286,3 +286,32 @@ def test_blas_limit_applies_inside_and_restores_after():
             assert blas_threads() == before
         with _BlasLimit(None):
             assert blas_threads() == before
+
+
+def test_the_model_holds_at_most_max_frames_and_the_store_keeps_all(tmp_path):
+    """model.max_frames bounds what the model holds during a run and after a warm start;
+    the store is the source of truth and keeps every labelled frame."""
+
+    def calc():
+        return OTFCalculator(EMT(), store=str(tmp_path / "s.h5"),
+                             policy=LearningPolicy(force_tolerance=100.0, force_call_every=2,
+                                                   allow_fragmentation=True),
+                             model_settings={"max_frames": 4})
+
+    a = molecule("CH3CH2OH")
+    a.calc = calc()
+    _md(a, 30)
+    learner = a.calc.learner
+    held = [h["frames"] for h in learner.history]
+    assert learner.n_calls > 10 and max(held) <= 4
+    assert learner.model.n_frames + learner.model.n_dropped == learner.n_calls
+    last = learner.history[-1]  # counted before the step
+    assert last["labelled"] == learner.n_calls - (last["source"] == "reference")
+    a.calc.close()
+    with Store(str(tmp_path / "s.h5")) as st:
+        assert len(st) == learner.n_calls
+    b = molecule("CH3CH2OH")
+    b.calc = calc()
+    assert b.calc.learner.n_warm == learner.n_calls
+    assert b.calc.model.n_frames <= 4 and b.calc.model.is_fitted
+    b.calc.close()
