@@ -69,7 +69,7 @@ class OTFCalculator(Calculator):
     store : str, optional
         HDF5 store of labelled frames (created if missing; its frames
         warm-start the model). Without it nothing is kept on disk.
-    force_tolerance : float, default 0.25
+    force_tolerance : float, default 0.2
         Call the reference when the largest per-atom force-error estimate
         exceeds this, eV/Å (shortcut for ``policy``).
     policy : LearningPolicy, optional
@@ -101,7 +101,7 @@ class OTFCalculator(Calculator):
         self,
         reference,
         store: str | None = None,
-        force_tolerance: float = 0.25,
+        force_tolerance: float = 0.2,
         policy: LearningPolicy | None = None,
         model_settings: dict | None = None,
         charge: int | None = None,

@@ -88,7 +88,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
                                    "every N-th call", minimum=1),
     },
     "learning": {
-        "force_tolerance": _f(NUM, 0.25, "Call the reference when the largest per-atom force "
+        "force_tolerance": _f(NUM, 0.2, "Call the reference when the largest per-atom force "
                               "error estimate exceeds this, eV/Å", positive=True),
         "adaptive": _f(bool, False, "Let the tolerance follow the recent observed errors "
                        "(between 0.5x and 2x force_tolerance)"),

@@ -52,7 +52,7 @@ class LearningPolicy:
 
     Parameters
     ----------
-    force_tolerance : float, default 0.25
+    force_tolerance : float, default 0.2
         Call the reference when the largest per-atom force-error estimate
         exceeds this, eV/Å.
     adaptive : bool, default False
@@ -92,7 +92,7 @@ class LearningPolicy:
         the largest novelty.
     """
 
-    force_tolerance: float = 0.25
+    force_tolerance: float = 0.2
     adaptive: bool = False
     min_steps_between_calls: int = 0
     force_call_every: int | None = None
