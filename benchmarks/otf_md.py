@@ -230,7 +230,7 @@ def main(argv=None) -> int:
     ap.add_argument("--force-tolerance", type=float, default=None,
                     help="eV/Å (default: otfml's default)")
     ap.add_argument("--min-steps-between-calls", type=int, default=0)
-    ap.add_argument("--calibration", choices=("atom", "max"), default="atom")
+    ap.add_argument("--calibration", choices=("element", "atom", "max"), default="element")
     ap.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="model setting, e.g. --set sparse_tolerance=0.01 (JSON value)")
     ap.add_argument("--json", action="store_true")
@@ -287,7 +287,7 @@ def main(argv=None) -> int:
         used_err.append(np.abs(used_f - x.get_forces()).ravel())
     used_err = np.concatenate(used_err)
     # the final model on the independent trajectory
-    L.model.extra["force_std_scale"] = L.policy.scale
+    L.model.extra.update(L.policy.model_calibration())
     ev = evaluate(L.model, test, force_tolerance=policy.force_tolerance)
     calc.close()
 

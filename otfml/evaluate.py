@@ -10,6 +10,7 @@ import numpy as np
 from .errors import ConfigError
 from .gp import SparseGP
 from .learner import train_from_frames
+from .policy import calibrated
 from .store import Store
 
 __all__ = ["load_model", "evaluate", "read_labelled"]
@@ -61,9 +62,10 @@ def evaluate(model: SparseGP, data: list, force_tolerance: float | None = None,
     model : SparseGP
     data : list of (atoms, energy eV, forces eV/Å)
     force_tolerance : float, optional
-        eV/Å; with a force-error calibration in the model (``extra['force_std_scale']``)
-        reports the miss rate: the fraction of atoms whose actual force error
-        exceeds the tolerance while the estimate said it was within it.
+        eV/Å; with a force-error calibration in the model (``extra['force_std_scale']``
+        and, per element, ``extra['force_std_element_scales']``) reports the miss
+        rate: the fraction of atoms whose actual force error exceeds the
+        tolerance while the estimate said it was within it.
     output : str, optional
         Directory to write ``evaluation.json``, ``evaluation.npz`` (per-atom
         forces, errors and estimates) and, with matplotlib, ``plots/parity.png``
@@ -73,15 +75,19 @@ def evaluate(model: SparseGP, data: list, force_tolerance: float | None = None,
     -------
     dict
         energy_mae_meV_per_atom, force_mae_eV_A, force_rmse_eV_A (per component),
-        spearman_atom (novelty vs per-atom force error norm), spearman_frame
-        (largest novelty vs largest error per frame), frames, atoms.
+        spearman_atom (estimate vs per-atom force error norm), spearman_frame
+        (largest estimate vs largest error per frame), frames, atoms.  The
+        estimate is the calibrated one where the model has a calibration, else
+        the novelty.
     """
     from scipy.stats import spearmanr
 
     if not data:
         raise ConfigError("no labelled frames to evaluate the model on; give a test set with "
                           "energies and forces")
-    de, dfs, nov, err_atom, fr_nov, fr_err, f_ref, f_mod = [], [], [], [], [], [], [], []
+    scale = model.extra.get("force_std_scale")
+    element_scales = model.extra.get("force_std_element_scales")
+    de, dfs, est, err_atom, fr_est, fr_err, f_ref, f_mod = [], [], [], [], [], [], [], []
     for atoms, e, f in data:
         p = model.predict(atoms)
         f_ref.append(f)
@@ -91,11 +97,12 @@ def evaluate(model: SparseGP, data: list, force_tolerance: float | None = None,
         dfs.append(d.ravel())
         ea = np.linalg.norm(d, axis=1)
         err_atom.append(ea)
-        nov.append(p.novelty)
-        fr_nov.append(p.novelty.max())
+        ua = calibrated(p.novelty, scale or 1.0, atoms.numbers, element_scales)
+        est.append(ua)
+        fr_est.append(ua.max())
         fr_err.append(ea.max())
     dfs = np.concatenate(dfs)
-    nov = np.concatenate(nov)
+    est = np.concatenate(est)
     err_atom = np.concatenate(err_atom)
     out = {
         "frames": len(data),
@@ -103,17 +110,15 @@ def evaluate(model: SparseGP, data: list, force_tolerance: float | None = None,
         "energy_mae_meV_per_atom": float(np.mean(de) * 1000),
         "force_mae_eV_A": float(np.mean(np.abs(dfs))),
         "force_rmse_eV_A": float(np.sqrt(np.mean(dfs**2))),
-        "spearman_atom": float(spearmanr(nov, err_atom).correlation) if len(nov) > 2 else None,
-        "spearman_frame": float(spearmanr(fr_nov, fr_err).correlation) if len(data) > 2 else None,
+        "spearman_atom": float(spearmanr(est, err_atom).correlation) if len(est) > 2 else None,
+        "spearman_frame": float(spearmanr(fr_est, fr_err).correlation) if len(data) > 2 else None,
     }
-    scale = model.extra.get("force_std_scale")
     if force_tolerance is not None and scale:
-        est = scale * nov
         out["force_tolerance_eV_A"] = force_tolerance
         out["miss_rate"] = float(np.mean((err_atom > force_tolerance) & (est <= force_tolerance)))
     if output is not None:
-        _write(output, out, np.concatenate(f_ref), np.concatenate(f_mod), err_atom,
-               (scale or 1.0) * nov, force_tolerance)
+        _write(output, out, np.concatenate(f_ref), np.concatenate(f_mod), err_atom, est,
+               force_tolerance)
     return out
 
 

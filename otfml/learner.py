@@ -409,7 +409,7 @@ class Learner:
             self.timings["model"].append(t_model)
         dec = self.policy.decide(step, self.n_calls, self.steps_since_call,
                                  None if pred is None else pred.novelty,
-                                 n_frames=self.model.n_frames)
+                                 n_frames=self.model.n_frames, numbers=atoms.numbers)
         if self.request_reference:
             dec = Decision(True, "requested", dec.max_force_std)
             self.request_reference = False
@@ -421,7 +421,7 @@ class Learner:
             if pred is None:
                 raise ConfigError("no model and no reference budget left: raise max_calls")
             self.steps_since_call += 1
-            fstd = self.policy.force_std(pred.novelty)
+            fstd = self.policy.force_std(pred.novelty, atoms.numbers)
             res = StepResult(pred.energy, pred.forces, "model", fstd, dec.max_force_std,
                              dec.reason, pred)
         else:
@@ -467,7 +467,7 @@ class Learner:
         log.warning("%s\n-> step %d uses the model's prediction (learning.on_reference_failure"
                     " = use_model; %d failure(s) in a row); nothing was stored", err, step,
                     self.failures_in_a_row)
-        fstd = p.force_std(pred.novelty)
+        fstd = p.force_std(pred.novelty, pred.env.numbers)
         return StepResult(pred.energy, pred.forces, "model", fstd, dec.max_force_std,
                           "reference failed", pred)
 
@@ -505,7 +505,7 @@ class Learner:
             self._check_label(label, pred, atoms, step)
         if pred is not None:
             self.policy.observe(pred.novelty,
-                                np.linalg.norm(pred.forces - label.forces, axis=1))
+                                np.linalg.norm(pred.forces - label.forces, axis=1), atoms.numbers)
         max_std = float(np.max(pred.novelty)) if pred is not None else float("nan")
         if self.store is not None:
             self.store.append(atoms, label.energy, label.forces, label.fingerprint,

@@ -11,7 +11,9 @@ per-atom force errors are known.  The calibrated estimate::
 with ``scale`` the median over the recent calls of the least-squares fit of
 the per-atom errors ``|F_model - F_ref|_i`` against ``u_i``, is what
 ``force_tolerance`` (eV/Å) is compared with (largest atom).  ``u`` is the
-model's novelty (see :class:`otfml.gp.Prediction`), eV.
+model's novelty (see :class:`otfml.gp.Prediction`), eV.  With the "element"
+calibration each element has its own factor, fitted on its own atoms: on
+aspirin/PM7 the ratio of error to novelty was 4.9 (H), 30 (C) and 8.5 (O) 1/Å.
 """
 
 from __future__ import annotations
@@ -23,7 +25,32 @@ import numpy as np
 
 from .errors import ConfigError
 
-__all__ = ["LearningPolicy", "Decision"]
+__all__ = ["LearningPolicy", "Decision", "calibrated"]
+
+
+def calibrated(uncertainty: np.ndarray, scale: float, numbers: np.ndarray | None = None,
+               element_scales: dict | None = None) -> np.ndarray:
+    """Per-atom force-error estimate (eV/Å) from the uncertainty (eV).
+
+    Parameters
+    ----------
+    uncertainty : array (n_atoms,)
+        Novelty, eV.
+    scale : float
+        Factor for every atom, or for the elements without their own, 1/Å.
+    numbers : array of int (n_atoms,), optional
+        Atomic numbers, needed for ``element_scales``.
+    element_scales : dict, optional
+        Factor per atomic number (int or str keys), 1/Å.
+    """
+    u = np.asarray(uncertainty, dtype=float)
+    if not element_scales or numbers is None:
+        return scale * u
+    numbers = np.asarray(numbers, dtype=np.int64)
+    table = np.full(max(int(numbers.max()), *(int(z) for z in element_scales)) + 1, float(scale))
+    for z, f in element_scales.items():
+        table[int(z)] = f
+    return table[numbers] * u
 
 
 @dataclass
@@ -85,11 +112,13 @@ class LearningPolicy:
         Accept geometries with more bonded fragments than the first one (e.g.
         a dissociation). By default such a geometry stops the run before the
         reference is called, naming the atoms that left.
-    calibration : {"atom", "max"}, default "atom"
+    calibration : {"element", "atom", "max"}, default "element"
         How a call's observation updates the factor: a least-squares fit of the
         per-atom errors against the per-atom novelty through the origin
-        (``sqrt(sum e_i^2 / sum u_i^2)``), or the ratio of the largest error to
-        the largest novelty.
+        (``sqrt(sum e_i^2 / sum u_i^2)``), one per element ("element"; an
+        element not seen at a call yet uses the fit over all atoms) or one for
+        all atoms ("atom"), or the ratio of the largest error to the largest
+        novelty ("max").
     """
 
     force_tolerance: float = 0.2
@@ -100,7 +129,7 @@ class LearningPolicy:
     initial_calls: int = 2
     calibration_window: int = 50
     initial_scale: float = 1.0
-    calibration: str = "atom"
+    calibration: str = "element"
     on_reference_failure: str = "stop"
     max_consecutive_failures: int = 3
     label_check: float | None = 1.0
@@ -108,6 +137,8 @@ class LearningPolicy:
     _ratios: deque = field(default_factory=deque, init=False, repr=False)
     _errors: deque = field(default_factory=deque, init=False, repr=False)
     _scale: float | None = field(default=None, init=False, repr=False)
+    _by_element: dict = field(default_factory=dict, init=False, repr=False)
+    _element_scales: dict | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not (self.force_tolerance > 0):
@@ -120,9 +151,10 @@ class LearningPolicy:
             v = getattr(self, name)
             if v is not None and int(v) < 1:
                 raise ConfigError(f"{name}={v}; it must be >= 1, or null to switch it off")
-        if self.calibration not in ("atom", "max"):
-            raise ConfigError(f"calibration={self.calibration!r}; use 'atom' (least-squares fit "
-                              "of per-atom errors) or 'max' (largest error / largest novelty)")
+        if self.calibration not in ("element", "atom", "max"):
+            raise ConfigError(f"calibration={self.calibration!r}; use 'element' (least-squares "
+                              "fit of per-atom errors, per element), 'atom' (the same over all "
+                              "atoms) or 'max' (largest error / largest novelty)")
         if self.on_reference_failure not in ("stop", "use_model"):
             raise ConfigError(f"on_reference_failure={self.on_reference_failure!r}; use 'stop' "
                               "or 'use_model'")
@@ -141,8 +173,14 @@ class LearningPolicy:
         """Take over the calibration observed by ``other`` (a previous stage); returns self."""
         self._ratios.extend(other._ratios)
         self._errors.extend(other._errors)
+        for z, d in other._by_element.items():
+            self._element_deque(z).extend(d)
         self._scale = None
+        self._element_scales = None
         return self
+
+    def _element_deque(self, z: int) -> deque:
+        return self._by_element.setdefault(int(z), deque(maxlen=self.calibration_window))
 
     def settings(self) -> dict:
         """The user settings (what a config's ``learning`` section holds)."""
@@ -163,11 +201,32 @@ class LearningPolicy:
         t = float(np.mean(self._errors))
         return float(np.clip(t, 0.5 * self.force_tolerance, 2.0 * self.force_tolerance))
 
-    def force_std(self, uncertainty: np.ndarray) -> np.ndarray:
-        """Calibrated per-atom force-error estimate (eV/Å) from the uncertainty (eV)."""
-        return self.scale * np.asarray(uncertainty)
+    @property
+    def element_scales(self) -> dict[int, float]:
+        """Factor per atomic number (1/Å) of the "element" calibration ({} otherwise)."""
+        if self.calibration != "element":
+            return {}
+        if self._element_scales is None:  # kept until a call, like scale
+            self._element_scales = {z: float(np.median(d)) for z, d in self._by_element.items()}
+        return self._element_scales
 
-    def observe(self, uncertainty: np.ndarray, force_error: np.ndarray) -> None:
+    def model_calibration(self) -> dict:
+        """The calibration to save with a model (``SparseGP.save``'s ``extra``)."""
+        out = {"force_std_scale": self.scale}
+        if self.element_scales:
+            out["force_std_element_scales"] = {str(z): f for z, f in self.element_scales.items()}
+        return out
+
+    def force_std(self, uncertainty: np.ndarray, numbers: np.ndarray | None = None) -> np.ndarray:
+        """Calibrated per-atom force-error estimate (eV/Å) from the uncertainty (eV).
+
+        ``numbers`` (atomic numbers, n_atoms) select the per-element factors of
+        the "element" calibration.
+        """
+        return calibrated(uncertainty, self.scale, numbers, self.element_scales)
+
+    def observe(self, uncertainty: np.ndarray, force_error: np.ndarray,
+                numbers: np.ndarray | None = None) -> None:
         """Record a call's prediction uncertainty and the model's actual error.
 
         Parameters
@@ -176,6 +235,8 @@ class LearningPolicy:
             Model per-atom uncertainty (novelty) at that geometry, eV.
         force_error : array (n_atoms,)
             ``|F_model - F_ref|`` per atom, eV/Å.
+        numbers : array of int (n_atoms,), optional
+            Atomic numbers, for the per-element factors.
         """
         u = np.asarray(uncertainty, dtype=float)
         e = np.asarray(force_error, dtype=float)
@@ -187,9 +248,17 @@ class LearningPolicy:
                 self._ratios.append(float(np.sqrt((e @ e) / uu)))
             self._errors.append(float(e.max()))
             self._scale = None
+            if numbers is not None:
+                numbers = np.asarray(numbers)
+                for z in np.unique(numbers):
+                    uz, ez = u[numbers == z], e[numbers == z]
+                    if uz @ uz > 0:
+                        self._element_deque(z).append(float(np.sqrt((ez @ ez) / (uz @ uz))))
+                self._element_scales = None
 
     def decide(self, step: int, n_calls: int, steps_since_call: int,
-               uncertainty: np.ndarray | None, n_frames: int | None = None) -> Decision:
+               uncertainty: np.ndarray | None, n_frames: int | None = None,
+               numbers: np.ndarray | None = None) -> Decision:
         """Decide whether step ``step`` needs the reference.
 
         A pure function of its inputs and the calibration state.
@@ -206,13 +275,15 @@ class LearningPolicy:
             Model per-atom uncertainty (novelty), eV; None without a model.
         n_frames : int, optional
             Frames the model holds (warm start included); defaults to ``n_calls``.
+        numbers : array of int (n_atoms,), optional
+            Atomic numbers (for the "element" calibration).
         """
         n_frames = n_calls if n_frames is None else n_frames
         if uncertainty is None or n_frames < self.initial_calls:
             if self.max_calls is not None and n_calls >= self.max_calls:
                 return Decision(False, "budget exhausted")
             return Decision(True, "no model")
-        est = float(np.max(self.force_std(uncertainty)))
+        est = float(np.max(self.force_std(uncertainty, numbers)))
         if self.max_calls is not None and n_calls >= self.max_calls:
             return Decision(False, "budget exhausted", est)
         if not self._ratios:

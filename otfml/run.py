@@ -433,7 +433,7 @@ def _run(cfg: dict, outdir: str, resume: bool | None) -> dict:
         wall = time.perf_counter() - t0
         model_path = os.path.join(outdir, "model.npz")
         if L.model is not None and L.model.is_fitted:
-            L.model.save(model_path, extra={"force_std_scale": L.policy.scale,
+            L.model.save(model_path, extra={**L.policy.model_calibration(),
                                             "store": os.path.abspath(store)})
         calc.close()
 
@@ -458,7 +458,7 @@ def _run(cfg: dict, outdir: str, resume: bool | None) -> dict:
         "median_update_s": med("update"),
         "sparse_environments": L.model.n_sparse if L.model else 0,
         "hyperparameters": vars(L.model.hyp) if L.model else None,
-        "force_std_scale": L.policy.scale,
+        **L.policy.model_calibration(),
         "fingerprint": L.fingerprint,
         "store": store,
         "model": model_path,

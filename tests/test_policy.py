@@ -6,7 +6,7 @@ from otfml.policy import LearningPolicy
 
 
 def test_per_atom_calibration_is_least_squares_through_origin():
-    pol = LearningPolicy(force_tolerance=0.2)
+    pol = LearningPolicy(force_tolerance=0.2, calibration="atom")
     u = np.array([0.01, 0.02, 0.04])
     e = 3.0 * u  # errors exactly proportional to the novelty
     pol.observe(u, e)
@@ -16,6 +16,32 @@ def test_per_atom_calibration_is_least_squares_through_origin():
     pol.observe(u, 100 * u)
     pol.observe(u, 3.0 * u)
     assert pol.scale == pytest.approx(3.0)
+
+
+def test_element_calibration_fits_each_element_on_its_own_atoms():
+    pol = LearningPolicy(force_tolerance=0.2)  # "element" is the default
+    numbers = np.array([6, 6, 1, 1, 1])
+    u = np.array([0.01, 0.02, 0.01, 0.02, 0.03])
+    e = u * np.array([30.0, 30.0, 5.0, 5.0, 5.0])  # carbon errs 6x more per unit novelty
+    pol.observe(u, e, numbers)
+    assert pol.element_scales == {6: pytest.approx(30.0), 1: pytest.approx(5.0)}
+    np.testing.assert_allclose(pol.force_std(u, numbers), e)
+    # an element never seen at a call falls back to the fit over all atoms
+    assert pol.scale == pytest.approx(np.sqrt((e @ e) / (u @ u)))
+    np.testing.assert_allclose(pol.force_std(np.array([0.01]), np.array([8])), 0.01 * pol.scale)
+    # the decision uses the element's factor: 0.009 of carbon is 0.27 eV/Å, of hydrogen 0.045
+    assert pol.decide(9, 3, 1, np.array([0.009, 0.001]), numbers=np.array([6, 1])).call
+    assert not pol.decide(9, 3, 1, np.array([0.001, 0.009]), numbers=np.array([6, 1])).call
+    cal = pol.model_calibration()
+    assert cal["force_std_element_scales"] == {"6": pytest.approx(30.0), "1": pytest.approx(5.0)}
+    # a later stage takes the calibration over
+    nxt = LearningPolicy().inherit(pol)
+    assert nxt.element_scales == pol.element_scales
+    # "atom" keeps one factor for all
+    one = LearningPolicy(calibration="atom")
+    one.observe(u, e, numbers)
+    assert one.element_scales == {} and "force_std_element_scales" not in one.model_calibration()
+    np.testing.assert_allclose(one.force_std(u, numbers), one.scale * u)
 
 
 def test_max_calibration():
