@@ -230,7 +230,7 @@ def main(argv=None) -> int:
     ap.add_argument("--force-tolerance", type=float, default=None,
                     help="eV/Å (default: otfml's default)")
     ap.add_argument("--min-steps-between-calls", type=int, default=0)
-    ap.add_argument("--calibration", choices=("element", "atom", "max"), default="element")
+    ap.add_argument("--calibration", choices=("atom", "element", "max"), default="atom")
     ap.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="model setting, e.g. --set sparse_tolerance=0.01 (JSON value)")
     ap.add_argument("--json", action="store_true")

@@ -99,10 +99,10 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "max_calls": _f(int, None, "Budget of reference calls (null: unlimited)",
                         nullable=True, minimum=1),
         "initial_calls": _f(int, 2, "First steps that always call the reference", minimum=0),
-        "calibration": _f(str, "element", "How observed errors calibrate the force-error "
-                          "estimate: least-squares over atoms, one factor per element or one "
-                          "for all; or largest error / largest novelty",
-                          choices=("element", "atom", "max")),
+        "calibration": _f(str, "atom", "How observed errors calibrate the force-error "
+                          "estimate: least-squares over atoms, one factor for all or one per "
+                          "element; or largest error / largest novelty",
+                          choices=("atom", "element", "max")),
         "on_reference_failure": _f(str, "stop", "When the reference fails (after its SCF "
                                    "retries) or returns an implausible label: stop the run with "
                                    "the error, or use the model for that step and go on (the "

@@ -112,7 +112,7 @@ class LearningPolicy:
         Accept geometries with more bonded fragments than the first one (e.g.
         a dissociation). By default such a geometry stops the run before the
         reference is called, naming the atoms that left.
-    calibration : {"element", "atom", "max"}, default "element"
+    calibration : {"atom", "element", "max"}, default "atom"
         How a call's observation updates the factor: a least-squares fit of the
         per-atom errors against the per-atom novelty through the origin
         (``sqrt(sum e_i^2 / sum u_i^2)``), one per element ("element"; an
@@ -129,7 +129,7 @@ class LearningPolicy:
     initial_calls: int = 2
     calibration_window: int = 50
     initial_scale: float = 1.0
-    calibration: str = "element"
+    calibration: str = "atom"
     on_reference_failure: str = "stop"
     max_consecutive_failures: int = 3
     label_check: float | None = 1.0

@@ -19,7 +19,7 @@ def test_per_atom_calibration_is_least_squares_through_origin():
 
 
 def test_element_calibration_fits_each_element_on_its_own_atoms():
-    pol = LearningPolicy(force_tolerance=0.2)  # "element" is the default
+    pol = LearningPolicy(force_tolerance=0.2, calibration="element")
     numbers = np.array([6, 6, 1, 1, 1])
     u = np.array([0.01, 0.02, 0.01, 0.02, 0.03])
     e = u * np.array([30.0, 30.0, 5.0, 5.0, 5.0])  # carbon errs 6x more per unit novelty
@@ -35,7 +35,7 @@ def test_element_calibration_fits_each_element_on_its_own_atoms():
     cal = pol.model_calibration()
     assert cal["force_std_element_scales"] == {"6": pytest.approx(30.0), "1": pytest.approx(5.0)}
     # a later stage takes the calibration over
-    nxt = LearningPolicy().inherit(pol)
+    nxt = LearningPolicy(calibration="element").inherit(pol)
     assert nxt.element_scales == pol.element_scales
     # "atom" keeps one factor for all
     one = LearningPolicy(calibration="atom")
