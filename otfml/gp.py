@@ -876,6 +876,41 @@ class SparseGP:
                  "(%d so far; the store keeps them)", len(self.frames), self.max_frames or 0,
                  n, self.n_dropped)
 
+    def rebuild_accumulators(self, chunk: int = 4096) -> None:
+        """Re-form the factor of K_mm and every accumulator from the stored rows.
+
+        What the incremental updates maintain, computed afresh: ``L^-1`` from
+        ``K_mm``, the whitened force accumulator ``L^-1 R^T R L^-T`` (``chunk``
+        force rows at a time), the whitened energy rows and their outer-product
+        sum, and the label sums.  O(rows M^2); used when rounding has made the
+        incrementally updated system indefinite.
+        """
+        M = self.n_sparse
+        L = scipy.linalg.cholesky(self._Kt + _JITTER * np.eye(M), lower=True)
+        self._Linv = scipy.linalg.solve_triangular(L, np.eye(M), lower=True)
+        R = self._RF.view
+        self._AFw = np.zeros((M, M))
+        for i in range(0, len(R), chunk):
+            W = self._Linv @ R[i: i + chunk].T
+            self._AFw += W @ W.T
+        self._AFw = 0.5 * (self._AFw + self._AFw.T)
+        inv_n = np.array([1.0 / len(fr.numbers) for fr in self.frames])
+        energies = np.array([fr.energy for fr in self.frames])
+        counts = np.array([fr.counts for fr in self.frames]).reshape(len(self.frames), -1)
+        RE = self._RE.view
+        Ew = self._Linv @ (RE * np.sqrt(inv_n)[:, None]).T  # (M, frames)
+        self._EwT.drop_rows(self._EwT.n)
+        self._EwT.append(Ew.T)
+        self._AEw = Ew @ Ew.T
+        self.c_E = RE.T @ (energies * inv_n)
+        self.C_E = RE.T @ (counts * inv_n[:, None])
+        f = np.concatenate([fr.forces.ravel() for fr in self.frames])
+        self.b_F = R.T @ f
+        self._EE = float(np.sum(energies**2 * inv_n))
+        self._En = (energies * inv_n) @ counts
+        self._nn = (counts * inv_n[:, None]).T @ counts
+        self._ff = float(f @ f)
+
     def fit_baseline(self) -> np.ndarray:
         """Per-species energy baselines e0 (eV) by least squares on energy per atom.
 
@@ -1001,13 +1036,25 @@ class SparseGP:
         if self._n_e == 0 or self.n_sparse == 0:
             self._fitted = False
             return
-        self.fit_baseline()  # free: the accumulators carry e0 linearly
         sigma, se, sf = self.hyp.as_array()
-        wh = self._whitened()
         M = self.n_sparse
         s2 = sigma**2
-        B = np.eye(M) + s2 * (wh["AE"] / se**2 + wh["AF"] / sf**2)
-        LB = scipy.linalg.cholesky(B, lower=True)
+        for attempt in (0, 1):
+            self.fit_baseline()  # free: the accumulators carry e0 linearly
+            wh = self._whitened()
+            B = np.eye(M) + s2 * (wh["AE"] / se**2 + wh["AF"] / sf**2)
+            try:
+                LB = scipy.linalg.cholesky(B, lower=True)
+                break
+            except np.linalg.LinAlgError:
+                if attempt:
+                    raise
+                # B >= I exactly; rounding in the incremental updates and in the downdates of
+                # dropped frames grows with the conditioning of K_mm and can break that
+                log.warning("the incrementally updated accumulators lost positive definiteness "
+                            "(M = %d, %d frames); re-forming them from the stored rows", M,
+                            len(self.frames))
+                self.rebuild_accumulators()
         u = wh["c"] / se**2 + wh["bF"] / sf**2
         # weights alpha = P^-1 b = L^-T B^-1 u; local energy eps = kt^T (s2 alpha)
         self._beta = s2 * self._Linv.T @ scipy.linalg.cho_solve((LB, True), u)

@@ -293,3 +293,31 @@ def test_dropping_the_oldest_frames_matches_a_model_built_without_them(cache_fra
 def test_max_frames_must_be_positive():
     with pytest.raises(ValueError, match="max_frames = 0"):
         SparseGP(Descriptor([1, 6, 8]), max_frames=0)
+
+
+def test_an_indefinite_system_is_rebuilt_from_the_stored_rows(caplog):
+    """Rounding can make the incrementally updated system indefinite (seen on a long aspirin
+    run with frames dropped): solve() then re-forms it from the stored rows."""
+    frames = _emt_frames(8, seed=7)
+    gp = SparseGP(Descriptor([1, 6, 8]), max_frames=5)
+    for a, e, f in frames:
+        gp.add_frame(a, e, f, solve=False)
+    gp.solve()
+    probe = _emt_frames(1, seed=12)[0][0]
+    good = gp.predict(probe)
+    keep = {k: getattr(gp, k).copy() for k in ("_AFw", "_AEw", "_Linv", "b_F", "c_E", "C_E")}
+    keep["Ew"] = gp._EwT.view.copy()
+    # what the rebuild forms equals what the updates and downdates maintained
+    gp.rebuild_accumulators(chunk=7)
+    for k, v in keep.items():
+        now = gp._EwT.view if k == "Ew" else getattr(gp, k)
+        np.testing.assert_allclose(now, v, atol=1e-7 * np.abs(v).max(), err_msg=k)
+    # an indefinite force accumulator: solve() warns, rebuilds and gives the same model
+    v = np.ones(gp.n_sparse)
+    gp._AFw -= 1e6 * np.outer(v, v)
+    with caplog.at_level("WARNING", logger="otfml.gp"):
+        gp.solve()
+    assert "re-forming them from the stored rows" in caplog.text
+    again = gp.predict(probe)
+    np.testing.assert_allclose(again.forces, good.forces, atol=1e-6 * np.abs(good.forces).max())
+    assert again.energy == pytest.approx(good.energy, abs=1e-6)
