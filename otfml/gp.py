@@ -880,8 +880,8 @@ class SparseGP:
         """Re-form the factor of K_mm and every accumulator from the stored rows.
 
         What the incremental updates maintain, computed afresh: ``L^-1`` from
-        ``K_mm``, the whitened force accumulator ``L^-1 R^T R L^-T`` (``chunk``
-        force rows at a time), the whitened energy rows and their outer-product
+        ``K_mm``, the whitened force accumulator ``L^-1 (R^T R) L^-T`` (``R^T R``
+        summed ``chunk`` force rows at a time), the whitened energy rows and their outer-product
         sum, and the label sums.  O(rows M^2); used when rounding has made the
         incrementally updated system indefinite.
         """
@@ -889,10 +889,11 @@ class SparseGP:
         L = scipy.linalg.cholesky(self._Kt + _JITTER * np.eye(M), lower=True)
         self._Linv = scipy.linalg.solve_triangular(L, np.eye(M), lower=True)
         R = self._RF.view
-        self._AFw = np.zeros((M, M))
+        A = np.zeros((M, M))
         for i in range(0, len(R), chunk):
-            W = self._Linv @ R[i: i + chunk].T
-            self._AFw += W @ W.T
+            Rc = R[i: i + chunk]
+            A += Rc.T @ Rc  # a symmetric rank-k update (BLAS syrk)
+        self._AFw = self._Linv @ A @ self._Linv.T
         self._AFw = 0.5 * (self._AFw + self._AFw.T)
         inv_n = np.array([1.0 / len(fr.numbers) for fr in self.frames])
         energies = np.array([fr.energy for fr in self.frames])
