@@ -690,16 +690,12 @@ class SparseGP:
         E_rows, R_new = self._rows_all(cols)  # (frames, n_new), (sum 3N, n_new)
         A12 = self._RF.view.T @ R_new
         A22 = R_new.T @ R_new
-        inv_n = np.array([1.0 / len(fr.numbers) for fr in self.frames])
-        energies = np.array([fr.energy for fr in self.frames])
-        counts = np.array([fr.counts for fr in self.frames]).reshape(
-            len(self.frames), len(self.descriptor.species))
-        E_new = (E_rows * np.sqrt(inv_n)[:, None]).T  # whitening wants rows / sqrt(N)
-        self.c_E = np.concatenate([self.c_E, E_rows.T @ (energies * inv_n)])
-        self.C_E = np.vstack([self.C_E, E_rows.T @ (counts * inv_n[:, None])])
-        f_all = (np.concatenate([fr.forces.ravel() for fr in self.frames])
-                 if self.frames else np.zeros(0))
-        self.b_F = np.concatenate([self.b_F, R_new.T @ f_all])
+        labels = self._labels(self.frames)
+        E_new = (E_rows * np.sqrt(labels[0])[:, None]).T  # whitening wants rows / sqrt(N)
+        sums = self._label_sums(E_rows, R_new, labels)
+        self.c_E = np.concatenate([self.c_E, sums["c_E"]])
+        self.C_E = np.vstack([self.C_E, sums["C_E"]])
+        self.b_F = np.concatenate([self.b_F, sums["b_F"]])
         self._RF.add_columns(R_new)
         self._RE.add_columns(E_rows)
         # whitened force accumulator: new blocks from the old ones (see docstring)
@@ -837,21 +833,12 @@ class SparseGP:
         self._AFw = 0.5 * (self._AFw + self._AFw.T)
         Ew = self._EwT.view[:n]
         self._AEw -= Ew.T @ Ew
-        inv_n = np.array([1.0 / len(fr.numbers) for fr in old])
-        energies = np.array([fr.energy for fr in old])
-        counts = np.array([fr.counts for fr in old])
-        f = np.concatenate([fr.forces.ravel() for fr in old])
-        RE = self._RE.view[:n]
-        self.c_E -= RE.T @ (energies * inv_n)
-        self.C_E -= RE.T @ (counts * inv_n[:, None])
-        self.b_F -= R.T @ f
-        self._EE -= float(np.sum(energies**2 * inv_n))
-        self._En -= (energies * inv_n) @ counts
-        self._nn -= (counts * inv_n[:, None]).T @ counts
-        self._ff -= float(f @ f)
+        labels = self._labels(old)
+        for name, value in self._label_sums(self._RE.view[:n], R, labels).items():
+            setattr(self, name, getattr(self, name) - value)
         self._n_e -= n
-        self._n_f -= len(f)
-        self._logN += float(np.sum(np.log(inv_n)))
+        self._n_f -= 3 * n_atoms
+        self._logN += float(np.sum(np.log(labels[0])))
         self._RF.drop_rows(3 * n_atoms)
         self._RE.drop_rows(n)
         self._EwT.drop_rows(n)
@@ -895,22 +882,37 @@ class SparseGP:
             A += Rc.T @ Rc  # a symmetric rank-k update (BLAS syrk)
         self._AFw = self._Linv @ A @ self._Linv.T
         self._AFw = 0.5 * (self._AFw + self._AFw.T)
-        inv_n = np.array([1.0 / len(fr.numbers) for fr in self.frames])
-        energies = np.array([fr.energy for fr in self.frames])
-        counts = np.array([fr.counts for fr in self.frames]).reshape(len(self.frames), -1)
+        labels = self._labels(self.frames)
         RE = self._RE.view
-        Ew = self._Linv @ (RE * np.sqrt(inv_n)[:, None]).T  # (M, frames)
+        Ew = self._Linv @ (RE * np.sqrt(labels[0])[:, None]).T  # (M, frames)
         self._EwT.drop_rows(self._EwT.n)
         self._EwT.append(Ew.T)
         self._AEw = Ew @ Ew.T
-        self.c_E = RE.T @ (energies * inv_n)
-        self.C_E = RE.T @ (counts * inv_n[:, None])
-        f = np.concatenate([fr.forces.ravel() for fr in self.frames])
-        self.b_F = R.T @ f
-        self._EE = float(np.sum(energies**2 * inv_n))
-        self._En = (energies * inv_n) @ counts
-        self._nn = (counts * inv_n[:, None]).T @ counts
-        self._ff = float(f @ f)
+        for name, value in self._label_sums(RE, R, labels).items():
+            setattr(self, name, value)
+
+    def _labels(self, frames: list) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """1/N (frames,), energies (frames,) eV, element counts (frames, S) and all
+        forces (sum 3N,) eV/Å of ``frames``."""
+        inv_n = np.array([1.0 / len(fr.numbers) for fr in frames])
+        energies = np.array([fr.energy for fr in frames])
+        counts = np.array([fr.counts for fr in frames]).reshape(
+            len(frames), len(self.descriptor.species))
+        f = np.concatenate([fr.forces.ravel() for fr in frames]) if frames else np.zeros(0)
+        return inv_n, energies, counts, f
+
+    @staticmethod
+    def _label_sums(RE: np.ndarray, R: np.ndarray, labels: tuple) -> dict:
+        """What frames contribute to the label accumulators (attribute name: value).
+
+        ``RE`` (frames, m) and ``R`` (sum 3N, m) are their energy and force rows
+        against m sparse columns, ``labels`` what :meth:`_labels` returns for them.
+        """
+        inv_n, energies, counts, f = labels
+        return {"c_E": RE.T @ (energies * inv_n), "C_E": RE.T @ (counts * inv_n[:, None]),
+                "b_F": R.T @ f, "_EE": float(np.sum(energies**2 * inv_n)),
+                "_En": (energies * inv_n) @ counts,
+                "_nn": (counts * inv_n[:, None]).T @ counts, "_ff": float(f @ f)}
 
     def fit_baseline(self) -> np.ndarray:
         """Per-species energy baselines e0 (eV) by least squares on energy per atom.
