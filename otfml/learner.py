@@ -411,7 +411,7 @@ class Learner:
                                  None if pred is None else pred.novelty,
                                  n_frames=self.model.n_frames, numbers=atoms.numbers)
         if self.request_reference:
-            dec = Decision(True, "requested", dec.max_force_std)
+            dec = Decision(True, "requested", dec.max_force_std, dec.force_std)
             self.request_reference = False
         if dec.reason == "budget exhausted" and not self._budget_warned:
             log.warning("reference budget of %s calls used up at step %d; the model is "
@@ -421,8 +421,7 @@ class Learner:
             if pred is None:
                 raise ConfigError("no model and no reference budget left: raise max_calls")
             self.steps_since_call += 1
-            fstd = self.policy.force_std(pred.novelty, atoms.numbers)
-            res = StepResult(pred.energy, pred.forces, "model", fstd, dec.max_force_std,
+            res = StepResult(pred.energy, pred.forces, "model", dec.force_std, dec.max_force_std,
                              dec.reason, pred)
         else:
             charge, mult = self.charge_and_multiplicity(atoms)  # checked where it is needed
@@ -467,8 +466,7 @@ class Learner:
         log.warning("%s\n-> step %d uses the model's prediction (learning.on_reference_failure"
                     " = use_model; %d failure(s) in a row); nothing was stored", err, step,
                     self.failures_in_a_row)
-        fstd = p.force_std(pred.novelty, pred.env.numbers)
-        return StepResult(pred.energy, pred.forces, "model", fstd, dec.max_force_std,
+        return StepResult(pred.energy, pred.forces, "model", dec.force_std, dec.max_force_std,
                           "reference failed", pred)
 
     def _check_label(self, label, pred, atoms, step: int) -> None:

@@ -66,11 +66,14 @@ class Decision:
         ``"budget exhausted"``, ``"min interval"``).
     max_force_std : float
         Largest calibrated per-atom force-error estimate, eV/Å (NaN without a model).
+    force_std : ndarray (n_atoms,) or None
+        The calibrated per-atom force-error estimate, eV/Å (None without a model).
     """
 
     call: bool
     reason: str
     max_force_std: float = float("nan")
+    force_std: np.ndarray | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -279,21 +282,23 @@ class LearningPolicy:
             Atomic numbers (for the "element" calibration).
         """
         n_frames = n_calls if n_frames is None else n_frames
+        fstd = None if uncertainty is None else self.force_std(uncertainty, numbers)
+        est = float("nan") if fstd is None else float(np.max(fstd))
         if uncertainty is None or n_frames < self.initial_calls:
             if self.max_calls is not None and n_calls >= self.max_calls:
-                return Decision(False, "budget exhausted")
-            return Decision(True, "no model")
-        est = float(np.max(self.force_std(uncertainty, numbers)))
+                return Decision(False, "budget exhausted", est, fstd)
+            return Decision(True, "no model", est, fstd)
         if self.max_calls is not None and n_calls >= self.max_calls:
-            return Decision(False, "budget exhausted", est)
-        if not self._ratios:
+            call, reason = False, "budget exhausted"
+        elif not self._ratios:
             # a model without a calibration (warm start, resume): its estimate is in
             # uncalibrated units, so one call measures its actual error first
-            return Decision(True, "calibrating", est)
-        if self.force_call_every and steps_since_call >= self.force_call_every:
-            return Decision(True, "forced", est)
-        if est > self.tolerance:
-            if steps_since_call < self.min_steps_between_calls:
-                return Decision(False, "min interval", est)
-            return Decision(True, "uncertain", est)
-        return Decision(False, "trusted", est)
+            call, reason = True, "calibrating"
+        elif self.force_call_every and steps_since_call >= self.force_call_every:
+            call, reason = True, "forced"
+        elif est > self.tolerance:
+            call = steps_since_call >= self.min_steps_between_calls
+            reason = "uncertain" if call else "min interval"
+        else:
+            call, reason = False, "trusted"
+        return Decision(call, reason, est, fstd)
