@@ -145,37 +145,30 @@ def _pair_basis(D, r_c, mu, width, l_max, norm, B, dB):
 
 
 @njit(cache=True)
-def _expansion(n_atoms, n_species, pi, pj, D, sj, r_c, mu, width, l_max, norm):
-    """Density coefficients c[i, s*n_max + n, lm] and the pair basis gradients.
-
-    Returns ``c`` (n_atoms, K, L) and ``dB`` (n_pairs, n_max, L, 3), the
-    gradient of every pair's basis values, which both gradient passes reuse.
-    """
+def _pair_bases(D, r_c, mu, width, l_max, norm):
+    """Basis values of every pair (n_pairs, n_max, L) and their gradients (n_pairs, n_max, L, 3)."""
     n_max = mu.shape[0]
     L = (l_max + 1) * (l_max + 1)
+    B = np.empty((D.shape[0], n_max, L))
+    dB = np.empty((D.shape[0], n_max, L, 3))
+    for q in range(D.shape[0]):
+        _pair_basis(D[q], r_c, mu, width, l_max, norm, B[q], dB[q])
+    return B, dB
+
+
+@njit(cache=True)
+def _expansion(n_atoms, n_species, pi, sj, B):
+    """Density coefficients c[i, s*n_max + n, lm] (n_atoms, K, L): pair bases summed per centre."""
+    n_max = B.shape[1]
+    L = B.shape[2]
     c = np.zeros((n_atoms, n_species * n_max, L))
-    B = np.empty((n_max, L))
-    dB = np.empty((pi.shape[0], n_max, L, 3))
     for q in range(pi.shape[0]):
-        _pair_basis(D[q], r_c, mu, width, l_max, norm, B, dB[q])
         i = pi[q]
         off = sj[q] * n_max
         for n in range(n_max):
             for k in range(L):
-                c[i, off + n, k] += B[n, k]
-    return c, dB
-
-
-@njit(cache=True)
-def _pair_gradients(D, r_c, mu, width, l_max, norm):
-    """Gradients of every pair's basis values, (n_pairs, n_max, L, 3)."""
-    n_max = mu.shape[0]
-    L = (l_max + 1) * (l_max + 1)
-    B = np.empty((n_max, L))
-    dB = np.empty((D.shape[0], n_max, L, 3))
-    for q in range(D.shape[0]):
-        _pair_basis(D[q], r_c, mu, width, l_max, norm, B, dB[q])
-    return dB
+                c[i, off + n, k] += B[q, n, k]
+    return c
 
 
 @njit(cache=True)
@@ -445,10 +438,8 @@ class Descriptor:
         pj = pj.astype(np.int64)
         D = np.ascontiguousarray(D, dtype=float)
         sj = spec[pj]
-        c, dB = _expansion(
-            len(numbers), len(self.species), pi, pj, D, sj,
-            self.cutoff, self.mu, self.width, self.l_max, self._norm,
-        )
+        B, dB = _pair_bases(D, self.cutoff, self.mu, self.width, self.l_max, self._norm)
+        c = _expansion(len(numbers), len(self.species), pi, sj, B)
         p = _power(c, self.l_max, self._qa, self._qb, self._qw)
         return Environments(p=p, species=spec, numbers=numbers, c=c, pi=pi, pj=pj, D=D, sj=sj,
                             dB=dB)
@@ -473,7 +464,7 @@ class Descriptor:
     def _dB(self, env: Environments) -> np.ndarray:
         if env.dB is not None:
             return env.dB
-        return _pair_gradients(env.D, self.cutoff, self.mu, self.width, self.l_max, self._norm)
+        return _pair_bases(env.D, self.cutoff, self.mu, self.width, self.l_max, self._norm)[1]
 
 
 @njit(cache=True)
