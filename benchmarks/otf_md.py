@@ -200,7 +200,8 @@ def table(results: list[dict]) -> str:
 
     head = [f"{r['molecule']}, seed {r['otfml']['seed']}"
             + "".join(f", {k} {v}" for k, v in r["model_settings"].items()
-                      if MODEL_DEFAULTS.get(k) != v) for r in results]
+                      if MODEL_DEFAULTS.get(k) != v)
+            + (", adaptive" if r.get("adaptive") else "") for r in results]
     lines = ["| | " + " | ".join(head) + " |", "|---" * (len(results) + 1) + "|"]
     lines += [f"| {n} | " + " | ".join(c[k] for c in cols) + " |" for k, n in enumerate(names)]
     for r, h in zip(results, head):
@@ -231,6 +232,8 @@ def main(argv=None) -> int:
                     help="eV/Å (default: otfml's default)")
     ap.add_argument("--min-steps-between-calls", type=int, default=0)
     ap.add_argument("--calibration", choices=("atom", "element", "max"), default="atom")
+    ap.add_argument("--adaptive", action="store_true",
+                    help="the tolerance follows the running errors (learning.adaptive)")
     ap.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="model setting, e.g. --set sparse_tolerance=0.01 (JSON value)")
     ap.add_argument("--json", action="store_true")
@@ -269,7 +272,7 @@ def main(argv=None) -> int:
     # otfml OTF MD from an empty store
     b = start(args.molecule, temperature, args.seed)
     policy = LearningPolicy(min_steps_between_calls=args.min_steps_between_calls,
-                            calibration=args.calibration)
+                            calibration=args.calibration, adaptive=args.adaptive)
     if args.force_tolerance is not None:
         policy.force_tolerance = args.force_tolerance
     calc = OTFCalculator(reference=MOPAC(method="PM7"), store=os.path.join(work, "otf.h5"),
@@ -301,6 +304,7 @@ def main(argv=None) -> int:
         "temperature_K": temperature,
         "model_settings": L.settings,
         "force_tolerance_eV_A": policy.force_tolerance,
+        "adaptive": policy.adaptive,
         "plain_mopac": {
             "seed": args.seed + 1,
             "steps_timed": plain_steps,

@@ -312,9 +312,11 @@ class Learner:
         self.steps_since_call = 0
         self.timings = {"model": [], "reference": [], "update": []}
         #: one dict per step: step, source, reason, max_force_std (eV/Å), energy (eV),
-        #: frames and sparse (the model's frames and sparse environments before the
-        #: step), labelled (frames the model was given, including those it let go of
-        #: under ``max_frames``), model_s and update_s (seconds, None where not done)
+        #: model_energy (the model's prediction, eV; on reference steps the one before
+        #: the update; None without a model), frames and sparse (the model's frames and
+        #: sparse environments before the step), labelled (frames the model was given,
+        #: including those it let go of under ``max_frames``), model_s and update_s
+        #: (seconds, None where not done)
         self.history: list[dict] = []
         self._budget_warned = False
         self.n_warm = 0
@@ -433,6 +435,7 @@ class Learner:
                 res = self._after_failure(err, pred, step, dec)
         self.history.append({"step": step, "source": res.source, "reason": res.reason,
                              "max_force_std": res.max_force_std, "energy": res.energy,
+                             "model_energy": None if pred is None else pred.energy,
                              "frames": n_frames, "sparse": n_sparse,
                              "labelled": n_frames + n_dropped, "model_s": t_model,
                              "update_s": t_update})

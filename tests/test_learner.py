@@ -54,6 +54,13 @@ def test_loop_calls_store_and_trusts(tmp_path):
     assert sources.count("reference") == L.n_calls
     assert L.n_calls < 0.6 * len(sources)  # the model takes over
     assert sources[:2] == ["reference", "reference"]  # initial_calls
+    # the model's own energy is kept on every step it could predict, also before an update
+    assert L.history[0]["model_energy"] is None  # no model yet
+    for h in L.history[2:]:
+        if h["source"] == "model":
+            assert h["model_energy"] == h["energy"]
+        else:
+            assert np.isfinite(h["model_energy"]) and h["model_energy"] != h["energy"]
     # a trusted step: model values with a positive uncertainty below the tolerance
     a.positions += 1e-4
     a.get_forces()

@@ -1,0 +1,125 @@
+"""Does on-the-fly learning heat the system?  Plain MOPAC MD against otfml MD.
+
+``--ensemble nvt`` (default): ``otf_md.py``'s Langevin thermostat (0.5 fs,
+friction 0.01 in ASE units, about 1/(1000 fs)); printed is the mean
+temperature of each tenth of the run and of its second half.  A thermostat this
+weak lets a 21-atom molecule's block means wander by tens of kelvin, so compare
+plain MOPAC runs of several seeds with the otfml run.
+
+``--ensemble nve``: velocity Verlet, 0.5 fs.  Every 10th step the kinetic
+energy plus MOPAC's energy of that geometry (one extra MOPAC call, also for the
+otfml run) gives the total energy on MOPAC's surface; printed is its drift
+(linear fit, eV/ps).  For the otfml run also printed: the sum over the
+reference calls of how much each update moved the model's energy at the
+geometry it was called for (updated model minus the prediction before, eV),
+and the mean of the model's energy error at the calls before the update.
+
+Both runs start alike (same seed); they part within a few hundred steps.
+
+    python benchmarks/temperature.py --molecule aspirin --steps 10000 --mode plain --seed 1
+    python benchmarks/temperature.py --molecule aspirin --steps 3000 --ensemble nve
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+import numpy as np
+from ase import units
+from ase.calculators.mopac import MOPAC
+from ase.md.verlet import VelocityVerlet
+from otf_md import MOLECULES, md, start
+
+
+def nve(atoms, steps: int, check, on_step=None) -> dict:
+    """Velocity Verlet; total energy on MOPAC's surface every 10th step, its drift."""
+    dyn = VelocityVerlet(atoms, 0.5 * units.fs)
+    rows = []
+
+    def observe():
+        if on_step is not None:
+            on_step()
+        if dyn.nsteps % 10 == 0:
+            x = atoms.copy()
+            x.calc = check
+            rows.append((dyn.nsteps, atoms.get_kinetic_energy() + x.get_potential_energy(),
+                         atoms.get_temperature()))
+
+    dyn.attach(observe, interval=1)
+    dyn.run(steps)
+    r = np.array(rows)
+    t_ps = r[:, 0] * 0.5e-3
+    fit = np.polyfit(t_ps, r[:, 1], 1)
+    return {"drift_eV_per_ps": float(fit[0]),
+            "total_energy_scatter_eV": float(np.std(r[:, 1] - np.polyval(fit, t_ps))),
+            "mean_T_K": float(r[:, 2].mean())}
+
+
+def run(mode: str, ensemble: str, molecule: str, steps: int, seed: int, work: str) -> dict:
+    from otfml.reference import MopacReference
+
+    command = MopacReference().command
+    temperature = MOLECULES[molecule][1]
+    atoms = start(molecule, temperature, seed)
+    if mode == "plain":
+        atoms.calc = MOPAC(method="PM7", label=os.path.join(work, mode, "m"), command=command)
+    else:
+        from otfml import OTFCalculator
+
+        atoms.calc = OTFCalculator(reference=MOPAC(method="PM7"),
+                                   store=os.path.join(work, "otf.h5"))
+    out = {"mode": mode, "ensemble": ensemble, "molecule": molecule, "steps": steps,
+           "seed": seed}
+    shifts = []
+
+    def refit_shift():
+        # after a reference step: the updated model's energy there minus its prediction before
+        h = atoms.calc.learner.history
+        if h and h[-1]["source"] == "reference" and h[-1]["model_energy"] is not None:
+            if not shifts or shifts[-1][0] != h[-1]["step"]:
+                after = atoms.calc.model.predict(atoms).energy
+                shifts.append((h[-1]["step"], after - h[-1]["model_energy"],
+                               h[-1]["model_energy"] - h[-1]["energy"]))
+
+    if ensemble == "nvt":
+        wall, temps, _, _ = md(atoms, steps, temperature, seed)
+        out.update({"thermostat_K": temperature, "wall_s": wall,
+                    "mean_T_by_tenth_K": [float(b.mean()) for b in np.array_split(temps, 10)],
+                    "mean_T_second_half_K": float(temps[len(temps) // 2:].mean()),
+                    "max_T_K": float(temps.max())})
+    else:
+        check = MOPAC(method="PM7", label=os.path.join(work, "check-" + mode, "m"),
+                      command=command)
+        out.update(nve(atoms, steps, check, refit_shift if mode == "otfml" else None))
+    if mode == "otfml":
+        out["reference_calls"] = atoms.calc.learner.n_calls
+        if shifts:
+            s = np.array(shifts)
+            out["sum_of_update_shifts_eV"] = float(s[:, 1].sum())
+            out["mean_update_shift_meV"] = 1e3 * float(s[:, 1].mean())
+            out["mean_model_minus_reference_at_calls_meV"] = 1e3 * float(s[:, 2].mean())
+        atoms.calc.close()
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--molecule", choices=sorted(MOLECULES), default="aspirin")
+    ap.add_argument("--steps", type=int, default=10000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mode", choices=("plain", "otfml", "both"), default="both")
+    ap.add_argument("--ensemble", choices=("nvt", "nve"), default="nvt")
+    args = ap.parse_args(argv)
+    work = tempfile.mkdtemp(prefix="otfml-temperature-")
+    for mode in ("plain", "otfml") if args.mode == "both" else (args.mode,):
+        print(json.dumps(run(mode, args.ensemble, args.molecule, args.steps, args.seed, work)))
+        sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
