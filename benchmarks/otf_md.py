@@ -101,12 +101,14 @@ def rss_mb() -> float | None:
         return None
 
 
-def md(atoms, steps, temperature, seed, every=20):
+def md(atoms, steps, temperature, seed, every=20, observers=()):
     """Langevin MD; returns wall time, temperatures, every `every`-th frame with its forces,
-    and the resident memory (MB) at those steps."""
+    and the resident memory (MB) at those steps. ``observers`` are attached first."""
     rng = np.random.default_rng(seed + 1)
     dyn = Langevin(atoms, 0.5 * units.fs, temperature_K=temperature, friction=0.01,
                    fixcm=False, rng=rng)
+    for f in observers:
+        dyn.attach(f, interval=1)
     temps, frames, rss = [], [], {}
 
     def observe():

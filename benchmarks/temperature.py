@@ -35,9 +35,11 @@ from ase.md.verlet import VelocityVerlet
 from otf_md import MOLECULES, md, start
 
 
-def nve(atoms, steps: int, check, on_step=None) -> dict:
+def nve(atoms, steps: int, check, on_step=None, compensation=None) -> dict:
     """Velocity Verlet; total energy on MOPAC's surface every 10th step, its drift."""
     dyn = VelocityVerlet(atoms, 0.5 * units.fs)
+    if compensation is not None:
+        dyn.attach(compensation, interval=1)
     rows = []
 
     def observe():
@@ -55,11 +57,15 @@ def nve(atoms, steps: int, check, on_step=None) -> dict:
     t_ps = r[:, 0] * 0.5e-3
     fit = np.polyfit(t_ps, r[:, 1], 1)
     return {"drift_eV_per_ps": float(fit[0]),
+            "total_energy_change_eV": float(r[-30:, 1].mean() - r[:30, 1].mean()),
+            "total_energy_by_tenth_eV": [float(b.mean() - r[0, 1])
+                                         for b in np.array_split(r[:, 1], 10)],
             "total_energy_scatter_eV": float(np.std(r[:, 1] - np.polyval(fit, t_ps))),
             "mean_T_K": float(r[:, 2].mean())}
 
 
-def run(mode: str, ensemble: str, molecule: str, steps: int, seed: int, work: str) -> dict:
+def run(mode: str, ensemble: str, molecule: str, steps: int, seed: int, work: str,
+        compensate: bool = False) -> dict:
     from otfml.reference import MopacReference
 
     command = MopacReference().command
@@ -75,6 +81,12 @@ def run(mode: str, ensemble: str, molecule: str, steps: int, seed: int, work: st
     out = {"mode": mode, "ensemble": ensemble, "molecule": molecule, "steps": steps,
            "seed": seed}
     shifts = []
+    compensation = None
+    if mode == "otfml" and compensate:
+        from otfml.compensation import EnergyCompensation
+
+        compensation = EnergyCompensation(atoms)
+        out["energy_compensation"] = True
 
     def refit_shift():
         # after a reference step: the updated model's energy there minus its prediction before
@@ -86,7 +98,8 @@ def run(mode: str, ensemble: str, molecule: str, steps: int, seed: int, work: st
                                h[-1]["model_energy"] - h[-1]["energy"]))
 
     if ensemble == "nvt":
-        wall, temps, _, _ = md(atoms, steps, temperature, seed)
+        wall, temps, _, _ = md(atoms, steps, temperature, seed, observers=[
+            f for f in (compensation, refit_shift if mode == "otfml" else None) if f])
         out.update({"thermostat_K": temperature, "wall_s": wall,
                     "mean_T_by_tenth_K": [float(b.mean()) for b in np.array_split(temps, 10)],
                     "mean_T_second_half_K": float(temps[len(temps) // 2:].mean()),
@@ -94,9 +107,12 @@ def run(mode: str, ensemble: str, molecule: str, steps: int, seed: int, work: st
     else:
         check = MOPAC(method="PM7", label=os.path.join(work, "check-" + mode, "m"),
                       command=command)
-        out.update(nve(atoms, steps, check, refit_shift if mode == "otfml" else None))
+        out.update(nve(atoms, steps, check, refit_shift if mode == "otfml" else None,
+                       compensation))
     if mode == "otfml":
         out["reference_calls"] = atoms.calc.learner.n_calls
+        if compensation is not None:
+            out["taken_from_kinetic_energy_eV"] = compensation.total
         if shifts:
             s = np.array(shifts)
             out["sum_of_update_shifts_eV"] = float(s[:, 1].sum())
@@ -113,10 +129,13 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--mode", choices=("plain", "otfml", "both"), default="both")
     ap.add_argument("--ensemble", choices=("nvt", "nve"), default="nvt")
+    ap.add_argument("--compensate", action="store_true",
+                    help="otfml run with otfml.compensation.EnergyCompensation attached")
     args = ap.parse_args(argv)
     work = tempfile.mkdtemp(prefix="otfml-temperature-")
     for mode in ("plain", "otfml") if args.mode == "both" else (args.mode,):
-        print(json.dumps(run(mode, args.ensemble, args.molecule, args.steps, args.seed, work)))
+        print(json.dumps(run(mode, args.ensemble, args.molecule, args.steps, args.seed, work,
+                             args.compensate)))
         sys.stdout.flush()
     return 0
 

@@ -10,13 +10,14 @@ from ase.build import molecule
 from ase.calculators.mopac import MOPAC
 from ase.md.langevin import Langevin
 
-from otfml import OTFCalculator
+from otfml import EnergyCompensation, OTFCalculator
 
 logging.basicConfig(level=logging.INFO)
 
 atoms = molecule("CH3CH2OH")
 atoms.calc = OTFCalculator(reference=MOPAC(method="PM7"), store="ethanol.h5")
 dyn = Langevin(atoms, 0.5 * units.fs, temperature_K=500, friction=0.01)
+dyn.attach(EnergyCompensation(atoms), interval=1)  # keeps learning from heating the run
 
 
 def report():

@@ -6,6 +6,7 @@ geometry, the frame is appended to an HDF5 store and the model is updated.
 """
 
 from .calculator import OTFCalculator
+from .compensation import EnergyCompensation
 from .descriptor import Descriptor
 from .errors import ConfigError, FingerprintMismatch, OTFMLError, ReferenceFailed, StoreError
 from .gp import SparseGP
@@ -15,7 +16,8 @@ from .reference import CalculatorReference, MopacReference
 from .store import Store
 
 __all__ = [
-    "OTFCalculator", "Descriptor", "SparseGP", "Learner", "LearningPolicy", "Store",
+    "OTFCalculator", "EnergyCompensation", "Descriptor", "SparseGP", "Learner", "LearningPolicy",
+    "Store",
     "MopacReference", "CalculatorReference",
     "OTFMLError", "ConfigError", "StoreError", "ReferenceFailed", "FingerprintMismatch",
 ]

@@ -134,6 +134,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
                                 "temperature_K to this over the steps (annealing/heating)",
                                 nullable=True, minimum=0),
         "friction_per_fs": _f(NUM, 0.002, "Langevin friction, 1/fs", positive=True),
+        "compensate_updates": _f(bool, True, "MD: after each model update, take the energy "
+                                 "the update added at that geometry out of the kinetic energy "
+                                 "(otfml.compensation), so that learning does not heat the run"),
         "seed": _f(int, 0, "Random seed of velocities and thermostat"),
         "optimizer": _f(str, "BFGS", "ASE optimizer", choices=("BFGS", "FIRE", "LBFGS")),
         "fmax": _f(NUM, 0.05, "Optimizer convergence: largest force, eV/Å", positive=True),

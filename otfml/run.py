@@ -589,6 +589,12 @@ def _run_md(atoms: Atoms, calc: OTFCalculator, drv: dict, sdir: str, name: str,
     log.info("stage %s: %s MD of %s (%d atoms), %d steps of %g fs at %g K%s", name,
              drv["ensemble"], atoms.get_chemical_formula(), len(atoms), drv["steps"],
              drv["timestep_fs"], t_start, f" -> {t_end} K" if t_end is not None else "")
+    compensation = None
+    if drv["compensate_updates"]:
+        from .compensation import EnergyCompensation
+
+        compensation = EnergyCompensation(atoms)
+        dyn.attach(compensation, interval=1)  # before the step log: it logs the result
     progress = Progress(drv["steps"] + 1, name, out["progress_every"], start=done)
     steplog = _StepLog(atoms, calc, sdir, drv["log_interval"], drv["timestep_fs"], progress)
     dyn.attach(steplog, interval=1)
@@ -617,6 +623,8 @@ def _run_md(atoms: Atoms, calc: OTFCalculator, drv: dict, sdir: str, name: str,
     atoms.info["energy"] = float(atoms.get_potential_energy())
     _write_final(sdir, [atoms])
     return {"final_temperature_K": float(atoms.get_temperature()),
+            "energy_taken_by_compensation_eV": None if compensation is None
+            else compensation.total,
             "final_energy_eV": float(atoms.get_potential_energy()),
             "resumed_from_md_step": done}
 

@@ -11,7 +11,7 @@ from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 from ase.optimize import BFGS
 
-from otfml import OTFCalculator
+from otfml import EnergyCompensation, OTFCalculator
 from otfml.errors import ConfigError, FingerprintMismatch
 from otfml.policy import LearningPolicy
 from otfml.store import Store
@@ -179,6 +179,8 @@ def test_otf_md_with_mopac_stays_physical_and_stores_every_call(tmp_path):
     a.calc = OTFCalculator(reference=MOPAC(method="PM7"), store=str(tmp_path / "e.h5"))
     rng = np.random.default_rng(0)
     dyn = Langevin(a, 0.5 * units.fs, temperature_K=500, friction=0.01, rng=rng, fixcm=False)
+    comp = EnergyCompensation(a)
+    dyn.attach(comp, interval=1)
     temps, srcs = [], []
     dyn.attach(lambda: (temps.append(a.get_temperature()),
                         srcs.append(a.calc.results["source"])), interval=1)
@@ -186,6 +188,7 @@ def test_otf_md_with_mopac_stays_physical_and_stores_every_call(tmp_path):
     L = a.calc.learner
     assert 0 < L.n_calls < 400 and srcs.count("model") > 100
     assert max(temps) < 1500  # no blow-up from a symmetric start
+    assert comp.total != 0.0 and comp.pending == 0.0  # updates were compensated, in full
     a.calc.close()
     with Store(tmp_path / "e.h5") as st:
         assert len(st) == L.n_calls

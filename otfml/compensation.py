@@ -1,0 +1,91 @@
+"""Keep on-the-fly MD from heating: give back the energy each model update adds.
+
+A model learns where it was wrong. Where MD walks into a region whose energy
+the model puts too low, the model's forces speed the atoms up; the update at
+the reference call then lifts the model's energy at that geometry, but the
+kinetic energy gained stays. On aspirin/PM7 (velocity Verlet, 3000 steps) the
+total energy on MOPAC's surface rose by 0.43 eV/ps this way (plain MOPAC MD:
+0.001 eV/ps), about as much as the sum of the energy shifts of the updates at
+their geometries. Using the updated model's forces instead of MOPAC's at
+the call steps did not help (0.49 eV/ps): the updates, not the switch of
+surfaces, feed the energy in.
+
+:class:`EnergyCompensation` is an ASE dynamics observer that, after each step
+the reference labelled, takes the update's energy shift at that geometry out of
+the kinetic energy (scaling the momenta), so the model's total energy does not
+jump at updates.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+from ase import Atoms
+
+__all__ = ["EnergyCompensation"]
+
+log = logging.getLogger(__name__)
+
+
+class EnergyCompensation:
+    """ASE dynamics observer that takes each model update's energy shift out of the kinetic energy.
+
+    After a step that called the reference, the updated model's energy at
+    that geometry minus the model's prediction before the update (eV) is
+    the shift; the momenta are scaled so that the kinetic energy changes by
+    minus the shift.  At most ``max_fraction`` of the kinetic energy is taken
+    at once; what is left over is taken at the following steps.
+
+    Parameters
+    ----------
+    atoms : ase.Atoms
+        The atoms the dynamics moves; their calculator is an
+        :class:`otfml.OTFCalculator`.
+    max_fraction : float, default 0.5
+        Largest fraction of the kinetic energy taken (or added) at one step.
+
+    Attributes
+    ----------
+    total : float
+        Energy taken out of the kinetic energy so far, eV (negative: given).
+    pending : float
+        Shift not yet applied (the cap), eV.
+
+    Examples
+    --------
+    >>> dyn = Langevin(atoms, 0.5 * units.fs, temperature_K=500, friction=0.002 / units.fs)
+    >>> dyn.attach(EnergyCompensation(atoms), interval=1)
+    """
+
+    def __init__(self, atoms: Atoms, max_fraction: float = 0.5) -> None:
+        if not 0 < max_fraction < 1:
+            raise ValueError(f"max_fraction={max_fraction}; it must be between 0 and 1")
+        self.atoms = atoms
+        self.max_fraction = float(max_fraction)
+        self.total = 0.0
+        self.pending = 0.0
+        self._seen = None
+
+    def __call__(self) -> None:
+        calc = self.atoms.calc
+        learner = calc.learner
+        last = learner.history[-1] if learner.history else None
+        if (last is not None and last["step"] != self._seen and last["source"] == "reference"
+                and last["model_energy"] is not None and calc.atoms is not None
+                and np.array_equal(calc.atoms.positions, self.atoms.positions)):
+            self._seen = last["step"]
+            self.pending += learner.model.predict(self.atoms).energy - last["model_energy"]
+        if self.pending == 0.0:
+            return
+        ke = self.atoms.get_kinetic_energy()
+        if ke <= 0.0:
+            return
+        take = float(np.clip(self.pending, -self.max_fraction * ke, self.max_fraction * ke))
+        self.atoms.set_momenta(self.atoms.get_momenta() * math.sqrt((ke - take) / ke),
+                               apply_constraint=False)
+        self.pending -= take
+        self.total += take
+        log.debug("step %s: %.4f eV taken from the kinetic energy (%.4f eV pending)",
+                  self._seen, take, self.pending)
