@@ -4,7 +4,8 @@ Plain MOPAC MD runs from the same geometry with other Maxwell-Boltzmann
 velocities and thermostat noise (``--seed + 1``): it gives the wall time per
 step of plain MOPAC MD *and* an independent labelled trajectory (every 20th
 frame, MOPAC's own forces) on which the final model is tested.  The OTF run
-(``--seed``) then starts from an empty store.  Printed:
+(``--seed``) then starts from an empty store, with ``otfml.EnergyCompensation``
+attached as README's example does (``--no-compensation``: without).  Printed:
 
 * steps, reference calls and their spread over the quarters of the run;
 * wall times and their ratio; where the OTF time went (model, MOPAC, updates);
@@ -203,7 +204,8 @@ def table(results: list[dict]) -> str:
     head = [f"{r['molecule']}, seed {r['otfml']['seed']}"
             + "".join(f", {k} {v}" for k, v in r["model_settings"].items()
                       if MODEL_DEFAULTS.get(k) != v)
-            + (", adaptive" if r.get("adaptive") else "") for r in results]
+            + (", adaptive" if r.get("adaptive") else "")
+            + (", compensated" if r.get("energy_compensation") else "") for r in results]
     lines = ["| | " + " | ".join(head) + " |", "|---" * (len(results) + 1) + "|"]
     lines += [f"| {n} | " + " | ".join(c[k] for c in cols) + " |" for k, n in enumerate(names)]
     for r, h in zip(results, head):
@@ -234,6 +236,8 @@ def main(argv=None) -> int:
                     help="eV/Å (default: otfml's default)")
     ap.add_argument("--min-steps-between-calls", type=int, default=0)
     ap.add_argument("--calibration", choices=("atom", "element", "max"), default="atom")
+    ap.add_argument("--no-compensation", action="store_true",
+                    help="run the OTF MD without otfml.EnergyCompensation")
     ap.add_argument("--adaptive", action="store_true",
                     help="the tolerance follows the running errors (learning.adaptive)")
     ap.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -280,7 +284,11 @@ def main(argv=None) -> int:
     calc = OTFCalculator(reference=MOPAC(method="PM7"), store=os.path.join(work, "otf.h5"),
                          policy=policy, model_settings=parse_settings(args.set))
     b.calc = calc
-    otf_wall, otf_T, frames, rss = md(b, args.steps, temperature, args.seed)
+    from otfml import EnergyCompensation
+
+    comp = None if args.no_compensation else EnergyCompensation(b)
+    otf_wall, otf_T, frames, rss = md(b, args.steps, temperature, args.seed,
+                                      observers=[comp] if comp else [])
     L = calc.learner
 
     # the forces the OTF run used, against fresh MOPAC on every 20th frame
@@ -307,6 +315,7 @@ def main(argv=None) -> int:
         "model_settings": L.settings,
         "force_tolerance_eV_A": policy.force_tolerance,
         "adaptive": policy.adaptive,
+        "energy_compensation": comp is not None,
         "plain_mopac": {
             "seed": args.seed + 1,
             "steps_timed": plain_steps,
@@ -332,6 +341,7 @@ def main(argv=None) -> int:
                 bins=4, range=(1, args.steps + 2))[0].tolist(),
             "mean_T_second_half_K": float(otf_T[half:].mean()),
             "max_T_K": float(otf_T.max()),
+            "taken_from_kinetic_energy_eV": None if comp is None else comp.total,
         },
         "wall_ratio_otf_over_plain": otf_wall / plain_extrapolated,
         "model_step_over_mopac_call": float(np.median(t["model"]) / np.median(t["reference"])),
