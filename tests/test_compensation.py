@@ -30,7 +30,7 @@ def _step(a, dx=0.01):
 
 def test_the_update_shift_is_taken_from_the_kinetic_energy(cluster):
     a = cluster
-    comp = EnergyCompensation(a)
+    comp = EnergyCompensation(a, min_frames=0)
     for _ in range(3):  # a model exists from the second step on
         _step(a)
         comp()
@@ -59,7 +59,7 @@ def test_the_update_shift_is_taken_from_the_kinetic_energy(cluster):
 
 def test_a_large_shift_is_spread_over_steps_within_the_cap(cluster):
     a = cluster
-    comp = EnergyCompensation(a, max_fraction=0.01)
+    comp = EnergyCompensation(a, max_fraction=0.01, min_frames=0)
     for _ in range(4):
         a.calc.learner.request_reference = True
         _step(a)
@@ -78,7 +78,7 @@ def test_a_large_shift_is_spread_over_steps_within_the_cap(cluster):
 def test_nve_with_compensation_runs_and_keeps_the_momentum(cluster):
     a = cluster
     dyn = VelocityVerlet(a, 1.0 * units.fs)
-    comp = EnergyCompensation(a)
+    comp = EnergyCompensation(a, min_frames=0)
     dyn.attach(comp, interval=1)
     dyn.run(30)
     assert a.calc.learner.n_calls >= 2
@@ -86,6 +86,21 @@ def test_nve_with_compensation_runs_and_keeps_the_momentum(cluster):
     a.calc.close()
 
 
-def test_bad_fraction_is_refused(cluster):
+def test_a_young_model_is_not_compensated(cluster):
+    a = cluster
+    comp = EnergyCompensation(a, min_frames=5)
+    for _ in range(8):
+        a.calc.learner.request_reference = True
+        _step(a)
+        before = a.get_kinetic_energy()
+        comp()
+        young = a.calc.learner.history[-1]["frames"] < 5
+        assert (a.get_kinetic_energy() == before) == young
+    a.calc.close()
+
+
+def test_bad_settings_are_refused(cluster):
     with pytest.raises(ValueError, match="max_fraction"):
         EnergyCompensation(cluster, max_fraction=1.5)
+    with pytest.raises(ValueError, match="min_frames"):
+        EnergyCompensation(cluster, min_frames=-1)
