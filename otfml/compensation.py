@@ -16,7 +16,7 @@ the kinetic energy (scaling the momenta), so the model's total energy does not
 jump at updates.  Updates of a young model are left alone: they also move its
 energy as a whole (the per-element baseline, the hyperparameters), which heats
 nothing, and taking those moves out cooled aspirin NVE by 0.31 eV in its first
-600 steps; starting at 100 frames, by 0.09 eV.
+600 steps; starting at 100 frames, by 0.08 eV (``benchmarks/temperature.py``).
 """
 
 from __future__ import annotations
