@@ -35,7 +35,7 @@ from ase.md.verlet import VelocityVerlet
 from otf_md import MOLECULES, md, start
 
 
-def nve(atoms, steps: int, check, on_step=None, compensation=None) -> dict:
+def nve(atoms, steps: int, check, compensation=None) -> dict:
     """Velocity Verlet; total energy on MOPAC's surface every 10th step, its drift."""
     dyn = VelocityVerlet(atoms, 0.5 * units.fs)
     if compensation is not None:
@@ -43,8 +43,6 @@ def nve(atoms, steps: int, check, on_step=None, compensation=None) -> dict:
     rows = []
 
     def observe():
-        if on_step is not None:
-            on_step()
         if dyn.nsteps % 10 == 0:
             x = atoms.copy()
             x.calc = check
@@ -80,26 +78,18 @@ def run(mode: str, ensemble: str, molecule: str, steps: int, seed: int, work: st
                                    store=os.path.join(work, "otf.h5"))
     out = {"mode": mode, "ensemble": ensemble, "molecule": molecule, "steps": steps,
            "seed": seed}
-    shifts = []
     compensation = None
-    if mode == "otfml" and compensate:
+    if mode == "otfml":
         from otfml.compensation import EnergyCompensation
 
-        compensation = EnergyCompensation(atoms)
-        out["energy_compensation"] = True
-
-    def refit_shift():
-        # after a reference step: the updated model's energy there minus its prediction before
-        h = atoms.calc.learner.history
-        if h and h[-1]["source"] == "reference" and h[-1]["model_energy"] is not None:
-            if not shifts or shifts[-1][0] != h[-1]["step"]:
-                after = atoms.calc.model.predict(atoms).energy
-                shifts.append((h[-1]["step"], after - h[-1]["model_energy"],
-                               h[-1]["model_energy"] - h[-1]["energy"]))
+        # without --compensate it only measures the updates' shifts (min_frames never reached)
+        compensation = EnergyCompensation(atoms, **({} if compensate
+                                                    else {"min_frames": sys.maxsize}))
+        out["energy_compensation"] = compensate
 
     if ensemble == "nvt":
-        wall, temps, _, _ = md(atoms, steps, temperature, seed, observers=[
-            f for f in (compensation, refit_shift if mode == "otfml" else None) if f])
+        wall, temps, _, _ = md(atoms, steps, temperature, seed,
+                               observers=[compensation] if compensation else [])
         out.update({"thermostat_K": temperature, "wall_s": wall,
                     "mean_T_by_tenth_K": [float(b.mean()) for b in np.array_split(temps, 10)],
                     "mean_T_second_half_K": float(temps[len(temps) // 2:].mean()),
@@ -107,17 +97,17 @@ def run(mode: str, ensemble: str, molecule: str, steps: int, seed: int, work: st
     else:
         check = MOPAC(method="PM7", label=os.path.join(work, "check-" + mode, "m"),
                       command=command)
-        out.update(nve(atoms, steps, check, refit_shift if mode == "otfml" else None,
-                       compensation))
+        out.update(nve(atoms, steps, check, compensation))
     if mode == "otfml":
         out["reference_calls"] = atoms.calc.learner.n_calls
-        if compensation is not None:
-            out["taken_from_kinetic_energy_eV"] = compensation.total
-        if shifts:
-            s = np.array(shifts)
-            out["sum_of_update_shifts_eV"] = float(s[:, 1].sum())
-            out["mean_update_shift_meV"] = 1e3 * float(s[:, 1].mean())
-            out["mean_model_minus_reference_at_calls_meV"] = 1e3 * float(s[:, 2].mean())
+        out["taken_from_kinetic_energy_eV"] = compensation.total
+        shifts = np.array([shift for _step, shift in compensation.shifts])
+        off = [h["model_energy"] - h["energy"] for h in atoms.calc.learner.history
+               if h["source"] == "reference" and h["model_energy"] is not None]
+        if len(shifts):
+            out["sum_of_update_shifts_eV"] = float(shifts.sum())
+            out["mean_update_shift_meV"] = 1e3 * float(shifts.mean())
+            out["mean_model_minus_reference_at_calls_meV"] = 1e3 * float(np.mean(off))
         atoms.calc.close()
     return out
 

@@ -49,7 +49,8 @@ class EnergyCompensation:
     max_fraction : float, default 0.5
         Largest fraction of the kinetic energy taken (or added) at one step.
     min_frames : int, default 100
-        Updates of a model with fewer frames than this are not compensated.
+        Updates of a model with fewer frames than this are not compensated
+        (their shifts are still measured and kept in ``shifts``).
 
     Attributes
     ----------
@@ -57,6 +58,9 @@ class EnergyCompensation:
         Energy taken out of the kinetic energy so far, eV (negative: given).
     pending : float
         Shift not yet applied (the cap), eV.
+    shifts : list of (int, float)
+        Every update seen: the learner's step and the shift there, eV, applied
+        or not.
 
     Examples
     --------
@@ -74,18 +78,21 @@ class EnergyCompensation:
         self.min_frames = int(min_frames)
         self.total = 0.0
         self.pending = 0.0
-        self._seen = None
+        self.shifts: list[tuple[int, float]] = []
 
     def __call__(self) -> None:
         calc = self.atoms.calc
         learner = calc.learner
         last = learner.history[-1] if learner.history else None
-        if (last is not None and last["step"] != self._seen and last["source"] == "reference"
-                and last["model_energy"] is not None and calc.atoms is not None
+        if (last is not None and last["source"] == "reference"
+                and last["model_energy"] is not None
+                and (not self.shifts or self.shifts[-1][0] != last["step"])
+                and calc.atoms is not None
                 and np.array_equal(calc.atoms.positions, self.atoms.positions)):
-            self._seen = last["step"]
+            shift = learner.model.predict(self.atoms).energy - last["model_energy"]
+            self.shifts.append((last["step"], shift))
             if last["frames"] >= self.min_frames:  # frames before this update
-                self.pending += learner.model.predict(self.atoms).energy - last["model_energy"]
+                self.pending += shift
         if self.pending == 0.0:
             return
         ke = self.atoms.get_kinetic_energy()
@@ -96,5 +103,5 @@ class EnergyCompensation:
                                apply_constraint=False)
         self.pending -= take
         self.total += take
-        log.debug("step %s: %.4f eV taken from the kinetic energy (%.4f eV pending)",
-                  self._seen, take, self.pending)
+        log.debug("%.4f eV taken from the kinetic energy (%.4f eV pending)", take,
+                  self.pending)

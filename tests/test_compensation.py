@@ -45,6 +45,7 @@ def test_the_update_shift_is_taken_from_the_kinetic_energy(cluster):
     comp()
     assert a.get_kinetic_energy() == pytest.approx(ke - shift, abs=1e-10)
     assert comp.total - total == pytest.approx(shift, abs=1e-12)
+    assert comp.shifts[-1] == (last["step"], pytest.approx(shift, abs=1e-12))
     p = a.get_momenta()
     comp()  # the same step again: nothing more
     np.testing.assert_array_equal(a.get_momenta(), p)
@@ -96,6 +97,13 @@ def test_a_young_model_is_not_compensated(cluster):
         comp()
         young = a.calc.learner.history[-1]["frames"] < 5
         assert (a.get_kinetic_energy() == before) == young
+    # the shifts of young updates are measured all the same
+    updates = [h["step"] for h in a.calc.learner.history
+               if h["source"] == "reference" and h["model_energy"] is not None]
+    assert [step for step, _shift in comp.shifts] == updates
+    assert comp.total == pytest.approx(sum(sh for step, sh in comp.shifts
+                                           if a.calc.learner.history[step - 1]["frames"] >= 5),
+                                       abs=1e-12)
     a.calc.close()
 
 
