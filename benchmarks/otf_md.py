@@ -255,7 +255,7 @@ def main(argv=None) -> int:
         return 0
     temperature = args.temperature or MOLECULES[args.molecule][1]
 
-    from otfml import OTFCalculator
+    from otfml import EnergyCompensation, OTFCalculator
     from otfml.evaluate import evaluate
     from otfml.policy import LearningPolicy
     from otfml.reference import MopacReference
@@ -284,8 +284,6 @@ def main(argv=None) -> int:
     calc = OTFCalculator(reference=MOPAC(method="PM7"), store=os.path.join(work, "otf.h5"),
                          policy=policy, model_settings=parse_settings(args.set))
     b.calc = calc
-    from otfml import EnergyCompensation
-
     comp = None if args.no_compensation else EnergyCompensation(b)
     otf_wall, otf_T, frames, rss = md(b, args.steps, temperature, args.seed,
                                       observers=[comp] if comp else [])

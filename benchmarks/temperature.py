@@ -54,8 +54,9 @@ def nve(atoms, steps: int, check, compensation=None) -> dict:
     r = np.array(rows)
     t_ps = r[:, 0] * 0.5e-3
     fit = np.polyfit(t_ps, r[:, 1], 1)
+    k = max(1, len(r) // 10)  # a tenth of the samples at each end
     return {"drift_eV_per_ps": float(fit[0]),
-            "total_energy_change_eV": float(r[-30:, 1].mean() - r[:30, 1].mean()),
+            "total_energy_change_eV": float(r[-k:, 1].mean() - r[:k, 1].mean()),
             "total_energy_by_tenth_eV": [float(b.mean() - r[0, 1])
                                          for b in np.array_split(r[:, 1], 10)],
             "total_energy_scatter_eV": float(np.std(r[:, 1] - np.polyval(fit, t_ps))),
