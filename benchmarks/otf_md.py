@@ -46,7 +46,6 @@ from ase.build import molecule
 from ase.calculators.mopac import MOPAC
 from ase.io import read
 from ase.md.langevin import Langevin
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -85,11 +84,11 @@ MOLECULES = {
 
 
 def start(name: str, temperature: float, seed: int) -> Atoms:
+    from otfml.run import thermalize
+
     atoms = MOLECULES[name][0]()
     rng = np.random.default_rng(seed)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
-    Stationary(atoms)
-    ZeroRotation(atoms)
+    thermalize(atoms, temperature, rng)
     return atoms
 
 

@@ -16,7 +16,7 @@ logging.basicConfig(level=logging.INFO)
 
 atoms = molecule("CH3CH2OH")
 atoms.calc = OTFCalculator(reference=MOPAC(method="PM7"), store="ethanol.h5")
-dyn = Langevin(atoms, 0.5 * units.fs, temperature_K=500, friction=0.01)
+dyn = Langevin(atoms, 0.5 * units.fs, temperature_K=500, friction=0.01, fixcm=False)
 dyn.attach(EnergyCompensation(atoms), interval=1)  # keeps learning from heating the run
 
 

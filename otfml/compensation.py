@@ -64,7 +64,8 @@ class EnergyCompensation:
 
     Examples
     --------
-    >>> dyn = Langevin(atoms, 0.5 * units.fs, temperature_K=500, friction=0.002 / units.fs)
+    >>> dyn = Langevin(atoms, 0.5 * units.fs, temperature_K=500, friction=0.002 / units.fs,
+    ...                fixcm=False)
     >>> dyn.attach(EnergyCompensation(atoms), interval=1)
     """
 

@@ -37,7 +37,7 @@ from .reference import (
     closest_pair,
 )
 
-__all__ = ["run", "build_structures", "build_reference", "read_steps", "stage_dirs"]
+__all__ = ["run", "build_structures", "build_reference", "read_steps", "stage_dirs", "thermalize"]
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +203,26 @@ class _StepLog:
         self.fh.close()
         self.traj.close()
         self.progress.close()
+
+
+def thermalize(atoms: Atoms, temperature_K: float, rng: np.random.Generator | None = None,
+               zero_drift: bool = True) -> None:
+    """Draw Maxwell-Boltzmann momenta for ``atoms`` at ``temperature_K`` (K), in place.
+
+    ASE's ``thermalize_momenta`` (``MaxwellBoltzmannDistribution`` before ASE 3.29,
+    which deprecates it; both draw the same momenta). ``zero_drift``: then remove the
+    centre-of-mass momentum and the angular momentum (ASE's ``Stationary`` and
+    ``ZeroRotation``), as for a free molecule.
+    """
+    from ase.md import velocitydistribution as vd
+
+    if hasattr(vd, "thermalize_momenta"):
+        vd.thermalize_momenta(atoms, temperature_K, rng=rng)
+    else:  # ASE < 3.29
+        vd.MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
+    if zero_drift:
+        vd.Stationary(atoms)
+        vd.ZeroRotation(atoms)
 
 
 def stage_dirs(cfg: dict, outdir: str) -> list[str]:
@@ -557,7 +577,6 @@ def _write_final(sdir: str, images: list[Atoms]) -> None:
 def _run_md(atoms: Atoms, calc: OTFCalculator, drv: dict, sdir: str, name: str,
             out: dict, resume: bool) -> dict:
     from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
     from ase.md.verlet import VelocityVerlet
 
     done = 0
@@ -575,9 +594,7 @@ def _run_md(atoms: Atoms, calc: OTFCalculator, drv: dict, sdir: str, name: str,
             _truncate_steps_csv(sdir, done)
     rng = np.random.default_rng(drv["seed"] + done)
     if done == 0 and not atoms.has("momenta"):
-        MaxwellBoltzmannDistribution(atoms, temperature_K=drv["temperature_K"], rng=rng)
-        Stationary(atoms)
-        ZeroRotation(atoms)
+        thermalize(atoms, drv["temperature_K"], rng)
     atoms.calc = calc
     dt = drv["timestep_fs"] * units.fs
     t_start, t_end = drv["temperature_K"], drv["temperature_end_K"]

@@ -31,7 +31,8 @@ def mopac_frames(tmp_path_factory):
     from ase.calculators.mopac import MOPAC
     from ase.calculators.singlepoint import SinglePointCalculator
     from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+
+    from otfml.run import thermalize
 
     if not _have_mopac():
         pytest.skip("MOPAC is not installed")
@@ -39,7 +40,7 @@ def mopac_frames(tmp_path_factory):
     a = molecule("CH3CH2OH")
     a.calc = MOPAC(method="PM7", label=str(d / "m"))
     rng = np.random.default_rng(7)
-    MaxwellBoltzmannDistribution(a, temperature_K=500, rng=rng)
+    thermalize(a, 500, rng, zero_drift=False)
     out = []
 
     def keep():
@@ -47,7 +48,7 @@ def mopac_frames(tmp_path_factory):
         b.calc = SinglePointCalculator(b, energy=a.get_potential_energy(), forces=a.get_forces())
         out.append(b)
 
-    dyn = Langevin(a, 0.5 * units.fs, temperature_K=500, friction=0.01, rng=rng)
+    dyn = Langevin(a, 0.5 * units.fs, temperature_K=500, friction=0.01, rng=rng, fixcm=False)
     dyn.attach(keep, interval=5)
     dyn.run(300)
     return out

@@ -5,19 +5,20 @@ import pytest
 from ase import units
 from ase.calculators.emt import EMT
 from ase.cluster import Icosahedron
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+from ase.md.velocitydistribution import Stationary
 from ase.md.verlet import VelocityVerlet
 
 from otfml import OTFCalculator
 from otfml.compensation import EnergyCompensation
 from otfml.policy import LearningPolicy
+from otfml.run import thermalize
 
 
 @pytest.fixture
 def cluster():
     a = Icosahedron("Cu", 2)
     a.rattle(0.05, seed=1)
-    MaxwellBoltzmannDistribution(a, temperature_K=300, rng=np.random.default_rng(0))
+    thermalize(a, 300, np.random.default_rng(0), zero_drift=False)
     Stationary(a)
     a.calc = OTFCalculator(EMT(), policy=LearningPolicy(force_tolerance=0.5), multiplicity=2)
     return a

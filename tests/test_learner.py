@@ -8,12 +8,12 @@ from ase.build import molecule
 from ase.calculators.emt import EMT
 from ase.calculators.mopac import MOPAC
 from ase.md.langevin import Langevin
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 from ase.optimize import BFGS
 
 from otfml import EnergyCompensation, OTFCalculator
 from otfml.errors import ConfigError, FingerprintMismatch
 from otfml.policy import LearningPolicy
+from otfml.run import thermalize
 from otfml.store import Store
 
 from .conftest import mopac
@@ -21,7 +21,7 @@ from .conftest import mopac
 
 def _md(atoms, steps, seed=0, T=300):
     rng = np.random.default_rng(seed)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=T, rng=rng)
+    thermalize(atoms, T, rng, zero_drift=False)
     dyn = Langevin(atoms, 0.5 * units.fs, temperature_K=T, friction=0.02, rng=rng, fixcm=False)
     sources = []
     dyn.attach(lambda: sources.append(atoms.calc.results["source"]), interval=1)
@@ -247,8 +247,8 @@ def test_one_store_and_model_for_two_molecules_of_the_same_elements(tmp_path):
         b = molecule(name)
         b.calc = MOPAC(method="PM7", label=str(tmp_path / "m"))
         rng = np.random.default_rng(7)
-        MaxwellBoltzmannDistribution(b, temperature_K=500, rng=rng)
-        dyn = Langevin(b, 0.5 * units.fs, temperature_K=500, friction=0.01, rng=rng)
+        thermalize(b, 500, rng, zero_drift=False)
+        dyn = Langevin(b, 0.5 * units.fs, temperature_K=500, friction=0.01, rng=rng, fixcm=False)
         errors = []
 
         def check(b=b, errors=errors):
