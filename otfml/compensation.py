@@ -90,7 +90,7 @@ class EnergyCompensation:
                 and (not self.shifts or self.shifts[-1][0] != last["step"])
                 and calc.atoms is not None
                 and np.array_equal(calc.atoms.positions, self.atoms.positions)):
-            shift = learner.model.predict(self.atoms).energy - last["model_energy"]
+            shift = learner.predict(self.atoms).energy - last["model_energy"]
             self.shifts.append((last["step"], shift))
             if last["frames"] >= self.min_frames:  # frames before this update
                 self.pending += shift

@@ -386,6 +386,25 @@ class Learner:
         self.fingerprint = {**self.fingerprint, **new}
 
     # ------------------------------------------------------------------
+    def predict(self, atoms: Atoms) -> Prediction:
+        """The model's prediction for ``atoms``, under otfml's BLAS thread limit.
+
+        Use this rather than ``self.model.predict`` outside :meth:`step` (e.g. in
+        a dynamics observer): without the limit, a busy machine made the same
+        prediction of aspirin (816 sparse environments) take a median of 10 ms
+        instead of 2.3 ms, as OpenBLAS's threads waited for a core.
+
+        Raises
+        ------
+        UnphysicalGeometry
+            An atom has no neighbour within the descriptor cutoff.
+        """
+        with self._blas:
+            try:
+                return self.model.predict(atoms)
+            except IsolatedAtoms:
+                raise self._isolated(atoms, self.n_steps) from None
+
     def step(self, atoms: Atoms) -> StepResult:
         """Energy and forces for one geometry, from the model or the reference."""
         self.n_steps += 1
@@ -402,11 +421,7 @@ class Learner:
         t_model = t_update = None
         if self.model.is_fitted:
             t0 = time.perf_counter()
-            with self._blas:
-                try:
-                    pred = self.model.predict(atoms)
-                except IsolatedAtoms:
-                    raise self._isolated(atoms, step) from None
+            pred = self.predict(atoms)
             t_model = time.perf_counter() - t0
             self.timings["model"].append(t_model)
         dec = self.policy.decide(step, self.n_calls, self.steps_since_call,

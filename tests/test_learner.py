@@ -7,6 +7,7 @@ from ase import units
 from ase.build import molecule
 from ase.calculators.emt import EMT
 from ase.calculators.mopac import MOPAC
+from ase.cluster import Icosahedron
 from ase.md.langevin import Langevin
 from ase.optimize import BFGS
 
@@ -325,3 +326,29 @@ def test_the_model_holds_at_most_max_frames_and_the_store_keeps_all(tmp_path):
     assert b.calc.learner.n_warm == learner.n_calls
     assert b.calc.model.n_frames <= 4 and b.calc.model.is_fitted
     b.calc.close()
+
+
+def test_learner_predict_runs_under_the_blas_limit_outside_step():
+    """Observers (EnergyCompensation) predict between steps: one BLAS thread there too."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    a = Icosahedron("Cu", 2)
+    a.rattle(0.05, seed=2)
+    a.calc = OTFCalculator(EMT(), policy=LearningPolicy(initial_calls=2), multiplicity=2)
+    for _ in range(3):
+        a.positions += 0.01
+        a.get_forces()
+    learner = a.calc.learner
+    seen = []
+    model_predict = learner.model.predict
+
+    def spy(atoms):
+        seen.append({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
+        return model_predict(atoms)
+
+    learner.model.predict = spy
+    with threadpool_limits(limits=2, user_api="blas"):
+        p = learner.predict(a)
+    assert seen == [{1}]
+    assert p.energy == pytest.approx(model_predict(a).energy, abs=1e-12)
+    np.testing.assert_allclose(p.forces, model_predict(a).forces, atol=1e-12)
