@@ -199,10 +199,17 @@ def table(results: list[dict]) -> str:
              "mean T second half, plain / otfml", "sparse environments", "peak memory"]
     cols = [col(r) for r in results]
     from otfml.learner import MODEL_DEFAULTS
+    from otfml.policy import LearningPolicy
 
     head = [f"{r['molecule']}, seed {r['otfml']['seed']}"
             + "".join(f", {k} {v}" for k, v in r["model_settings"].items()
                       if MODEL_DEFAULTS.get(k) != v)
+            + (f", tolerance {r['force_tolerance_eV_A']:g} eV/Å"
+               if r["force_tolerance_eV_A"] != LearningPolicy.force_tolerance else "")
+            + (f", calibration {r['calibration']}" if r.get("calibration", "atom") != "atom"
+               else "")
+            + (f", min interval {r['min_steps_between_calls']}"
+               if r.get("min_steps_between_calls") else "")
             + (", adaptive" if r.get("adaptive") else "")
             + (", compensated" if r.get("energy_compensation") else "") for r in results]
     lines = ["| | " + " | ".join(head) + " |", "|---" * (len(results) + 1) + "|"]
@@ -234,7 +241,7 @@ def main(argv=None) -> int:
     ap.add_argument("--force-tolerance", type=float, default=None,
                     help="eV/Å (default: otfml's default)")
     ap.add_argument("--min-steps-between-calls", type=int, default=0)
-    ap.add_argument("--calibration", choices=("atom", "element", "max"), default="atom")
+    ap.add_argument("--calibration", choices=("atom", "element", "max", "floor"), default="atom")
     ap.add_argument("--no-compensation", action="store_true",
                     help="run the OTF MD without otfml.EnergyCompensation")
     ap.add_argument("--adaptive", action="store_true",
@@ -312,6 +319,9 @@ def main(argv=None) -> int:
         "model_settings": L.settings,
         "force_tolerance_eV_A": policy.force_tolerance,
         "adaptive": policy.adaptive,
+        "calibration": policy.calibration,
+        "calibration_fit": L.policy.model_calibration(),
+        "min_steps_between_calls": policy.min_steps_between_calls,
         "energy_compensation": comp is not None,
         "plain_mopac": {
             "seed": args.seed + 1,

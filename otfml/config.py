@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .policy import CALIBRATIONS
 
 __all__ = ["load_config", "validate", "SCHEMA", "STAGE_SECTIONS", "keys_markdown",
            "apply_overrides", "index_of"]
@@ -101,8 +102,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "initial_calls": _f(int, 2, "First steps that always call the reference", minimum=0),
         "calibration": _f(str, "atom", "How observed errors calibrate the force-error "
                           "estimate: least-squares over atoms, one factor for all or one per "
-                          "element; or largest error / largest novelty",
-                          choices=("atom", "element", "max")),
+                          "element; largest error / largest novelty; or an error floor "
+                          "plus a factor (floor)",
+                          choices=CALIBRATIONS),
         "on_reference_failure": _f(str, "stop", "When the reference fails (after its SCF "
                                    "retries) or returns an implausible label: stop the run with "
                                    "the error, or use the model for that step and go on (the "

@@ -63,7 +63,8 @@ def evaluate(model: SparseGP, data: list, force_tolerance: float | None = None,
     data : list of (atoms, energy eV, forces eV/Å)
     force_tolerance : float, optional
         eV/Å; with a force-error calibration in the model (``extra['force_std_scale']``
-        and, per element, ``extra['force_std_element_scales']``) reports the miss
+        and, per element, ``extra['force_std_element_scales']``, or a floor,
+        ``extra['force_std_floor']``) reports the miss
         rate: the fraction of atoms whose actual force error exceeds the
         tolerance while the estimate said it was within it.
     output : str, optional
@@ -87,6 +88,7 @@ def evaluate(model: SparseGP, data: list, force_tolerance: float | None = None,
                           "energies and forces")
     scale = model.extra.get("force_std_scale")
     element_scales = model.extra.get("force_std_element_scales")
+    floor = model.extra.get("force_std_floor", 0.0)
     de, dfs, est, err_atom, fr_est, fr_err, f_ref, f_mod = [], [], [], [], [], [], [], []
     for atoms, e, f in data:
         p = model.predict(atoms)
@@ -97,7 +99,7 @@ def evaluate(model: SparseGP, data: list, force_tolerance: float | None = None,
         dfs.append(d.ravel())
         ea = np.linalg.norm(d, axis=1)
         err_atom.append(ea)
-        ua = calibrated(p.novelty, scale or 1.0, atoms.numbers, element_scales)
+        ua = calibrated(p.novelty, scale or 1.0, atoms.numbers, element_scales, floor)
         est.append(ua)
         fr_est.append(ua.max())
         fr_err.append(ea.max())

@@ -50,6 +50,31 @@ def test_max_calibration():
     assert pol.scale == pytest.approx(0.5 / 0.05)
 
 
+def test_floor_calibration_separates_the_error_the_novelty_does_not_see():
+    pol = LearningPolicy(force_tolerance=0.2, calibration="floor", initial_calls=1)
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # errors with a floor of 0.1 eV/Å plus 4/Å times the novelty
+        u = rng.uniform(0.0, 0.05, 21)
+        pol.observe(u, np.sqrt(0.1**2 + (4.0 * u) ** 2))
+    assert pol.floor == pytest.approx(0.1, rel=1e-6)
+    assert pol.scale == pytest.approx(4.0, rel=1e-6)
+    u = np.array([0.0, 0.02, 0.05])
+    np.testing.assert_allclose(pol.force_std(u), np.hypot(0.1, 4.0 * u))
+    # through the origin the floor became part of the factor (about 5.3/Å): an atom of
+    # novelty 0.04 is estimated at 0.21 eV/Å and calls; with the floor, hypot(0.1, 0.16)
+    through_origin = LearningPolicy(force_tolerance=0.2, calibration="atom", initial_calls=1)
+    through_origin.inherit(pol)
+    assert through_origin.scale > 5.0
+    assert through_origin.decide(9, 3, 1, np.array([0.001, 0.04])).call
+    assert not pol.decide(9, 3, 1, np.array([0.001, 0.04])).call
+    assert pol.decide(9, 3, 1, np.array([0.001, 0.05])).call  # hypot(0.1, 0.2) = 0.224
+    # saved with the model and taken over by a later stage
+    assert pol.model_calibration()["force_std_floor"] == pytest.approx(0.1)
+    nxt = LearningPolicy(calibration="floor").inherit(pol)
+    assert (nxt.floor, nxt.scale) == (pytest.approx(0.1), pytest.approx(4.0))
+    assert "force_std_floor" not in through_origin.model_calibration()
+
+
 def test_decide_thresholds_in_ev_per_angstrom():
     pol = LearningPolicy(force_tolerance=0.2, initial_calls=1)
     pol.observe(np.array([0.1]), np.array([0.1]))  # scale 1 /Å
