@@ -352,3 +352,27 @@ def test_learner_predict_runs_under_the_blas_limit_outside_step():
     assert seen == [{1}]
     assert p.energy == pytest.approx(model_predict(a).energy, abs=1e-12)
     np.testing.assert_allclose(p.forces, model_predict(a).forces, atol=1e-12)
+
+
+def test_floor_calibration_in_the_loop_estimates_floor_plus_novelty():
+    """calibration "floor": the loop fits it at its calls, and every trusted step's
+    forces_std is sqrt(floor^2 + (scale novelty)^2) of that step's novelty."""
+    a = Icosahedron("Cu", 2)
+    a.rattle(0.05, seed=3)
+    a.calc = OTFCalculator(EMT(), policy=LearningPolicy(force_tolerance=0.3, calibration="floor"),
+                           multiplicity=2)
+    sources = _md(a, 150)
+    L = a.calc.learner
+    assert "model" in sources and L.n_calls >= 3
+    pol = L.policy
+    assert pol.floor > 0 and pol.scale > 0
+    for _ in range(5):  # a trusted step (a call just before refits the calibration)
+        a.positions += 1e-4
+        a.get_forces()
+        if a.calc.results["source"] == "model":
+            break
+    assert a.calc.results["source"] == "model"
+    u = L.model.predict(a).novelty
+    np.testing.assert_allclose(a.calc.results["forces_std"],
+                               np.hypot(pol.floor, pol.scale * u), rtol=1e-9)
+    assert L.policy.model_calibration()["force_std_floor"] == pytest.approx(pol.floor)
