@@ -64,7 +64,7 @@ def nve(atoms, steps: int, check, compensation=None) -> dict:
 
 
 def run(mode: str, ensemble: str, molecule: str, steps: int, seed: int, work: str,
-        compensate: bool = False) -> dict:
+        compensate: bool = False, calibration: str = "atom") -> dict:
     from otfml.reference import MopacReference
 
     command = MopacReference().command
@@ -74,9 +74,11 @@ def run(mode: str, ensemble: str, molecule: str, steps: int, seed: int, work: st
         atoms.calc = MOPAC(method="PM7", label=os.path.join(work, mode, "m"), command=command)
     else:
         from otfml import OTFCalculator
+        from otfml.policy import LearningPolicy
 
         atoms.calc = OTFCalculator(reference=MOPAC(method="PM7"),
-                                   store=os.path.join(work, "otf.h5"))
+                                   store=os.path.join(work, "otf.h5"),
+                                   policy=LearningPolicy(calibration=calibration))
     out = {"mode": mode, "ensemble": ensemble, "molecule": molecule, "steps": steps,
            "seed": seed}
     compensation = None
@@ -87,6 +89,7 @@ def run(mode: str, ensemble: str, molecule: str, steps: int, seed: int, work: st
         compensation = EnergyCompensation(atoms, **({} if compensate
                                                     else {"min_frames": sys.maxsize}))
         out["energy_compensation"] = compensate
+        out["calibration"] = calibration
 
     if ensemble == "nvt":
         wall, temps, _, _ = md(atoms, steps, temperature, seed,
@@ -115,6 +118,8 @@ def run(mode: str, ensemble: str, molecule: str, steps: int, seed: int, work: st
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from otfml.policy import CALIBRATIONS
+
     ap.add_argument("--molecule", choices=sorted(MOLECULES), default="aspirin")
     ap.add_argument("--steps", type=int, default=10000)
     ap.add_argument("--seed", type=int, default=0)
@@ -122,11 +127,13 @@ def main(argv=None) -> int:
     ap.add_argument("--ensemble", choices=("nvt", "nve"), default="nvt")
     ap.add_argument("--compensate", action="store_true",
                     help="otfml run with otfml.compensation.EnergyCompensation attached")
+    ap.add_argument("--calibration", choices=CALIBRATIONS, default="atom",
+                    help="the otfml run's learning.calibration")
     args = ap.parse_args(argv)
     work = tempfile.mkdtemp(prefix="otfml-temperature-")
     for mode in ("plain", "otfml") if args.mode == "both" else (args.mode,):
         print(json.dumps(run(mode, args.ensemble, args.molecule, args.steps, args.seed, work,
-                             args.compensate)))
+                             args.compensate, args.calibration)))
         sys.stdout.flush()
     return 0
 
