@@ -31,6 +31,7 @@ reference is asked where the novelty is high.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -39,6 +40,8 @@ import numpy as np
 from .errors import ConfigError
 
 __all__ = ["LearningPolicy", "Decision", "calibrated"]
+
+log = logging.getLogger(__name__)
 
 CALIBRATIONS = ("atom", "element", "max", "floor")
 
@@ -164,6 +167,7 @@ class LearningPolicy:
     _scale: float | None = field(default=None, init=False, repr=False)
     _floor: float | None = field(default=None, init=False, repr=False)
     _pairs: deque = field(default_factory=deque, init=False, repr=False)
+    _floor_warned: bool = field(default=False, init=False, repr=False)
     _by_element: dict = field(default_factory=dict, init=False, repr=False)
     _element_scales: dict | None = field(default=None, init=False, repr=False)
 
@@ -245,6 +249,15 @@ class LearningPolicy:
         e = np.concatenate([p[1] for p in self._pairs])
         (f2, s2), _ = nnls(np.column_stack([np.ones_like(u), u * u]), e * e)
         self._floor = float(np.sqrt(f2))
+        high = self._floor >= self.force_tolerance
+        if high and not self._floor_warned:
+            log.warning(
+                "the model's force-error floor (%.3g eV/Å per atom, fitted at the last %d calls) "
+                "is at or above force_tolerance = %g eV/Å: every step will ask the reference. "
+                "Raise learning.force_tolerance above the floor, or give the model more "
+                "capacity (model.sparse_tolerance, model.max_sparse_per_species)",
+                self._floor, len(self._pairs), self.force_tolerance)
+        self._floor_warned = high
         # no slope seen yet (e.g. every atom equally novel): the fit through the origin
         self._scale = float(np.sqrt(s2)) if s2 > 0 else float(np.median(self._ratios))
 
