@@ -211,7 +211,9 @@ def table(results: list[dict]) -> str:
             + (f", min interval {r['min_steps_between_calls']}"
                if r.get("min_steps_between_calls") else "")
             + (", adaptive" if r.get("adaptive") else "")
-            + (", compensated" if r.get("energy_compensation") else "") for r in results]
+            + (", compensated" if r.get("energy_compensation") else "")
+            + (f" from {r['compensation_min_frames']} frames"
+               if r.get("compensation_min_frames", 100) != 100 else "") for r in results]
     lines = ["| | " + " | ".join(head) + " |", "|---" * (len(results) + 1) + "|"]
     lines += [f"| {n} | " + " | ".join(c[k] for c in cols) + " |" for k, n in enumerate(names)]
     for r, h in zip(results, head):
@@ -230,6 +232,8 @@ def table(results: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
+    from otfml.policy import CALIBRATIONS
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--molecule", choices=sorted(MOLECULES), default="ethanol")
     ap.add_argument("--steps", type=int, default=2000)
@@ -241,7 +245,10 @@ def main(argv=None) -> int:
     ap.add_argument("--force-tolerance", type=float, default=None,
                     help="eV/Å (default: otfml's default)")
     ap.add_argument("--min-steps-between-calls", type=int, default=0)
-    ap.add_argument("--calibration", choices=("atom", "element", "max", "floor"), default="atom")
+    ap.add_argument("--calibration", choices=CALIBRATIONS, default="atom")
+    ap.add_argument("--compensation-min-frames", type=int, default=100, metavar="N",
+                    help="EnergyCompensation's min_frames: compensate updates of models "
+                         "with at least N frames (default 100)")
     ap.add_argument("--no-compensation", action="store_true",
                     help="run the OTF MD without otfml.EnergyCompensation")
     ap.add_argument("--adaptive", action="store_true",
@@ -290,7 +297,8 @@ def main(argv=None) -> int:
     calc = OTFCalculator(reference=MOPAC(method="PM7"), store=os.path.join(work, "otf.h5"),
                          policy=policy, model_settings=parse_settings(args.set))
     b.calc = calc
-    comp = None if args.no_compensation else EnergyCompensation(b)
+    comp = (None if args.no_compensation
+            else EnergyCompensation(b, min_frames=args.compensation_min_frames))
     otf_wall, otf_T, frames, rss = md(b, args.steps, temperature, args.seed,
                                       observers=[comp] if comp else [])
     L = calc.learner
@@ -323,6 +331,7 @@ def main(argv=None) -> int:
         "calibration_fit": L.policy.model_calibration(),
         "min_steps_between_calls": policy.min_steps_between_calls,
         "energy_compensation": comp is not None,
+        "compensation_min_frames": None if comp is None else comp.min_frames,
         "plain_mopac": {
             "seed": args.seed + 1,
             "steps_timed": plain_steps,
