@@ -117,9 +117,9 @@ def run(mode: str, ensemble: str, molecule: str, steps: int, seed: int, work: st
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     from otfml.policy import CALIBRATIONS
 
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--molecule", choices=sorted(MOLECULES), default="aspirin")
     ap.add_argument("--steps", type=int, default=10000)
     ap.add_argument("--seed", type=int, default=0)
