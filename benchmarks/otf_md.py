@@ -164,6 +164,38 @@ def parse_settings(items) -> dict:
     return out
 
 
+def compensation_min_frames_default() -> int:
+    """``EnergyCompensation``'s own default ``min_frames``."""
+    import inspect
+
+    from otfml import EnergyCompensation
+
+    return inspect.signature(EnergyCompensation).parameters["min_frames"].default
+
+
+def label(r: dict) -> str:
+    """Column header of one result: the molecule, the seed and every setting not at its default."""
+    from otfml.learner import MODEL_DEFAULTS
+    from otfml.policy import LearningPolicy
+
+    parts = [f"{r['molecule']}, seed {r['otfml']['seed']}"]
+    parts += [f", {k} {v}" for k, v in r["model_settings"].items() if MODEL_DEFAULTS.get(k) != v]
+    if r["force_tolerance_eV_A"] != LearningPolicy.force_tolerance:
+        parts.append(f", tolerance {r['force_tolerance_eV_A']:g} eV/Å")
+    if r.get("calibration", LearningPolicy.calibration) != LearningPolicy.calibration:
+        parts.append(f", calibration {r['calibration']}")
+    if r.get("min_steps_between_calls"):
+        parts.append(f", min interval {r['min_steps_between_calls']}")
+    if r.get("adaptive"):
+        parts.append(", adaptive")
+    if r.get("energy_compensation"):
+        parts.append(", compensated")
+        n = r.get("compensation_min_frames", compensation_min_frames_default())
+        if n != compensation_min_frames_default():
+            parts.append(f" from {n} frames")
+    return "".join(parts)
+
+
 def table(results: list[dict]) -> str:
     """Markdown table of benchmark results (``--json`` outputs), one column per run."""
     def col(r):
@@ -198,22 +230,7 @@ def table(results: list[dict]) -> str:
              "Spearman uncertainty vs error (atom / frame)", "miss rate (atoms)",
              "mean T second half, plain / otfml", "sparse environments", "peak memory"]
     cols = [col(r) for r in results]
-    from otfml.learner import MODEL_DEFAULTS
-    from otfml.policy import LearningPolicy
-
-    head = [f"{r['molecule']}, seed {r['otfml']['seed']}"
-            + "".join(f", {k} {v}" for k, v in r["model_settings"].items()
-                      if MODEL_DEFAULTS.get(k) != v)
-            + (f", tolerance {r['force_tolerance_eV_A']:g} eV/Å"
-               if r["force_tolerance_eV_A"] != LearningPolicy.force_tolerance else "")
-            + (f", calibration {r['calibration']}" if r.get("calibration", "atom") != "atom"
-               else "")
-            + (f", min interval {r['min_steps_between_calls']}"
-               if r.get("min_steps_between_calls") else "")
-            + (", adaptive" if r.get("adaptive") else "")
-            + (", compensated" if r.get("energy_compensation") else "")
-            + (f" from {r['compensation_min_frames']} frames"
-               if r.get("compensation_min_frames", 100) != 100 else "") for r in results]
+    head = [label(r) for r in results]
     lines = ["| | " + " | ".join(head) + " |", "|---" * (len(results) + 1) + "|"]
     lines += [f"| {n} | " + " | ".join(c[k] for c in cols) + " |" for k, n in enumerate(names)]
     for r, h in zip(results, head):
@@ -246,9 +263,10 @@ def main(argv=None) -> int:
                     help="eV/Å (default: otfml's default)")
     ap.add_argument("--min-steps-between-calls", type=int, default=0)
     ap.add_argument("--calibration", choices=CALIBRATIONS, default="atom")
-    ap.add_argument("--compensation-min-frames", type=int, default=100, metavar="N",
+    ap.add_argument("--compensation-min-frames", type=int,
+                    default=compensation_min_frames_default(), metavar="N",
                     help="EnergyCompensation's min_frames: compensate updates of models "
-                         "with at least N frames (default 100)")
+                         "with at least N frames (default: its own, %(default)s)")
     ap.add_argument("--no-compensation", action="store_true",
                     help="run the OTF MD without otfml.EnergyCompensation")
     ap.add_argument("--adaptive", action="store_true",
