@@ -376,3 +376,41 @@ def test_floor_calibration_in_the_loop_estimates_floor_plus_novelty():
     np.testing.assert_allclose(a.calc.results["forces_std"],
                                np.hypot(pol.floor, pol.scale * u), rtol=1e-9)
     assert L.policy.model_calibration()["force_std_floor"] == pytest.approx(pol.floor)
+
+
+@mopac
+def test_floor_calibration_with_mopac_fits_the_observed_errors(tmp_path):
+    """calibration "floor" on real MOPAC PM7 (ethanol, Langevin at 500 K): the floor and
+    factor are the NNLS fit of the squared errors the calls observed, and trusted steps use it."""
+    from scipy.optimize import nnls
+
+    a = molecule("CH3CH2OH")
+    a.calc = OTFCalculator(reference=MOPAC(method="PM7"),
+                           policy=LearningPolicy(calibration="floor"))
+    rng = np.random.default_rng(1)
+    thermalize(a, 500, rng)
+    dyn = Langevin(a, 0.5 * units.fs, temperature_K=500, friction=0.01, rng=rng, fixcm=False)
+    temps, stds = [], []
+
+    def watch():
+        temps.append(a.get_temperature())
+        if a.calc.results["source"] == "model":
+            pol = a.calc.learner.policy  # the calibration in force at this step
+            stds.append((a.calc.learner.model.predict(a).novelty, a.calc.results["forces_std"],
+                         pol.floor, pol.scale))
+
+    dyn.attach(watch, interval=1)
+    dyn.run(300)
+    L = a.calc.learner
+    pol = L.policy
+    assert 2 < L.n_calls < 300 and stds
+    assert max(temps) < 1500
+    # the fit over what the calls observed (model vs MOPAC per atom, before each update)
+    u = np.concatenate([p[0] for p in pol._pairs])
+    e = np.concatenate([p[1] for p in pol._pairs])
+    (f2, s2), _ = nnls(np.column_stack([np.ones_like(u), u * u]), e * e)
+    assert pol.floor == pytest.approx(np.sqrt(f2)) and pol.floor > 0
+    assert pol.scale == pytest.approx(np.sqrt(s2))
+    for novelty, forces_std, floor, scale in stds:
+        np.testing.assert_allclose(forces_std, np.hypot(floor, scale * novelty), rtol=1e-9)
+    a.calc.close()
