@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .gp import EVICTIONS
 from .policy import CALIBRATIONS
 
 __all__ = ["load_config", "validate", "SCHEMA", "STAGE_SECTIONS", "keys_markdown",
@@ -78,9 +79,12 @@ SCHEMA: dict[str, dict[str, Field]] = {
                                "labelled frame joins the sparse set", positive=True),
         "prune_sparse": _f(bool, True, "When an element's sparse set is full, swap its most "
                            "redundant environments for new ones (false: keep the set as it is)"),
-        "max_frames": _f(int, 1000, "Most labelled frames the model holds; beyond it the oldest "
-                         "tenth leave the model (the store keeps them). Bounds memory and update "
-                         "time; null: no limit", nullable=True, minimum=1),
+        "max_frames": _f(int, 1000, "Most labelled frames the model holds; beyond it a tenth "
+                         "leave the model (the store keeps them; see evict_frames). Bounds memory "
+                         "and update time; null: no limit", nullable=True, minimum=1),
+        "evict_frames": _f(str, "oldest", "Which frames leave under max_frames: the oldest "
+                           "tenth, or every other one of the oldest fifth (thin: the model keeps "
+                           "a sparser sample of the whole run)", choices=EVICTIONS),
         "hyperparameter_first": _f(int, 5, "Refit hyperparameters at each of the first N "
                                    "reference calls", minimum=0),
         "blas_threads": _f(int, 1, "BLAS threads for otfml's own linear algebra (null: "

@@ -55,6 +55,8 @@ __all__ = ["SparseGP", "Prediction", "Hyperparameters"]
 log = logging.getLogger(__name__)
 
 _JITTER = 1e-8
+#: rules for the frames that leave a model under ``max_frames`` (SparseGP ``evict``)
+EVICTIONS = ("oldest", "thin")
 _MODEL_FORMAT = "otfml-sparse-gp"
 _MODEL_VERSION = 1
 
@@ -238,6 +240,14 @@ class _Grow:
             self._a[i - n: j - n, : self.m] = self._a[i:j, : self.m]
         self.n -= n
 
+    def keep_rows(self, keep: np.ndarray) -> None:
+        """Keep only the rows where ``keep`` (bool, (n,)) is true, in order, in place."""
+        idx = np.flatnonzero(keep)
+        for i in range(0, len(idx), 4096):  # idx[k] >= k: a chunk reads rows not yet written
+            j = min(i + 4096, len(idx))
+            self._a[i:j, : self.m] = self._a[idx[i:j], : self.m]
+        self.n = len(idx)
+
     def add_columns(self, x: np.ndarray) -> None:
         j = x.shape[1]
         self._reserve(self.n, self.m + j)
@@ -277,6 +287,10 @@ class SparseGP:
         contributions are subtracted from the accumulators; the store keeps
         them), so memory and the update time stay bounded in long runs.
         None: no limit.
+    evict : {"oldest", "thin"}, default "oldest"
+        Which frames leave under ``max_frames``: the oldest tenth, or every
+        other one of the oldest fifth ("thin"), so that the model keeps a
+        sparser sample of the whole run instead of only its latest stretch.
     """
 
     def __init__(
@@ -289,9 +303,12 @@ class SparseGP:
         cache_bytes: int = 2 * 1024**3,
         prune: bool = True,
         max_frames: int | None = 1000,
+        evict: str = "oldest",
     ) -> None:
         if max_frames is not None and max_frames < 1:
             raise ValueError(f"max_frames = {max_frames}: give at least 1, or None for no limit")
+        if evict not in EVICTIONS:
+            raise ValueError(f"evict = {evict!r}: give one of {', '.join(EVICTIONS)}")
         self.descriptor = descriptor
         self.hyp = hyperparameters or Hyperparameters()
         self.bounds = tuple(tuple(map(float, b)) for b in bounds)
@@ -300,7 +317,8 @@ class SparseGP:
         self.cache_bytes = int(cache_bytes)
         self.prune = bool(prune)
         self.max_frames = None if max_frames is None else int(max_frames)
-        #: frames taken out of the model so far (oldest first; see ``max_frames``)
+        self.evict = evict
+        #: frames taken out of the model so far (see ``max_frames`` and ``evict``)
         self.n_dropped = 0
         #: sparse environments swapped out so far, per species index
         self.n_pruned: dict[int, int] = {}
@@ -770,8 +788,7 @@ class SparseGP:
         ph, _ = _normalize(env.p)
         if self.max_frames is not None and len(self.frames) >= self.max_frames:
             # before the new columns, whose rows the dropped frames would no longer need
-            self.drop_oldest_frames(len(self.frames) - self.max_frames
-                                    + max(1, self.max_frames // 10))
+            self._evict(len(self.frames) - self.max_frames + max(1, self.max_frames // 10))
         picked = self._select_sparse(env, candidates, max_new_sparse)
         if picked:
             self._add_columns(ph[picked], env.species[picked])
@@ -812,56 +829,82 @@ class SparseGP:
             self.solve()
         return len(picked)
 
+    def _evict(self, n: int) -> None:
+        """Take ``n`` frames out under ``max_frames``, chosen by ``self.evict``."""
+        n = min(n, len(self.frames))
+        if self.evict == "thin" and 2 * n <= len(self.frames):
+            which = np.arange(1, 2 * n, 2)  # every other one of the 2n oldest
+        else:
+            which = np.arange(n)
+        self.drop_frames(which)
+        log.info("model holds %d frames (max_frames = %d): took out %d (%s; %d so far; "
+                 "the store keeps them)", len(self.frames), self.max_frames or 0, n,
+                 "every other one of the oldest" if len(which) and which[0] else "the oldest",
+                 self.n_dropped)
+
     def drop_oldest_frames(self, n: int) -> None:
-        """Take the ``n`` oldest frames out of the model (weights not re-solved).
+        """Take the ``n`` oldest frames out of the model (see :meth:`drop_frames`)."""
+        self.drop_frames(np.arange(min(int(n), len(self.frames))))
+
+    def drop_frames(self, which) -> None:
+        """Take frames ``which`` (indices into ``frames``) out of the model (weights not re-solved).
 
         Their contributions are subtracted from every accumulator: whitened
         force rows ``W = L^-1 R^T`` from ``AFw``, whitened energy rows from
         ``AEw``, and the label sums, O(rows M^2); their rows and cached
-        descriptor gradients leave the buffers.  The sparse set stays.  The
-        result equals a model built on the remaining frames with the same
-        sparse set.
+        descriptor gradients leave the buffers, and the frames after them move
+        up.  The sparse set stays.  The result equals a model built on the
+        remaining frames, in their order, with the same sparse set.
         """
-        n = min(int(n), len(self.frames))
-        if n <= 0:
+        gone = np.zeros(len(self.frames), dtype=bool)
+        gone[np.asarray(which, dtype=np.int64)] = True
+        n = int(gone.sum())
+        if n == 0:
             return
-        old = self.frames[:n]
-        n_atoms = sum(len(fr.numbers) for fr in old)
-        R = self._RF.view[: 3 * n_atoms]  # the oldest frames' rows come first
+        old = [fr for fr, g in zip(self.frames, gone) if g]
+        atom_gone = np.zeros(self._n_atoms, dtype=bool)
+        for fr in old:
+            atom_gone[fr.atom_start: fr.atom_start + len(fr.numbers)] = True
+        n_atoms = int(atom_gone.sum())
+        row_gone = np.repeat(atom_gone, 3)
+        R = self._RF.view[row_gone]
         W = self._Linv @ R.T
         self._AFw -= W @ W.T
         self._AFw = 0.5 * (self._AFw + self._AFw.T)
-        Ew = self._EwT.view[:n]
+        Ew = self._EwT.view[gone]
         self._AEw -= Ew.T @ Ew
         labels = self._labels(old)
-        for name, value in self._label_sums(self._RE.view[:n], R, labels).items():
+        for name, value in self._label_sums(self._RE.view[gone], R, labels).items():
             setattr(self, name, getattr(self, name) - value)
         self._n_e -= n
         self._n_f -= 3 * n_atoms
         self._logN += float(np.sum(np.log(labels[0])))
-        self._RF.drop_rows(3 * n_atoms)
-        self._RE.drop_rows(n)
-        self._EwT.drop_rows(n)
-        for g in self._geo.values():  # cached frames were appended in frame order
-            n_pairs = int(np.count_nonzero(g["pi"].view[:, 0] < n_atoms))
-            n_at = int(np.count_nonzero(g["atom_frame"].view[:, 0] < n))
-            g["G"].drop_rows(3 * n_pairs)  # three rows per pair
+        self._RF.keep_rows(~row_gone)
+        self._RE.keep_rows(~gone)
+        self._EwT.keep_rows(~gone)
+        # new global index of a kept atom or frame: the old one less those gone before it
+        atom_shift = np.cumsum(atom_gone)
+        frame_shift = np.cumsum(gone)
+        for g in self._geo.values():
+            pi = g["pi"].view[:, 0]
+            pair_keep = ~atom_gone[pi]
+            atom_keep = ~gone[g["atom_frame"].view[:, 0]]
+            g["G"].keep_rows(np.repeat(pair_keep, 3))  # three rows per pair
             for key in ("ph", "scale", "u", "pi", "pj"):
-                g[key].drop_rows(n_pairs)
+                g[key].keep_rows(pair_keep)
             for key in ("atoms", "atom_frame"):
-                g[key].drop_rows(n_at)
-            g["pi"].view[:] -= n_atoms
-            g["pj"].view[:] -= n_atoms
-            g["atom_frame"].view[:] -= n
+                g[key].keep_rows(atom_keep)
+            for key in ("pi", "pj"):
+                g[key].view[:, 0] -= atom_shift[g[key].view[:, 0]]
+            g["atom_frame"].view[:, 0] -= frame_shift[g["atom_frame"].view[:, 0]]
         self._cache_bytes -= sum(fr.nbytes for fr in old)
-        self.frames = self.frames[n:]
+        self.frames = [fr for fr, g in zip(self.frames, gone) if not g]
+        start = 0
         for fr in self.frames:
-            fr.atom_start -= n_atoms
+            fr.atom_start = start
+            start += len(fr.numbers)
         self._n_atoms -= n_atoms
         self.n_dropped += n
-        log.info("model holds %d frames (max_frames = %d): took out the %d oldest "
-                 "(%d so far; the store keeps them)", len(self.frames), self.max_frames or 0,
-                 n, self.n_dropped)
 
     def rebuild_accumulators(self, chunk: int = 4096) -> None:
         """Re-form the factor of K_mm and every accumulator from the stored rows.

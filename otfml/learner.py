@@ -41,6 +41,7 @@ MODEL_DEFAULTS = {
     "sparse_tolerance": 0.005,
     "prune_sparse": True,
     "max_frames": 1000,
+    "evict_frames": "oldest",
     "hyperparameter_every": 50,
     "hyperparameter_first": 5,
     "blas_threads": 1,
@@ -133,7 +134,8 @@ def _model_from_settings(species, settings: dict) -> SparseGP:
                       l_max=settings["l_max"], r_min=settings["r_min"])
     return SparseGP(desc, max_sparse_per_species=settings["max_sparse_per_species"],
                     sparse_tolerance=settings["sparse_tolerance"],
-                    prune=settings["prune_sparse"], max_frames=settings["max_frames"])
+                    prune=settings["prune_sparse"], max_frames=settings["max_frames"],
+                    evict=settings["evict_frames"])
 
 
 def train_from_frames(frames, settings: dict | None = None,

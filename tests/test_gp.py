@@ -248,24 +248,36 @@ def test_uncertainties_read_after_an_update_belong_to_the_prediction():
 
 
 @pytest.mark.parametrize("cache_frames", [None, 0, 2.5])
-def test_dropping_the_oldest_frames_matches_a_model_built_without_them(cache_frames):
+@pytest.mark.parametrize("drop", ["oldest", "thin", "chosen"])
+def test_dropping_frames_matches_a_model_built_without_them(cache_frames, drop):
+    """Under max_frames (the oldest go, or every other old one) or by drop_frames."""
     frames = _emt_frames(13, seed=6)
     kw = {}
     if cache_frames is not None:  # all frames cached (default), none, or a few at a time
         probe = SparseGP(Descriptor([1, 6, 8]))
         one = probe._geometry(probe.descriptor.environments(frames[0][0]))["nbytes"]
         kw["cache_bytes"] = int(cache_frames * one)
-    gp = SparseGP(Descriptor([1, 6, 8]), max_frames=5, **kw)
+    if drop == "chosen":
+        gp = SparseGP(Descriptor([1, 6, 8]), max_frames=None, **kw)
+    else:
+        gp = SparseGP(Descriptor([1, 6, 8]), max_frames=5, evict=drop, **kw)
     for a, e, f in frames[:12]:
         gp.add_frame(a, e, f, solve=False)
+    if drop == "chosen":
+        gp.drop_frames([1, 3, 4, 5, 8, 10, 11])
+    # one new frame per added one past the fifth leaves; "thin" takes the second oldest,
+    # so the first frame stays and the others move on
+    kept = {"oldest": [7, 8, 9, 10, 11], "thin": [0, 8, 9, 10, 11], "chosen": [0, 2, 6, 7, 9]}
     assert gp.n_frames == len(gp.frames) == 5 and gp.n_dropped == 7
+    assert [fr.energy for fr in gp.frames] == [frames[k][1] for k in kept[drop]]
     if cache_frames == 2.5:
         assert 0 < sum(fr.cached for fr in gp.frames) < 5
     # the same sparse set and the 5 frames it kept, built from scratch
-    ref = SparseGP(Descriptor([1, 6, 8]), hyperparameters=gp.hyp, max_frames=5, **kw)
+    ref = SparseGP(Descriptor([1, 6, 8]), hyperparameters=gp.hyp, max_frames=gp.max_frames,
+                   evict=gp.evict, **kw)
     ref._add_columns(gp.Z.copy(), gp.zs.copy())
-    for a, e, f in frames[7:12]:
-        ref.add_frame(a, e, f, candidates=np.zeros(0, dtype=int), solve=False)
+    for k in kept[drop]:
+        ref.add_frame(*frames[k], candidates=np.zeros(0, dtype=int), solve=False)
     # a 13th frame drops one more in both and brings new sparse environments, whose rows
     # against the kept frames come from the re-indexed geometry cache
     bigger = frames[12][0].copy()
@@ -290,9 +302,11 @@ def test_dropping_the_oldest_frames_matches_a_model_built_without_them(cache_fra
     np.testing.assert_allclose(p.local_std, q.local_std, atol=1e-8)
 
 
-def test_max_frames_must_be_positive():
+def test_max_frames_must_be_positive_and_evict_a_known_rule():
     with pytest.raises(ValueError, match="max_frames = 0"):
         SparseGP(Descriptor([1, 6, 8]), max_frames=0)
+    with pytest.raises(ValueError, match="evict = 'newest': give one of oldest, thin"):
+        SparseGP(Descriptor([1, 6, 8]), evict="newest")
 
 
 def test_an_indefinite_system_is_rebuilt_from_the_stored_rows(caplog):
