@@ -8,6 +8,12 @@ as extxyz files in ``--cache``.
 
     python benchmarks/offline_fit.py --molecule aspirin --train-steps 3000 --test-steps 2000
     python benchmarks/offline_fit.py --molecule aspirin --set l_max=4 --set sparse_tolerance=0.002
+
+``--store`` trains on the frames an OTF run labelled instead (``otf_md.py``'s JSON gives its
+store), in the order they were labelled, e.g. to compare what a frame cap keeps:
+
+    python benchmarks/offline_fit.py --store /tmp/otfml-bench-XXXX/otf.h5 --set max_frames=1000 \
+        --set 'evict_frames="oldest"'
 """
 
 from __future__ import annotations
@@ -61,17 +67,25 @@ def main(argv=None) -> int:
     ap.add_argument("--test-steps", type=int, default=2000)
     ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="model setting")
     ap.add_argument("--cache", default=os.path.expanduser("~/.cache/otfml-bench"))
+    ap.add_argument("--store", help="train on the frames of this otfml store (an OTF run's)")
     args = ap.parse_args(argv)
     os.makedirs(args.cache, exist_ok=True)
-    train = trajectory(args.molecule, 0, args.train_steps, args.cache)
+    if args.store:
+        from otfml.store import Store
+
+        with Store(args.store, mode="r") as st:
+            train = list(st)
+    else:
+        train = [SimpleNamespace(atoms=a, energy=e, forces=f)
+                 for a, e, f in trajectory(args.molecule, 0, args.train_steps, args.cache)]
     test = trajectory(args.molecule, 1, args.test_steps, args.cache)[::2]
     settings = parse_settings(args.set)
     t0 = time.perf_counter()
-    model = train_from_frames([SimpleNamespace(atoms=a, energy=e, forces=f)
-                               for a, e, f in train], settings)
+    model = train_from_frames(train, settings)
     fit_s = time.perf_counter() - t0
     err = np.concatenate([np.abs(model.predict(a).forces - f).ravel() for a, _e, f in test])
-    print(f"{args.molecule} {settings or 'defaults'}: {len(train)} training frames, "
+    print(f"{args.molecule} {settings or 'defaults'}: {len(train)} training frames "
+          f"({args.store or 'plain MOPAC, seed 0'}), {model.n_frames} held, "
           f"{model.n_sparse} sparse environments, fit {fit_s:.0f} s; force MAE on "
           f"{len(test)} frames of the other trajectory {err.mean():.4f} eV/Å; "
           f"hyperparameters {model.hyp}")

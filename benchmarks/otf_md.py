@@ -383,6 +383,8 @@ def main(argv=None) -> int:
         "used_forces_frames": len(frames),
         "final_model_on_independent_trajectory": ev,
         "growth_with_stored_frames": growth(L.history, rss),
+        # the run's labelled frames (offline_fit.py --store re-fits models on them)
+        "store": os.path.join(work, "otf.h5"),
         "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     if args.json:

@@ -82,9 +82,10 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "max_frames": _f(int, 1000, "Most labelled frames the model holds; beyond it a tenth "
                          "leave the model (the store keeps them; see evict_frames). Bounds memory "
                          "and update time; null: no limit", nullable=True, minimum=1),
-        "evict_frames": _f(str, "oldest", "Which frames leave under max_frames: the oldest "
-                           "tenth, or every other one of the oldest fifth (thin: the model keeps "
-                           "a sparser sample of the whole run)", choices=EVICTIONS),
+        "evict_frames": _f(str, "thin", "Which frames leave under max_frames: every other one "
+                           "of the oldest fifth (thin: the model keeps a sparser sample of the "
+                           "whole run), or the oldest tenth (oldest: only the latest stretch)",
+                           choices=EVICTIONS),
         "hyperparameter_first": _f(int, 5, "Refit hyperparameters at each of the first N "
                                    "reference calls", minimum=0),
         "blas_threads": _f(int, 1, "BLAS threads for otfml's own linear algebra (null: "

@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 _JITTER = 1e-8
 #: rules for the frames that leave a model under ``max_frames`` (SparseGP ``evict``)
-EVICTIONS = ("oldest", "thin")
+EVICTIONS = ("thin", "oldest")
 _MODEL_FORMAT = "otfml-sparse-gp"
 _MODEL_VERSION = 1
 
@@ -283,14 +283,17 @@ class SparseGP:
         time.  False: the set stays as it is once full.
     max_frames : int or None, default 1000
         Most labelled frames the model holds.  When a frame would exceed it,
-        the oldest tenth of them is taken out of the model (their
-        contributions are subtracted from the accumulators; the store keeps
-        them), so memory and the update time stay bounded in long runs.
-        None: no limit.
-    evict : {"oldest", "thin"}, default "oldest"
-        Which frames leave under ``max_frames``: the oldest tenth, or every
-        other one of the oldest fifth ("thin"), so that the model keeps a
-        sparser sample of the whole run instead of only its latest stretch.
+        a tenth of them is taken out of the model (their contributions are
+        subtracted from the accumulators; the store keeps them), so memory
+        and the update time stay bounded in long runs.  None: no limit.
+    evict : {"thin", "oldest"}, default "thin"
+        Which frames leave under ``max_frames``: every other one of the
+        oldest fifth ("thin"), so that the model keeps an ever sparser sample
+        of the whole run (the first frame stays), or the oldest tenth, so that
+        it keeps only the latest stretch.  On the frames of a 10,000-step
+        aspirin run that had drifted away from its start (2035 frames, 1000
+        held), "oldest" erred by 0.23 eV/Å on an independent trajectory and
+        "thin" by 0.076 (all frames: 0.057).
     """
 
     def __init__(
@@ -303,7 +306,7 @@ class SparseGP:
         cache_bytes: int = 2 * 1024**3,
         prune: bool = True,
         max_frames: int | None = 1000,
-        evict: str = "oldest",
+        evict: str = "thin",
     ) -> None:
         if max_frames is not None and max_frames < 1:
             raise ValueError(f"max_frames = {max_frames}: give at least 1, or None for no limit")

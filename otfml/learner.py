@@ -41,7 +41,7 @@ MODEL_DEFAULTS = {
     "sparse_tolerance": 0.005,
     "prune_sparse": True,
     "max_frames": 1000,
-    "evict_frames": "oldest",
+    "evict_frames": "thin",
     "hyperparameter_every": 50,
     "hyperparameter_first": 5,
     "blas_threads": 1,

@@ -305,7 +305,7 @@ def test_dropping_frames_matches_a_model_built_without_them(cache_frames, drop):
 def test_max_frames_must_be_positive_and_evict_a_known_rule():
     with pytest.raises(ValueError, match="max_frames = 0"):
         SparseGP(Descriptor([1, 6, 8]), max_frames=0)
-    with pytest.raises(ValueError, match="evict = 'newest': give one of oldest, thin"):
+    with pytest.raises(ValueError, match="evict = 'newest': give one of thin, oldest"):
         SparseGP(Descriptor([1, 6, 8]), evict="newest")
 
 
