@@ -205,6 +205,8 @@ def table(results: list[dict]) -> str:
             f"{r['steps']}",
             f"{o['reference_calls']} ({100 * o['reference_fraction']:.2f} %)",
             " / ".join(map(str, o["calls_per_quarter_of_run"])),
+            " / ".join(f"{t:.0f}" for t in o["mean_T_per_quarter_K"]) + " K"
+            if "mean_T_per_quarter_K" in o else "-",
             f"{p['wall_s_for_all_steps']:.0f} s{ex}",
             f"{o['wall_s']:.1f} s",
             f"{o['total_model_s']:.1f} / {o['total_mopac_s']:.1f} / {o['total_update_s']:.1f} s",
@@ -222,7 +224,8 @@ def table(results: list[dict]) -> str:
             f"{o['sparse_environments']}",
             f"{r['peak_rss_MB']:.0f} MB",
         ]
-    names = ["steps", "MOPAC calls", "calls per quarter of the run", "plain MOPAC MD wall",
+    names = ["steps", "MOPAC calls", "calls per quarter of the run",
+             "mean T per quarter of the run", "plain MOPAC MD wall",
              "otfml wall", "of which model / MOPAC / updates", "wall ratio otfml / plain",
              "median model step / MOPAC call", "median update",
              "force MAE of the forces used (eV/Å)",
@@ -374,6 +377,7 @@ def main(argv=None) -> int:
                 [h["step"] for h in L.history if h["source"] == "reference"],
                 bins=4, range=(1, args.steps + 2))[0].tolist(),
             "mean_T_second_half_K": float(otf_T[half:].mean()),
+            "mean_T_per_quarter_K": [float(t.mean()) for t in np.array_split(otf_T, 4)],
             "max_T_K": float(otf_T.max()),
             "taken_from_kinetic_energy_eV": None if comp is None else comp.total,
         },

@@ -232,9 +232,12 @@ class LearningPolicy:
             if self.calibration == "floor" and self._pairs:
                 self._fit_floor()
             else:
-                self._scale = (float(np.median(self._ratios)) if self._ratios
-                               else self.initial_scale)
+                self._scale = self._median_ratio()
         return self._scale
+
+    def _median_ratio(self) -> float:
+        """Median of the recent calls' factors (``initial_scale`` before the first call)."""
+        return float(np.median(self._ratios)) if self._ratios else self.initial_scale
 
     @property
     def floor(self) -> float:
@@ -266,7 +269,7 @@ class LearningPolicy:
                 self._floor, len(self._pairs), self.force_tolerance)
         self._floor_warned = high
         # no slope seen yet (e.g. every atom equally novel): the fit through the origin
-        self._scale = float(np.sqrt(s2)) if s2 > 0 else float(np.median(self._ratios))
+        self._scale = float(np.sqrt(s2)) if s2 > 0 else self._median_ratio()
 
     @property
     def tolerance(self) -> float:
