@@ -321,6 +321,11 @@ def test_the_model_holds_at_most_max_frames_and_the_store_keeps_all(tmp_path):
     a.calc.close()
     with Store(str(tmp_path / "s.h5")) as st:
         assert len(st) == learner.n_calls
+        stored = [fr.energy for fr in st]
+    # evict_frames "thin" (the default) keeps the run's first frame and a sample of the rest
+    held = [fr.energy for fr in learner.model.frames]
+    assert held[0] == stored[0] and held[-1] == stored[-1]
+    assert all(e in stored for e in held)
     b = molecule("CH3CH2OH")
     b.calc = calc()
     assert b.calc.learner.n_warm == learner.n_calls
