@@ -179,7 +179,9 @@ def label(r: dict) -> str:
     from otfml.policy import LearningPolicy
 
     parts = [f"{r['molecule']}, seed {r['otfml']['seed']}"]
-    parts += [f", {k} {v}" for k, v in r["model_settings"].items() if MODEL_DEFAULTS.get(k) != v]
+    # results from before model.evict_frames existed dropped the oldest frames
+    settings = {"evict_frames": "oldest", **r["model_settings"]}
+    parts += [f", {k} {v}" for k, v in settings.items() if MODEL_DEFAULTS.get(k) != v]
     if r["force_tolerance_eV_A"] != LearningPolicy.force_tolerance:
         parts.append(f", tolerance {r['force_tolerance_eV_A']:g} eV/Å")
     if r.get("calibration", LearningPolicy.calibration) != LearningPolicy.calibration:
