@@ -278,8 +278,8 @@ def test_dropping_frames_matches_a_model_built_without_them(cache_frames, drop):
     ref._add_columns(gp.Z.copy(), gp.zs.copy())
     for k in kept[drop]:
         ref.add_frame(*frames[k], candidates=np.zeros(0, dtype=int), solve=False)
-    # a 13th frame drops one more in both and brings new sparse environments, whose rows
-    # against the kept frames come from the re-indexed geometry cache
+    # a 13th frame (under max_frames, one more leaves both) brings new sparse environments,
+    # whose rows against the kept frames come from the re-indexed geometry cache
     bigger = frames[12][0].copy()
     bigger.positions += np.random.default_rng(1).normal(scale=0.15, size=(len(bigger), 3))
     bigger.calc = EMT()
