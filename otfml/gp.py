@@ -836,18 +836,13 @@ class SparseGP:
         """Take ``n`` frames out under ``max_frames``, chosen by ``self.evict``."""
         n = min(n, len(self.frames))
         if self.evict == "thin" and 2 * n <= len(self.frames):
-            which = np.arange(1, 2 * n, 2)  # every other one of the 2n oldest
+            which, how = np.arange(1, 2 * n, 2), "every other one of the oldest"
         else:
-            which = np.arange(n)
+            which, how = np.arange(n), "the oldest"
         self.drop_frames(which)
         log.info("model holds %d frames (max_frames = %d): took out %d (%s; %d so far; "
-                 "the store keeps them)", len(self.frames), self.max_frames or 0, n,
-                 "every other one of the oldest" if len(which) and which[0] else "the oldest",
+                 "the store keeps them)", len(self.frames), self.max_frames or 0, n, how,
                  self.n_dropped)
-
-    def drop_oldest_frames(self, n: int) -> None:
-        """Take the ``n`` oldest frames out of the model (see :meth:`drop_frames`)."""
-        self.drop_frames(np.arange(min(int(n), len(self.frames))))
 
     def drop_frames(self, which) -> None:
         """Take frames ``which`` (indices into ``frames``) out of the model (weights not re-solved).
