@@ -186,6 +186,8 @@ def label(r: dict) -> str:
         parts.append(f", tolerance {r['force_tolerance_eV_A']:g} eV/Å")
     if r.get("calibration", LearningPolicy.calibration) != LearningPolicy.calibration:
         parts.append(f", calibration {r['calibration']}")
+    if r.get("call_step_result", "reference") != LearningPolicy.call_step_result:
+        parts.append(f", call steps return the {r['call_step_result'].replace('_', ' ')}")
     if r.get("min_steps_between_calls"):
         parts.append(f", min interval {r['min_steps_between_calls']}")
     if r.get("adaptive"):
@@ -254,7 +256,7 @@ def table(results: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    from otfml.policy import CALIBRATIONS
+    from otfml.policy import CALIBRATIONS, CALL_STEP_RESULTS
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--molecule", choices=sorted(MOLECULES), default="ethanol")
@@ -274,6 +276,8 @@ def main(argv=None) -> int:
                          "with at least N frames (default: its own, %(default)s)")
     ap.add_argument("--no-compensation", action="store_true",
                     help="run the OTF MD without otfml.EnergyCompensation")
+    ap.add_argument("--call-step-result", choices=CALL_STEP_RESULTS, default="reference",
+                    help="what the steps that call MOPAC return (learning.call_step_result)")
     ap.add_argument("--adaptive", action="store_true",
                     help="the tolerance follows the running errors (learning.adaptive)")
     ap.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -314,7 +318,8 @@ def main(argv=None) -> int:
     # otfml OTF MD from an empty store
     b = start(args.molecule, temperature, args.seed)
     policy = LearningPolicy(min_steps_between_calls=args.min_steps_between_calls,
-                            calibration=args.calibration, adaptive=args.adaptive)
+                            calibration=args.calibration, adaptive=args.adaptive,
+                            call_step_result=args.call_step_result)
     if args.force_tolerance is not None:
         policy.force_tolerance = args.force_tolerance
     calc = OTFCalculator(reference=MOPAC(method="PM7"), store=os.path.join(work, "otf.h5"),
@@ -352,6 +357,7 @@ def main(argv=None) -> int:
         "adaptive": policy.adaptive,
         "calibration": policy.calibration,
         "calibration_fit": L.policy.model_calibration(),
+        "call_step_result": policy.call_step_result,
         "min_steps_between_calls": policy.min_steps_between_calls,
         "energy_compensation": comp is not None,
         "compensation_min_frames": None if comp is None else comp.min_frames,
@@ -376,7 +382,7 @@ def main(argv=None) -> int:
             "total_mopac_s": float(np.sum(t["reference"])),
             "total_update_s": float(np.sum(t["update"])),
             "calls_per_quarter_of_run": np.histogram(
-                [h["step"] for h in L.history if h["source"] == "reference"],
+                [h["step"] for h in L.history if h["called"]],
                 bins=4, range=(1, args.steps + 2))[0].tolist(),
             "mean_T_second_half_K": float(otf_T[half:].mean()),
             "mean_T_per_quarter_K": [float(t.mean()) for t in np.array_split(otf_T, 4)],

@@ -107,7 +107,7 @@ def run(mode: str, ensemble: str, molecule: str, steps: int, seed: int, work: st
         out["taken_from_kinetic_energy_eV"] = compensation.total
         shifts = np.array([shift for _step, shift in compensation.shifts])
         off = [h["model_energy"] - h["energy"] for h in atoms.calc.learner.history
-               if h["source"] == "reference" and h["model_energy"] is not None]
+               if h["called"] and h["model_energy"] is not None]
         if len(shifts):
             out["sum_of_update_shifts_eV"] = float(shifts.sum())
             out["mean_update_shift_meV"] = 1e3 * float(shifts.mean())

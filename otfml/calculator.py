@@ -88,7 +88,8 @@ class OTFCalculator(Calculator):
     energy_std : float, eV -- standard deviation of the returned energy
     local_std : (n_atoms,), eV -- std of each local energy
     forces_std : (n_atoms,), eV/Å -- calibrated per-atom force-error estimate
-    source : str -- "model" or "reference"
+    source : str -- "model", "reference", or "updated_model" (a step that called the
+    reference and returns the updated model's prediction; ``learning.call_step_result``)
     The ``*_std`` results are 0 on reference steps (the values are the reference's).
     ``energy_std`` and ``local_std`` are computed when first read (from
     ``results`` or ``get_property``): the MD step does not need them.

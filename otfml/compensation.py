@@ -85,7 +85,7 @@ class EnergyCompensation:
         calc = self.atoms.calc
         learner = calc.learner
         last = learner.history[-1] if learner.history else None
-        if (last is not None and last["source"] == "reference"
+        if (last is not None and last["called"]
                 and last["model_energy"] is not None
                 and (not self.shifts or self.shifts[-1][0] != last["step"])
                 and calc.atoms is not None

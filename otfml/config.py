@@ -17,7 +17,7 @@ import yaml
 
 from .errors import ConfigError
 from .gp import EVICTIONS
-from .policy import CALIBRATIONS
+from .policy import CALIBRATIONS, CALL_STEP_RESULTS
 
 __all__ = ["load_config", "validate", "SCHEMA", "STAGE_SECTIONS", "keys_markdown",
            "apply_overrides", "index_of"]
@@ -122,6 +122,10 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "allow_fragmentation": _f(bool, False, "Accept geometries with more bonded fragments "
                                   "than the starting one (dissociation); otherwise the run stops "
                                   "before the reference, naming the atoms that left"),
+        "call_step_result": _f(str, "reference", "What a step that called the reference "
+                               "returns: the reference's energy and forces, or the updated "
+                               "model's prediction there (MD stays on one surface)",
+                               choices=CALL_STEP_RESULTS),
     },
     "store": {
         "path": _f(str, "otfml.h5", "HDF5 store (relative to output.directory); existing "

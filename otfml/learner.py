@@ -59,16 +59,19 @@ class StepResult:
     forces : ndarray (n_atoms, 3)
         eV/Å.
     source : str
-        ``"model"`` or ``"reference"``: where energy and forces come from (never mixed).
+        Where energy and forces come from (never mixed): ``"model"``,
+        ``"reference"``, or ``"updated_model"`` (the reference was called, and
+        the model's prediction after learning its label is returned; see
+        ``LearningPolicy.call_step_result``).
     forces_std : ndarray (n_atoms,)
         Calibrated force-error estimate per atom, eV/Å (zero for reference values).
     max_force_std : float
         Largest calibrated force-error estimate of the model at this geometry,
-        eV/Å (NaN where there was no model yet).
+        before any update, eV/Å (NaN where there was no model yet).
     reason : str
         Why the reference was or was not asked.
     prediction : Prediction or None
-        The model's prediction when ``source`` is ``"model"``.
+        The model's prediction the values come from (None for reference values).
     energy_std, local_std
         Predictive std of the returned energy (eV) and of each local energy
         (eV per atom); zero for reference values.  Computed on first access.
@@ -81,6 +84,11 @@ class StepResult:
     max_force_std: float
     reason: str
     prediction: Prediction | None = None
+
+    @property
+    def called(self) -> bool:
+        """True if this step's geometry was labelled by the reference (and learned)."""
+        return self.source != "model"
 
     @property
     def energy_std(self) -> float:
@@ -313,7 +321,8 @@ class Learner:
         self.n_calls = 0
         self.steps_since_call = 0
         self.timings = {"model": [], "reference": [], "update": []}
-        #: one dict per step: step, source, reason, max_force_std (eV/Å), energy (eV),
+        #: one dict per step: step, source, called (the reference labelled the step),
+        #: reason, max_force_std (eV/Å), energy (eV),
         #: model_energy (the model's prediction, eV; on reference steps the one before
         #: the update; None without a model), frames and sparse (the model's frames and
         #: sparse environments before the step), labelled (frames the model was given,
@@ -450,8 +459,9 @@ class Learner:
                 t_update = self.timings["update"][-1]  # _learn returns only after its update
             except ReferenceFailed as err:
                 res = self._after_failure(err, pred, step, dec)
-        self.history.append({"step": step, "source": res.source, "reason": res.reason,
-                             "max_force_std": res.max_force_std, "energy": res.energy,
+        self.history.append({"step": step, "source": res.source, "called": res.called,
+                             "reason": res.reason, "max_force_std": res.max_force_std,
+                             "energy": res.energy,
                              "model_energy": None if pred is None else pred.energy,
                              "frames": n_frames, "sparse": n_sparse,
                              "labelled": n_frames + n_dropped, "model_s": t_model,
@@ -539,6 +549,11 @@ class Learner:
             else:
                 self.model.solve()
         self.timings["update"].append(time.perf_counter() - t1)
+        if self.policy.call_step_result == "updated_model":
+            new = self.predict(atoms)
+            return StepResult(new.energy, new.forces, "updated_model",
+                              self.policy.force_std(new.novelty, atoms.numbers),
+                              dec.max_force_std, dec.reason, new)
         n = len(atoms)
         return StepResult(label.energy, label.forces, "reference", np.zeros(n),
                           dec.max_force_std, dec.reason)

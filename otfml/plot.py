@@ -103,7 +103,7 @@ def plot_run(run_dir: str) -> list[str]:
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for name, x, c in parts:
         std = c["max_force_std_eV_A"]
-        ref = c["source"] == "reference"
+        ref = np.isin(c["source"], ("reference", "updated_model"))  # labelled steps
         ax.semilogy(x, std, lw=0.7, label=f"{name}: largest estimate" if len(parts) > 1
                     else "largest force-error estimate")
         ax.plot(x, c["threshold_eV_A"], color="k", lw=1.0, ls="--")

@@ -44,6 +44,8 @@ __all__ = ["LearningPolicy", "Decision", "calibrated"]
 log = logging.getLogger(__name__)
 
 CALIBRATIONS = ("atom", "element", "max", "floor")
+#: what a step that called the reference returns (``LearningPolicy.call_step_result``)
+CALL_STEP_RESULTS = ("reference", "updated_model")
 
 
 def calibrated(uncertainty: np.ndarray, scale: float, numbers: np.ndarray | None = None,
@@ -151,6 +153,12 @@ class LearningPolicy:
         novelty ("max"), or a floor plus a factor, ``sqrt(floor^2 + scale^2
         u_i^2)``, fitted to the squared per-atom errors of the recent calls
         ("floor"; see the module's notes).
+    call_step_result : {"reference", "updated_model"}, default "reference"
+        What a step that called the reference returns: the reference's energy
+        and forces, or the model's prediction at that geometry after it has
+        learned the label. With "updated_model" MD never switches between the
+        model's surface and the reference's (see benchmarks/README.md); the
+        label is stored and learned either way.
     """
 
     force_tolerance: float = 0.2
@@ -166,6 +174,7 @@ class LearningPolicy:
     max_consecutive_failures: int = 3
     label_check: float | None = 1.0
     allow_fragmentation: bool = False
+    call_step_result: str = "reference"
     _ratios: deque = field(default_factory=deque, init=False, repr=False)
     _errors: deque = field(default_factory=deque, init=False, repr=False)
     _scale: float | None = field(default=None, init=False, repr=False)
@@ -194,6 +203,10 @@ class LearningPolicy:
         if self.on_reference_failure not in ("stop", "use_model"):
             raise ConfigError(f"on_reference_failure={self.on_reference_failure!r}; use 'stop' "
                               "or 'use_model'")
+        if self.call_step_result not in CALL_STEP_RESULTS:
+            raise ConfigError(f"call_step_result={self.call_step_result!r}; use 'reference' "
+                              "(the reference's energy and forces at the steps that call it) "
+                              "or 'updated_model' (the model's, after learning the label)")
         if int(self.max_consecutive_failures) < 1:
             raise ConfigError(f"max_consecutive_failures={self.max_consecutive_failures}; it "
                               "must be >= 1")

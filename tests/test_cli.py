@@ -33,6 +33,8 @@ BROKEN = [
     ({"system": {"structure": "nothere.xyz"}}, ["system.structure = 'nothere.xyz'",
                                                 "neither an existing file"]),
     ({"learning": {"adaptive": "yes please"}}, ["learning.adaptive", "true/false"]),
+    ({"learning": {"call_step_result": "model"}}, ["learning.call_step_result = 'model'",
+                                                   "updated_model"]),
     ("driver: [1, 2", ["not valid YAML"]),
     ("- just\n- a list\n", ["top level must be a mapping"]),
 ]

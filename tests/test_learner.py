@@ -75,6 +75,44 @@ def test_loop_calls_store_and_trusts(tmp_path):
         assert [fr.step for fr in st] == called
 
 
+def test_call_steps_can_return_the_updated_model(tmp_path):
+    """call_step_result: updated_model -- the label is stored and learned as always, and the
+    step returns what the model predicts there after learning it."""
+    a = molecule("CH3CH2OH")
+    a.calc = OTFCalculator(EMT(), store=str(tmp_path / "s.h5"),
+                           policy=LearningPolicy(force_tolerance=1.0, allow_fragmentation=True,
+                                                 call_step_result="updated_model"))
+    returned = []
+
+    def check():
+        r = a.calc.results
+        if r["source"] == "updated_model":  # the model has already learned this label
+            p = L.predict(a)
+            assert r["energy"] == p.energy and np.array_equal(r["forces"], p.forces)
+            assert r["forces_std"].min() > 0 and r["energy_std"] > 0
+        returned.append((r["source"], r["energy"], r["forces"].copy()))
+
+    L = a.calc.learner
+    rng = np.random.default_rng(0)
+    thermalize(a, 300, rng, zero_drift=False)
+    dyn = Langevin(a, 0.5 * units.fs, temperature_K=300, friction=0.02, rng=rng, fixcm=False)
+    dyn.attach(check, interval=1)
+    dyn.run(100)
+    sources = [s for s, _, _ in returned]
+    assert set(sources) == {"model", "updated_model"} and "reference" not in sources
+    assert [h["called"] for h in L.history] == [h["source"] == "updated_model"
+                                                for h in L.history]
+    assert sum(h["called"] for h in L.history) == L.n_calls >= 3
+    a.calc.close()
+    with Store(tmp_path / "s.h5") as st:  # the store holds EMT's labels, not the model's
+        called = [h for h in L.history if h["called"]]
+        assert [fr.step for fr in st] == [h["step"] for h in called]
+        for fr, h in zip(st, called):
+            ref = fr.atoms.copy()
+            ref.calc = EMT()
+            assert fr.energy == ref.get_potential_energy() and fr.energy != h["energy"]
+
+
 def test_uncertainties_are_computed_when_read_without_a_new_step():
     a = molecule("CH3CH2OH")
     a.calc = OTFCalculator(EMT(), policy=LearningPolicy(force_tolerance=100.0, initial_calls=1))
@@ -199,6 +237,37 @@ def test_otf_md_with_mopac_stays_physical_and_stores_every_call(tmp_path):
         chk = fr.atoms.copy()
         chk.calc = MOPAC(method="PM7", label=str(tmp_path / "chk" / "m"))
         assert chk.get_potential_energy() == pytest.approx(fr.energy, abs=1e-6)
+
+
+@mopac
+def test_otf_md_with_mopac_on_the_updated_model_stays_physical(tmp_path):
+    """call_step_result: updated_model with the real MOPAC: the run stays near the thermostat,
+    stores MOPAC's labels, and the forces it returns at the calls are close to them."""
+    a = molecule("CH3CH2OH")
+    a.calc = OTFCalculator(reference=MOPAC(method="PM7"), store=str(tmp_path / "e.h5"),
+                           policy=LearningPolicy(call_step_result="updated_model"))
+    rng = np.random.default_rng(0)
+    dyn = Langevin(a, 0.5 * units.fs, temperature_K=500, friction=0.01, rng=rng, fixcm=False)
+    dyn.attach(EnergyCompensation(a, min_frames=0), interval=1)
+    temps, used = [], {}
+
+    def record():
+        temps.append(a.get_temperature())
+        if a.calc.results["source"] == "updated_model":
+            used[a.calc.learner.n_steps] = a.calc.results["forces"].copy()
+
+    dyn.attach(record, interval=1)
+    dyn.run(400)
+    L = a.calc.learner
+    assert len(used) == L.n_calls and 0 < L.n_calls < 200
+    assert max(temps) < 1500 and np.mean(temps[200:]) < 900
+    a.calc.close()
+    with Store(tmp_path / "e.h5") as st:
+        assert sorted(used) == [fr.step for fr in st]
+        err = [np.abs(used[fr.step] - fr.forces).mean() for fr in st]
+        # the model was trained on that label: well within the tolerance of 0.2 eV/Å
+        assert np.median(err) < 0.1, err
+        assert all(fr.fingerprint["code"] == "MOPAC" for fr in st)
 
 
 @mopac

@@ -119,7 +119,9 @@ def test_adaptive_tolerance_follows_errors_within_bounds():
 
 @pytest.mark.parametrize("kw,text", [({"force_tolerance": 0}, "force_tolerance=0"),
                                      ({"max_calls": 0}, "max_calls=0"),
-                                     ({"calibration": "mean"}, "calibration='mean'")])
+                                     ({"calibration": "mean"}, "calibration='mean'"),
+                                     ({"call_step_result": "model"},
+                                      "call_step_result='model'; use 'reference'")])
 def test_bad_settings_are_named(kw, text):
     with pytest.raises(ConfigError, match=text):
         LearningPolicy(**kw)
