@@ -186,6 +186,7 @@ def label(r: dict) -> str:
         parts.append(f", tolerance {r['force_tolerance_eV_A']:g} eV/Å")
     if r.get("calibration", LearningPolicy.calibration) != LearningPolicy.calibration:
         parts.append(f", calibration {r['calibration']}")
+    # results from before learning.call_step_result existed returned MOPAC's values
     if r.get("call_step_result", "reference") != LearningPolicy.call_step_result:
         parts.append(f", call steps return the {r['call_step_result'].replace('_', ' ')}")
     if r.get("min_steps_between_calls"):
@@ -276,8 +277,9 @@ def main(argv=None) -> int:
                          "with at least N frames (default: its own, %(default)s)")
     ap.add_argument("--no-compensation", action="store_true",
                     help="run the OTF MD without otfml.EnergyCompensation")
-    ap.add_argument("--call-step-result", choices=CALL_STEP_RESULTS, default="reference",
-                    help="what the steps that call MOPAC return (learning.call_step_result)")
+    ap.add_argument("--call-step-result", choices=CALL_STEP_RESULTS, default=None,
+                    help="what the steps that call MOPAC return (learning.call_step_result; "
+                         "default: otfml's)")
     ap.add_argument("--adaptive", action="store_true",
                     help="the tolerance follows the running errors (learning.adaptive)")
     ap.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -319,7 +321,8 @@ def main(argv=None) -> int:
     b = start(args.molecule, temperature, args.seed)
     policy = LearningPolicy(min_steps_between_calls=args.min_steps_between_calls,
                             calibration=args.calibration, adaptive=args.adaptive,
-                            call_step_result=args.call_step_result)
+                            **({"call_step_result": args.call_step_result}
+                               if args.call_step_result else {}))
     if args.force_tolerance is not None:
         policy.force_tolerance = args.force_tolerance
     calc = OTFCalculator(reference=MOPAC(method="PM7"), store=os.path.join(work, "otf.h5"),

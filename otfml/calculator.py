@@ -57,9 +57,12 @@ def _identical(a, b) -> bool:
 class OTFCalculator(Calculator):
     """On-the-fly learning calculator.
 
-    Energy and forces come either from the sparse GP model or, where the model
-    is unsure, from the reference; they are never mixed. Each reference result is
-    appended to the HDF5 store and the model is updated before the step returns.
+    Energy and forces come from the sparse GP model. Where the model is unsure,
+    the reference labels the geometry first: the label is appended to the HDF5
+    store and the model is updated before the step returns, and the step returns
+    the updated model's prediction there (``learning.call_step_result:
+    updated_model``, the default) or the reference's values (``reference``).
+    Energy and forces of one step always come from one source.
 
     Parameters
     ----------

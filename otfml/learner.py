@@ -335,7 +335,8 @@ class Learner:
         self.n_failures = 0
         self.failures_in_a_row = 0
         self._n_fragments: int | None = None
-        #: set True to have the next step labelled by the reference whatever the model says
+        #: set True to have the next step labelled by the reference whatever the model says;
+        #: that step returns the reference's energy and forces (whatever call_step_result says)
         self.request_reference = False
         self._blas = _BlasLimit(self.settings["blas_threads"])
         if self.store is not None and len(self.store):
@@ -549,7 +550,8 @@ class Learner:
             else:
                 self.model.solve()
         self.timings["update"].append(time.perf_counter() - t1)
-        if self.policy.call_step_result == "updated_model":
+        # a requested call (e.g. confirming an optimized geometry) returns the reference's values
+        if self.policy.call_step_result == "updated_model" and dec.reason != "requested":
             new = self.predict(atoms)
             return StepResult(new.energy, new.forces, "updated_model",
                               self.policy.force_std(new.novelty, atoms.numbers),

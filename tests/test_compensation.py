@@ -100,7 +100,7 @@ def test_a_young_model_is_not_compensated(cluster):
         assert (a.get_kinetic_energy() == before) == young
     # the shifts of young updates are measured all the same
     updates = [h["step"] for h in a.calc.learner.history
-               if h["source"] == "reference" and h["model_energy"] is not None]
+               if h["called"] and h["model_energy"] is not None]
     assert [step for step, _shift in comp.shifts] == updates
     assert comp.total == pytest.approx(sum(sh for step, sh in comp.shifts
                                            if a.calc.learner.history[step - 1]["frames"] >= 5),

@@ -31,7 +31,8 @@ def _md(atoms, steps, seed=0, T=300):
 
 
 def test_reference_steps_return_reference_values_exactly(ethanol, tmp_path):
-    calc = OTFCalculator(EMT(), store=str(tmp_path / "s.h5"))
+    calc = OTFCalculator(EMT(), store=str(tmp_path / "s.h5"),
+                         policy=LearningPolicy(call_step_result="reference"))
     ethanol.calc = calc
     e = ethanol.get_potential_energy()
     f = ethanol.get_forces()
@@ -52,9 +53,9 @@ def test_loop_calls_store_and_trusts(tmp_path):
                            policy=LearningPolicy(force_tolerance=1.0, allow_fragmentation=True))
     sources = _md(a, 150)
     L = a.calc.learner
-    assert sources.count("reference") == L.n_calls
+    assert sources.count("updated_model") == L.n_calls
     assert L.n_calls < 0.6 * len(sources)  # the model takes over
-    assert sources[:2] == ["reference", "reference"]  # initial_calls
+    assert sources[:2] == ["updated_model", "updated_model"]  # initial_calls
     # the model's own energy is kept on every step it could predict, also before an update
     assert L.history[0]["model_energy"] is None  # no model yet
     for h in L.history[2:]:
@@ -71,7 +72,7 @@ def test_loop_calls_store_and_trusts(tmp_path):
     a.calc.close()
     with Store(tmp_path / "s.h5") as st:
         assert len(st) == L.n_calls
-        called = [h["step"] for h in L.history if h["source"] == "reference"]
+        called = [h["step"] for h in L.history if h["called"]]
         assert [fr.step for fr in st] == called
 
 
@@ -113,6 +114,25 @@ def test_call_steps_can_return_the_updated_model(tmp_path):
             assert fr.energy == ref.get_potential_energy() and fr.energy != h["energy"]
 
 
+def test_a_requested_call_returns_the_reference_values():
+    """request_reference (e.g. confirming an optimized geometry) returns the reference's
+    values even where call steps return the updated model (the default)."""
+    a = molecule("CH3CH2OH")
+    a.calc = OTFCalculator(EMT(), policy=LearningPolicy(force_tolerance=100.0))
+    assert a.calc.learner.policy.call_step_result == "updated_model"
+    for _ in range(4):
+        a.positions += 0.01
+        a.get_forces()
+    assert a.calc.results["source"] == "model"
+    a.calc.learner.request_reference = True
+    a.positions += 0.01
+    f = a.get_forces()
+    assert a.calc.results["source"] == "reference"
+    ref = a.copy()
+    ref.calc = EMT()
+    np.testing.assert_array_equal(f, ref.get_forces())
+
+
 def test_uncertainties_are_computed_when_read_without_a_new_step():
     a = molecule("CH3CH2OH")
     a.calc = OTFCalculator(EMT(), policy=LearningPolicy(force_tolerance=100.0, initial_calls=1))
@@ -138,14 +158,14 @@ def test_policy_knobs_budget_interval_forced(tmp_path):
     pol = LearningPolicy(force_tolerance=1e-6, max_calls=5, allow_fragmentation=True)
     a.calc = OTFCalculator(EMT(), policy=pol)
     sources = _md(a, 30)
-    assert sources.count("reference") == 5 and sources[5:] == ["model"] * (len(sources) - 5)
+    assert sources.count("updated_model") == 5 and sources[5:] == ["model"] * (len(sources) - 5)
 
     b = molecule("CH3CH2OH")
     b.calc = OTFCalculator(EMT(), policy=LearningPolicy(force_tolerance=1e-6,
                                                         min_steps_between_calls=4,
                                                         allow_fragmentation=True))
-    src = _md(b, 30)
-    calls = [i for i, s in enumerate(src) if s == "reference"]
+    src = _md(b, 30, T=100)  # cooler: a model of a few EMT frames, trusted 4 steps at a time
+    calls = [i for i, s in enumerate(src) if s != "model"]
     gaps = np.diff(calls[2:])  # after the initial calls
     assert len(gaps) and gaps.min() >= 5
 
@@ -154,7 +174,7 @@ def test_policy_knobs_budget_interval_forced(tmp_path):
                                                         force_call_every=10,
                                                         allow_fragmentation=True))
     src = _md(c, 40)
-    assert src.count("reference") >= 4  # 2 initial + one per 10 model steps
+    assert len(src) - src.count("model") >= 4  # 2 initial + one per 10 model steps
 
 
 def test_warm_start_calibrates_with_one_call_then_trusts(tmp_path):
@@ -386,7 +406,7 @@ def test_the_model_holds_at_most_max_frames_and_the_store_keeps_all(tmp_path):
     assert learner.n_calls > 10 and max(held) <= 4
     assert learner.model.n_frames + learner.model.n_dropped == learner.n_calls
     last = learner.history[-1]  # counted before the step
-    assert last["labelled"] == learner.n_calls - (last["source"] == "reference")
+    assert last["labelled"] == learner.n_calls - last["called"]
     a.calc.close()
     with Store(str(tmp_path / "s.h5")) as st:
         assert len(st) == learner.n_calls

@@ -59,7 +59,7 @@ def test_workflow_runs_as_shipped(tmp_path, name):
     for d, stage in zip(dirs, cfg["stages"]):
         steps = read_steps(str(d / "steps.csv"))
         assert len(steps["step"]) > 0
-        assert set(steps["source"]) <= {"model", "reference"}
+        assert set(steps["source"]) <= {"model", "updated_model", "reference"}
         final = read(str(d / "final.extxyz"), ":")
         assert final and all(len(a) == 9 for a in final)
         if stage["driver"]["type"] == "optimize":
