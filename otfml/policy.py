@@ -158,11 +158,13 @@ class LearningPolicy:
         at that geometry after it has learned the label, or the reference's
         energy and forces.  The label is stored and learned either way.  With
         "updated_model" MD never switches between the model's surface and the
-        reference's.  On aspirin/PM7 (10,000 steps at 500 K, two seeds) that cut
-        the calls from 31 / 24 % of the steps to 9.7 / 7.0 %, kept the runs near
-        the thermostat instead of heating to 600 K, and gave better final
-        models (0.042 / 0.040 against 0.046 / 0.070 eV/Å); the forces used erred
-        more (0.056 / 0.057 against 0.042 / 0.045 eV/Å). benchmarks/README.md.
+        reference's.  On aspirin/PM7 (10,000 steps at 500 K, floor calibration)
+        it asked MOPAC at 7-19 % of the steps (mean 12.5 %) in five runs of
+        three seeds, against 9-31 % (mean 21.5 %) for "reference" in four runs
+        of the same seeds, one seed of the three the other way round; wall
+        time 0.5-1.3 of plain MOPAC's against 0.6-1.9; the forces used erred
+        more (0.056-0.058 against 0.042-0.054 eV/Å).  On ethanol the two were
+        alike (benchmarks/README.md).
     """
 
     force_tolerance: float = 0.2
