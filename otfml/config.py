@@ -90,8 +90,10 @@ SCHEMA: dict[str, dict[str, Field]] = {
                                    "reference calls", minimum=0),
         "blas_threads": _f(int, 1, "BLAS threads for otfml's own linear algebra (null: "
                            "leave BLAS as it is); MOPAC is not affected", nullable=True, minimum=1),
-        "hyperparameter_every": _f(int, 50, "...then at calls that are powers of two and at "
-                                   "every N-th call", minimum=1),
+        "hyperparameter_every": _f(int, 50, "...then at calls that are powers of two and N "
+                                   "calls after the last fit; the interval doubles (up to 8N) "
+                                   "while fits move no hyperparameter by more than 10 %",
+                                   minimum=1),
     },
     "learning": {
         "force_tolerance": _f(NUM, 0.2, "Call the reference when the largest per-atom force "

@@ -245,13 +245,42 @@ def check_fragments(atoms: Atoms, step: int, n_start: int) -> None:
         "otherwise lower the time step, the temperature or learning.force_tolerance")
 
 
-def hyperparameters_due(n_calls: int, settings: dict) -> bool:
-    """Refit hyperparameters at call ``n_calls``? Every call up to ``hyperparameter_first``,
-    then at powers of two and at every ``hyperparameter_every``-th call (each fit costs
-    tens of O(M^3) likelihood evaluations, so they are kept rare once the model settles)."""
-    n = int(n_calls)
-    return (n <= settings["hyperparameter_first"] or n % settings["hyperparameter_every"] == 0
-            or (n & (n - 1)) == 0)
+class HyperparameterSchedule:
+    """At which reference calls the hyperparameters are refitted.
+
+    At each of the first ``first`` calls and at calls that are powers of two;
+    besides, ``every`` calls after the last fit, an interval that doubles (up
+    to ``8 * every``) after each fit that moved no hyperparameter by more than
+    ``settled`` (relative), and falls back to ``every`` after one that did.
+    A fit costs 3-12 O(M^3) likelihood evaluations (1.4 s at M = 1265 on
+    aspirin); in a trace of 600 aspirin calls, after call 250 fits moved sigma
+    and sigma_f by less than 5 % and sigma_e by up to 12 %.
+
+    Parameters
+    ----------
+    first, every : int
+        ``model.hyperparameter_first`` and ``model.hyperparameter_every``.
+    settled : float, default 0.1
+        Largest relative change of a hyperparameter at a fit that still counts
+        as settled.
+    """
+
+    def __init__(self, first: int, every: int, settled: float = 0.1) -> None:
+        self.first, self.every, self.settled = int(first), int(every), float(settled)
+        self.gap = self.every
+        self.next = self.every
+
+    def due(self, n_calls: int) -> bool:
+        """Refit at call ``n_calls`` (1-based)?"""
+        n = int(n_calls)
+        return n <= self.first or (n & (n - 1)) == 0 or n >= self.next
+
+    def fitted(self, n_calls: int, before: np.ndarray, after: np.ndarray) -> None:
+        """Record a fit at call ``n_calls`` that moved the hyperparameters from ``before``."""
+        moved = float(np.max(np.abs(np.asarray(after) / np.asarray(before) - 1.0)))
+        self.gap = (min(2 * self.gap, 8 * self.every) if moved <= self.settled
+                    else self.every)
+        self.next = int(n_calls) + self.gap
 
 
 def check_model_settings(settings: dict | None) -> dict:
@@ -339,6 +368,8 @@ class Learner:
         #: that step returns the reference's energy and forces (whatever call_step_result says)
         self.request_reference = False
         self._blas = _BlasLimit(self.settings["blas_threads"])
+        self.hyperparameter_schedule = HyperparameterSchedule(
+            self.settings["hyperparameter_first"], self.settings["hyperparameter_every"])
         if self.store is not None and len(self.store):
             with self._blas:
                 self._warm_start()
@@ -545,8 +576,11 @@ class Learner:
         with self._blas:
             self.model.add_frame(atoms, label.energy, label.forces,
                                  env=pred.env if pred is not None else None, solve=False)
-            if hyperparameters_due(self.n_calls, self.settings):
+            if self.hyperparameter_schedule.due(self.n_calls):
+                before = self.model.hyp.as_array()
                 self.model.fit_hyperparameters()
+                self.hyperparameter_schedule.fitted(self.n_calls, before,
+                                                    self.model.hyp.as_array())
             else:
                 self.model.solve()
         self.timings["update"].append(time.perf_counter() - t1)

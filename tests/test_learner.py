@@ -13,6 +13,7 @@ from ase.optimize import BFGS
 
 from otfml import EnergyCompensation, OTFCalculator
 from otfml.errors import ConfigError, FingerprintMismatch
+from otfml.learner import HyperparameterSchedule
 from otfml.policy import LearningPolicy
 from otfml.run import thermalize
 from otfml.store import Store
@@ -131,6 +132,26 @@ def test_a_requested_call_returns_the_reference_values():
     ref = a.copy()
     ref.calc = EMT()
     np.testing.assert_array_equal(f, ref.get_forces())
+
+
+def test_hyperparameter_fits_grow_rarer_while_they_settle():
+    sched = HyperparameterSchedule(first=5, every=50)
+    h = np.array([1.0, 0.01, 0.05])
+    fits = []
+    for n in range(1, 4001):
+        if sched.due(n):
+            fits.append(n)
+            # fits move the hyperparameters by 30 % until call 300, by 2 % from then on,
+            # except one jump at call 2000
+            sched.fitted(n, h, h * (1.3 if n < 300 or 2000 <= n < 2050 else 1.02))
+    assert fits[:5] == [1, 2, 3, 4, 5] and {8, 16, 32, 64, 128, 256, 512, 1024, 2048} <= set(fits)
+    others = [n for n in fits if n > 5 and n & (n - 1)]
+    early = [n for n in others if n < 300]
+    assert early and max(np.diff([n for n in fits if 5 <= n < 300])) <= 50  # unsettled: every 50
+    gaps = np.diff([n for n in fits if 300 <= n < 2000])
+    assert gaps.max() == 400 and len(gaps) < 12  # settled: the interval doubles up to 8 x 50
+    after_jump = [n for n in fits if n > 2000]
+    assert after_jump[0] - 2000 <= 50  # a fit that moved them brings the interval back to 50
 
 
 def test_uncertainties_are_computed_when_read_without_a_new_step():
