@@ -60,8 +60,8 @@ class OTFCalculator(Calculator):
     Energy and forces come from the sparse GP model. Where the model is unsure,
     the reference labels the geometry first: the label is appended to the HDF5
     store and the model is updated before the step returns, and the step returns
-    the updated model's prediction there (``learning.call_step_result:
-    updated_model``, the default) or the reference's values (``reference``).
+    the reference's values (``learning.call_step_result: reference``, the
+    default) or the updated model's prediction there (``updated_model``).
     Energy and forces of one step always come from one source.
 
     Parameters

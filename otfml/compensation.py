@@ -11,8 +11,9 @@ of MOPAC's at the call steps did not help (0.49 eV/ps): the updates feed
 energy in.  In Langevin MD at 500 K with this compensation, the switch of
 surfaces did matter: over 10,000 aspirin steps the runs that took MOPAC's
 values at the calls heated to about 600 K while MOPAC was asked at every
-third step; with the updated model's (now the default,
-``learning.call_step_result``) they stayed near 500 K with 7-10 % calls.
+third step; the first two with the updated model's values
+(``learning.call_step_result: updated_model``) stayed near 500 K with
+7-10 % calls.  Later runs of both kinds spread widely (benchmarks/README.md).
 
 :class:`EnergyCompensation` is an ASE dynamics observer that, after each step
 the reference labelled, takes the update's energy shift at that geometry out of

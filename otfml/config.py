@@ -124,9 +124,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "allow_fragmentation": _f(bool, False, "Accept geometries with more bonded fragments "
                                   "than the starting one (dissociation); otherwise the run stops "
                                   "before the reference, naming the atoms that left"),
-        "call_step_result": _f(str, "updated_model", "What a step that called the reference "
-                               "returns: the updated model's prediction there (MD stays on one "
-                               "surface), or the reference's energy and forces",
+        "call_step_result": _f(str, "reference", "What a step that called the reference "
+                               "returns: the reference's energy and forces, or the updated "
+                               "model's prediction there (updated_model: MD stays on one surface)",
                                choices=CALL_STEP_RESULTS),
     },
     "store": {

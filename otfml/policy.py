@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 CALIBRATIONS = ("atom", "element", "max", "floor")
 #: what a step that called the reference returns (``LearningPolicy.call_step_result``)
-CALL_STEP_RESULTS = ("updated_model", "reference")
+CALL_STEP_RESULTS = ("reference", "updated_model")
 
 
 def calibrated(uncertainty: np.ndarray, scale: float, numbers: np.ndarray | None = None,
@@ -153,18 +153,20 @@ class LearningPolicy:
         novelty ("max"), or a floor plus a factor, ``sqrt(floor^2 + scale^2
         u_i^2)``, fitted to the squared per-atom errors of the recent calls
         ("floor"; see the module's notes).
-    call_step_result : {"updated_model", "reference"}, default "updated_model"
-        What a step that called the reference returns: the model's prediction
-        at that geometry after it has learned the label, or the reference's
-        energy and forces.  The label is stored and learned either way.  With
+    call_step_result : {"reference", "updated_model"}, default "reference"
+        What a step that called the reference returns: the reference's energy
+        and forces, or the model's prediction at that geometry after it has
+        learned the label.  The label is stored and learned either way.  With
         "updated_model" MD never switches between the model's surface and the
         reference's.  On aspirin/PM7 (10,000 steps at 500 K, floor calibration)
         it asked MOPAC at 7-19 % of the steps (mean 12.5 %) in five runs of
         three seeds, against 9-31 % (mean 21.5 %) for "reference" in four runs
         of the same seeds, one seed of the three the other way round; wall
         time 0.5-1.3 of plain MOPAC's against 0.6-1.9; the forces used erred
-        more (0.056-0.058 against 0.042-0.054 eV/Å).  On ethanol the two were
-        alike (benchmarks/README.md).
+        more (0.056-0.058 against 0.042-0.054 eV/Å).  On ethanol it ran warmer
+        (second halves 442-653 K in six runs, mean 514 K, against 419-506 K,
+        mean 454 K, in four) and asked about as often, so it is not the
+        default (benchmarks/README.md).
     """
 
     force_tolerance: float = 0.2
@@ -180,7 +182,7 @@ class LearningPolicy:
     max_consecutive_failures: int = 3
     label_check: float | None = 1.0
     allow_fragmentation: bool = False
-    call_step_result: str = "updated_model"
+    call_step_result: str = "reference"
     _ratios: deque = field(default_factory=deque, init=False, repr=False)
     _errors: deque = field(default_factory=deque, init=False, repr=False)
     _scale: float | None = field(default=None, init=False, repr=False)
@@ -213,9 +215,9 @@ class LearningPolicy:
                               "or 'use_model'")
         if self.call_step_result not in CALL_STEP_RESULTS:
             raise ConfigError(f"call_step_result={self.call_step_result!r}; use "
-                              "'updated_model' (at the steps that call the reference, the "
-                              "model's prediction after learning the label) or 'reference' "
-                              "(the reference's energy and forces)")
+                              "'reference' (at the steps that call the reference, its energy "
+                              "and forces) or 'updated_model' (the model's prediction after "
+                              "learning the label)")
         if int(self.max_consecutive_failures) < 1:
             raise ConfigError(f"max_consecutive_failures={self.max_consecutive_failures}; it "
                               "must be >= 1")

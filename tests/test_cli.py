@@ -34,7 +34,7 @@ BROKEN = [
                                                 "neither an existing file"]),
     ({"learning": {"adaptive": "yes please"}}, ["learning.adaptive", "true/false"]),
     ({"learning": {"call_step_result": "model"}}, ["learning.call_step_result = 'model'",
-                                                   "choose one of updated_model, reference"]),
+                                                   "choose one of reference, updated_model"]),
     ("driver: [1, 2", ["not valid YAML"]),
     ("- just\n- a list\n", ["top level must be a mapping"]),
 ]

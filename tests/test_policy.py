@@ -132,7 +132,7 @@ def test_adaptive_tolerance_follows_errors_within_bounds():
                                      ({"max_calls": 0}, "max_calls=0"),
                                      ({"calibration": "mean"}, "calibration='mean'"),
                                      ({"call_step_result": "model"},
-                                      "call_step_result='model'; use 'updated_model'")])
+                                      "call_step_result='model'; use 'reference'")])
 def test_bad_settings_are_named(kw, text):
     with pytest.raises(ConfigError, match=text):
         LearningPolicy(**kw)
