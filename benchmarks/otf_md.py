@@ -219,6 +219,8 @@ def table(results: list[dict]) -> str:
             f"{o['median_model_step_ms']:.2f} ms / {o['median_mopac_call_ms']:.0f} ms "
             f"(**1/{1 / r['model_step_over_mopac_call']:.0f}**)",
             f"{o['median_update_ms']:.0f} ms",
+            f"{o['hyperparameter_fits']} / {o['total_hyperparameter_s']:.1f} s"
+            if "hyperparameter_fits" in o else "-",
             f"**{r['used_forces_mae_eV_A']:.4f}**",
             f"**{ev['force_mae_eV_A']:.4f}** ({ev['frames']} frames)",
             f"{ev['energy_mae_meV_per_atom']:.2f} meV/atom",
@@ -233,6 +235,7 @@ def table(results: list[dict]) -> str:
              "mean T per quarter of the run", "plain MOPAC MD wall",
              "otfml wall", "of which model / MOPAC / updates", "wall ratio otfml / plain",
              "median model step / MOPAC call", "median update",
+             "hyperparameter fits / their time (part of the updates)",
              "force MAE of the forces used (eV/Å)",
              "final model force MAE, independent trajectory (eV/Å)", "final model energy MAE",
              "Spearman uncertainty vs error (atom / frame)", "miss rate (atoms)",
@@ -384,6 +387,8 @@ def main(argv=None) -> int:
             "total_model_s": float(np.sum(t["model"])),
             "total_mopac_s": float(np.sum(t["reference"])),
             "total_update_s": float(np.sum(t["update"])),
+            "hyperparameter_fits": len(t["hyperparameters"]),
+            "total_hyperparameter_s": float(np.sum(t["hyperparameters"])),
             "calls_per_quarter_of_run": np.histogram(
                 [h["step"] for h in L.history if h["called"]],
                 bins=4, range=(1, args.steps + 2))[0].tolist(),

@@ -349,7 +349,9 @@ class Learner:
         self.n_steps = 0
         self.n_calls = 0
         self.steps_since_call = 0
-        self.timings = {"model": [], "reference": [], "update": []}
+        #: seconds per model prediction, reference call and update; "hyperparameters":
+        #: the hyperparameter fits among the updates (part of their time)
+        self.timings = {"model": [], "reference": [], "update": [], "hyperparameters": []}
         #: one dict per step: step, source, called (the reference labelled the step),
         #: reason, max_force_std (eV/Å), energy (eV),
         #: model_energy (the model's prediction, eV; on reference steps the one before
@@ -578,7 +580,9 @@ class Learner:
                                  env=pred.env if pred is not None else None, solve=False)
             if self.hyperparameter_schedule.due(self.n_calls):
                 before = self.model.hyp.as_array()
+                t2 = time.perf_counter()
                 self.model.fit_hyperparameters()
+                self.timings["hyperparameters"].append(time.perf_counter() - t2)
                 self.hyperparameter_schedule.fitted(self.n_calls, before,
                                                     self.model.hyp.as_array())
             else:

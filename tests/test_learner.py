@@ -56,6 +56,9 @@ def test_loop_calls_store_and_trusts(tmp_path):
     L = a.calc.learner
     assert sources.count("reference") == L.n_calls
     assert L.n_calls < 0.6 * len(sources)  # the model takes over
+    # the hyperparameter fits are timed apart too: at least one at each of the first 5 calls
+    fits = L.timings["hyperparameters"]
+    assert len(fits) >= min(L.n_calls, 5) and sum(fits) < sum(L.timings["update"])
     assert sources[:2] == ["reference", "reference"]  # initial_calls
     # the model's own energy is kept on every step it could predict, also before an update
     assert L.history[0]["model_energy"] is None  # no model yet
