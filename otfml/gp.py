@@ -446,8 +446,9 @@ class SparseGP:
                 shape=(N, P),
             )
             u = np.einsum("qcf,qf->qc", Gs.reshape(P, 3, -1), ph[ci])
-            blocks[int(s)] = {"G": Gs.astype(self.cache_dtype), "u": u,
-                              "ph": ph[ci].astype(self.cache_dtype), "scale": 2.0 / norm[ci],
+            blocks[int(s)] = {"G": Gs.astype(self.cache_dtype, copy=False), "u": u,
+                              "ph": ph[ci].astype(self.cache_dtype, copy=False),
+                              "scale": 2.0 / norm[ci],
                               "inc": inc, "atoms": ph[env.species == s],
                               "pi": ci, "pj": env.pj[sel]}
         nbytes = sum(blk["G"].nbytes for blk in blocks.values())
@@ -1059,7 +1060,7 @@ class SparseGP:
         # against the identity; an L-BFGS fit evaluates this some 3-12 times)
         Binv, info = scipy.linalg.lapack.dpotri(LB[0], lower=1)
         if info:
-            return (-np.inf, np.zeros(3)) if eval_gradient else -np.inf
+            return -np.inf, np.zeros(3)
         Binv = np.tril(Binv) + np.tril(Binv, -1).T
         # dQ/dlog(theta); T = s2 u^T B^-1 u, dT = s2 (2 beta.du - beta^T dB beta) (+ 2T for
         # sigma); with dB = 2 (B - I) for sigma, B beta = u and tr(B^-1 B) = M
