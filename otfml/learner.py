@@ -431,13 +431,14 @@ class Learner:
         self.fingerprint = {**self.fingerprint, **new}
 
     # ------------------------------------------------------------------
-    def predict(self, atoms: Atoms) -> Prediction:
+    def predict(self, atoms: Atoms, env=None) -> Prediction:
         """The model's prediction for ``atoms``, under otfml's BLAS thread limit.
 
         Use this rather than ``self.model.predict`` outside :meth:`step` (e.g. in
         a dynamics observer): without the limit, a busy machine made the same
         prediction of aspirin (816 sparse environments) take a median of 10 ms
-        instead of 2.3 ms, as OpenBLAS's threads waited for a core.
+        instead of 2.3 ms, as OpenBLAS's threads waited for a core.  ``env``:
+        the descriptors of ``atoms`` if already computed (see ``SparseGP.predict``).
 
         Raises
         ------
@@ -446,7 +447,7 @@ class Learner:
         """
         with self._blas:
             try:
-                return self.model.predict(atoms)
+                return self.model.predict(atoms, env)
             except IsolatedAtoms:
                 raise self._isolated(atoms, self.n_steps) from None
 
@@ -590,7 +591,7 @@ class Learner:
         self.timings["update"].append(time.perf_counter() - t1)
         # a requested call (e.g. confirming an optimized geometry) returns the reference's values
         if self.policy.call_step_result == "updated_model" and dec.reason != "requested":
-            new = self.predict(atoms)
+            new = self.predict(atoms, pred.env if pred is not None else None)
             return StepResult(new.energy, new.forces, "updated_model",
                               self.policy.force_std(new.novelty, atoms.numbers),
                               dec.max_force_std, dec.reason, new)

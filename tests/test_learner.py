@@ -460,9 +460,9 @@ def test_learner_predict_runs_under_the_blas_limit_outside_step():
     seen = []
     model_predict = learner.model.predict
 
-    def spy(atoms):
+    def spy(atoms, env=None):
         seen.append({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
-        return model_predict(atoms)
+        return model_predict(atoms, env)
 
     learner.model.predict = spy
     with threadpool_limits(limits=2, user_api="blas"):
