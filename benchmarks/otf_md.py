@@ -189,6 +189,9 @@ def label(r: dict) -> str:
     # results from before learning.call_step_result existed returned MOPAC's values
     if r.get("call_step_result", "reference") != LearningPolicy.call_step_result:
         parts.append(f", call steps return the {r['call_step_result'].replace('_', ' ')}")
+    # results from before learning.sparse_admission existed had none
+    if r.get("sparse_admission") != LearningPolicy.sparse_admission:
+        parts.append(f", sparse admission {r.get('sparse_admission')}")
     if r.get("min_steps_between_calls"):
         parts.append(f", min interval {r['min_steps_between_calls']}")
     if r.get("adaptive"):
@@ -283,6 +286,8 @@ def main(argv=None) -> int:
     ap.add_argument("--call-step-result", choices=CALL_STEP_RESULTS, default=None,
                     help="what the steps that call MOPAC return (learning.call_step_result; "
                          "default: otfml's)")
+    ap.add_argument("--sparse-admission", default=None, metavar="F",
+                    help="learning.sparse_admission: a fraction, or null (default: otfml's)")
     ap.add_argument("--adaptive", action="store_true",
                     help="the tolerance follows the running errors (learning.adaptive)")
     ap.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -325,7 +330,9 @@ def main(argv=None) -> int:
     policy = LearningPolicy(min_steps_between_calls=args.min_steps_between_calls,
                             calibration=args.calibration, adaptive=args.adaptive,
                             **({"call_step_result": args.call_step_result}
-                               if args.call_step_result else {}))
+                               if args.call_step_result else {}),
+                            **({"sparse_admission": json.loads(args.sparse_admission)}
+                               if args.sparse_admission is not None else {}))
     if args.force_tolerance is not None:
         policy.force_tolerance = args.force_tolerance
     calc = OTFCalculator(reference=MOPAC(method="PM7"), store=os.path.join(work, "otf.h5"),
@@ -364,6 +371,7 @@ def main(argv=None) -> int:
         "calibration": policy.calibration,
         "calibration_fit": L.policy.model_calibration(),
         "call_step_result": policy.call_step_result,
+        "sparse_admission": policy.sparse_admission,
         "min_steps_between_calls": policy.min_steps_between_calls,
         "energy_compensation": comp is not None,
         "compensation_min_frames": None if comp is None else comp.min_frames,

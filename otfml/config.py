@@ -128,6 +128,12 @@ SCHEMA: dict[str, dict[str, Field]] = {
                                "returns: the reference's energy and forces, or the updated "
                                "model's prediction there (updated_model: MD stays on one surface)",
                                choices=CALL_STEP_RESULTS),
+        "sparse_admission": _f(NUM, 0.5, "At a call, environments whose novelty exceeds this "
+                               "fraction (0-1] of the novelty at which the estimate reaches the "
+                               "tolerance join the sparse set even below model.sparse_tolerance "
+                               "(never below a quarter of it), so a call lowers the uncertainty "
+                               "that caused it; null: model.sparse_tolerance alone",
+                               nullable=True, positive=True),
     },
     "store": {
         "path": _f(str, "otfml.h5", "HDF5 store (relative to output.directory); existing "

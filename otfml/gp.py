@@ -559,13 +559,14 @@ class SparseGP:
             C -= W.T @ W
         return C
 
-    def _pivots(self, C: np.ndarray, limit: int) -> tuple[list[int], list[float], np.ndarray]:
-        """Greedy pivoted Cholesky of ``C``: at most ``limit`` pivots above the tolerance.
+    def _pivots(self, C: np.ndarray, limit: int, tol: float
+                ) -> tuple[list[int], list[float], np.ndarray]:
+        """Greedy pivoted Cholesky of ``C``: at most ``limit`` pivots above ``tol`` (novelty).
 
         Returns the pivots (indices into ``C``), their unrepresented variances
         and what is left of ``C`` after them.
         """
-        tol2 = self.sparse_tolerance**2
+        tol2 = tol**2
         chosen: list[int] = []
         values: list[float] = []
         while len(chosen) < limit:
@@ -579,16 +580,18 @@ class SparseGP:
         return chosen, values, C
 
     def _select_sparse(
-        self, env: Environments, candidates: np.ndarray | None, max_new: int | None
+        self, env: Environments, candidates: np.ndarray | None, max_new: int | None,
+        tol: float | None = None,
     ) -> list[int]:
         """Greedy choice of the atoms of ``env`` that join the sparse set.
 
         Pivoted Cholesky on the kernel of the candidates conditioned on the
         current sparse set: repeatedly take the candidate the set (plus the
         ones taken so far) represents worst, while its unrepresented fraction
-        exceeds ``sparse_tolerance``.  A full species makes room first by
-        pruning (see :meth:`_prune_species`) if ``self.prune``.
+        exceeds ``tol`` (default ``sparse_tolerance``).  A full species makes
+        room first by pruning (see :meth:`_prune_species`) if ``self.prune``.
         """
+        tol = self.sparse_tolerance if tol is None else tol
         ph, _ = _normalize(env.p)
         if candidates is None:
             candidates = np.arange(len(ph))
@@ -601,18 +604,18 @@ class SparseGP:
             C = self._conditioned(s, ph[at])
             n_have = int(np.sum(self.zs == s))
             if self.prune and n_have + limit > cap:
-                want, values, _ = self._pivots(C, limit)
+                want, values, _ = self._pivots(C, limit, tol)
                 excess = n_have + len(want) - cap
                 if excess > 0:
                     gone = self._prune_species(s, max(excess, cap // 20), values[0])
                     if gone:
                         C = self._conditioned(s, ph[at])
                         n_have -= gone
-            picked, _, rest = self._pivots(C, min(limit, cap - n_have))
+            picked, _, rest = self._pivots(C, min(limit, cap - n_have), tol)
             chosen.extend(int(at[i]) for i in picked)
             full = n_have + len(picked) >= cap
             if full and s not in self._full_warned and len(rest) and np.diag(rest).max() > (
-                    self.sparse_tolerance**2):
+                    tol**2):
                 self._full_warned.add(s)
                 el = self._element(s)
                 why = ("and none of its environments is redundant enough to swap out"
@@ -778,6 +781,7 @@ class SparseGP:
         candidates: np.ndarray | None = None,
         max_new_sparse: int | None = None,
         solve: bool = True,
+        sparse_tolerance: float | None = None,
     ) -> int:
         """Add one labelled structure and update the model incrementally.
 
@@ -797,6 +801,10 @@ class SparseGP:
             At most this many new sparse environments per species from this frame.
         solve : bool, default True
             Re-solve for the weights afterwards (set False when adding a batch).
+        sparse_tolerance : float, optional
+            The model's ``sparse_tolerance`` for this frame only (normalized
+            kernel units), e.g. lower to admit the environments that made the
+            learner call the reference (see ``LearningPolicy.sparse_admission``).
 
         Returns
         -------
@@ -819,7 +827,7 @@ class SparseGP:
         if self.max_frames is not None and len(self.frames) >= self.max_frames:
             # before the new columns, whose rows the dropped frames would no longer need
             self._evict(len(self.frames) - self.max_frames + max(1, self.max_frames // 10))
-        picked = self._select_sparse(env, candidates, max_new_sparse)
+        picked = self._select_sparse(env, candidates, max_new_sparse, sparse_tolerance)
         if picked:
             self._add_columns(ph[picked], env.species[picked])
         geom = self._geometry(env)

@@ -578,7 +578,8 @@ class Learner:
         self.steps_since_call = 0
         with self._blas:
             self.model.add_frame(atoms, label.energy, label.forces,
-                                 env=pred.env if pred is not None else None, solve=False)
+                                 env=pred.env if pred is not None else None, solve=False,
+                                 sparse_tolerance=self._admission(atoms))
             if self.hyperparameter_schedule.due(self.n_calls):
                 before = self.model.hyp.as_array()
                 t2 = time.perf_counter()
@@ -598,6 +599,18 @@ class Learner:
         n = len(atoms)
         return StepResult(label.energy, label.forces, "reference", np.zeros(n),
                           dec.max_force_std, dec.reason)
+
+    def _admission(self, atoms: Atoms) -> float | None:
+        """Sparse tolerance (normalized) for a labelled frame (``LearningPolicy.sparse_admission``).
+
+        None: the model's own ``sparse_tolerance``.
+        """
+        frac = self.policy.sparse_admission
+        u = self.policy.novelty_at_tolerance(atoms.numbers) if frac else None
+        if u is None or not self.model.is_fitted:
+            return None
+        tol = self.model.sparse_tolerance
+        return float(np.clip(frac * u / self.model.hyp.sigma, tol / 4, tol))
 
     def close(self) -> None:
         """Close the store."""

@@ -358,3 +358,19 @@ def test_an_indefinite_system_is_rebuilt_from_the_stored_rows(caplog):
     again = gp.predict(probe)
     np.testing.assert_allclose(again.forces, good.forces, atol=1e-6 * np.abs(good.forces).max())
     assert again.energy == pytest.approx(good.energy, abs=1e-6)
+
+
+def test_a_frame_can_be_given_its_own_sparse_tolerance():
+    """add_frame(sparse_tolerance=...): lower for that frame only, the environments left
+    out at the model's tolerance join, and afterwards none of the frame's is more novel."""
+    frames = _emt_frames(4, seed=8)
+    coarse, fine = (SparseGP(Descriptor([1, 6, 8]), sparse_tolerance=0.2) for _ in range(2))
+    for gp in (coarse, fine):
+        for a, e, f in frames[:3]:
+            gp.add_frame(a, e, f)
+    a, e, f = frames[3]
+    assert coarse.add_frame(a, e, f) < fine.add_frame(a, e, f, sparse_tolerance=0.01)
+    sig = fine.hyp.sigma
+    assert fine.predict(a).novelty.max() <= 0.01 * sig
+    assert coarse.predict(a).novelty.max() > 0.01 * sig
+    assert fine.sparse_tolerance == 0.2  # the model's own is unchanged

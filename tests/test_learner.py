@@ -534,3 +534,40 @@ def test_floor_calibration_with_mopac_fits_the_observed_errors(tmp_path):
     for novelty, forces_std, floor, scale in stds:
         np.testing.assert_allclose(forces_std, np.hypot(floor, scale * novelty), rtol=1e-9)
     a.calc.close()
+
+
+@pytest.mark.parametrize("admission", [0.5, None])
+def test_a_call_admits_the_environments_that_caused_it(admission):
+    """learning.sparse_admission: at a call, the environments with more than half the novelty
+    at which the estimate reaches the tolerance join the sparse set even below
+    model.sparse_tolerance (here a coarse 0.1; never below a quarter of it), so the geometry
+    that called is left with less novelty than that.  With None, environments between the two
+    thresholds keep the novelty that made them call."""
+    a = Icosahedron("Cu", 2)
+    a.rattle(0.05, seed=3)
+    a.calc = OTFCalculator(EMT(), multiplicity=2,
+                           policy=LearningPolicy(force_tolerance=0.3, calibration="floor",
+                                                 sparse_admission=admission),
+                           model_settings={"sparse_tolerance": 0.1})
+    L = a.calc.learner
+    ratios = []  # at each call: novelty left after the update / the admission bound
+    sigma = [None]  # the model's sigma before the step (what the admission used)
+
+    def watch():
+        u_tol = L.policy.novelty_at_tolerance(a.numbers)  # as at the call (after observing)
+        if a.calc.results["source"] == "reference" and u_tol and sigma[0]:
+            bound = np.clip(0.5 * u_tol / sigma[0], 0.1 / 4, 0.1)  # normalized kernel units
+            left = L.model.predict(a).novelty.max() / L.model.hyp.sigma
+            ratios.append(left / bound)
+        sigma[0] = L.model.hyp.sigma if L.model.is_fitted else None
+
+    rng = np.random.default_rng(0)
+    thermalize(a, 300, rng, zero_drift=False)
+    dyn = Langevin(a, 0.5 * units.fs, temperature_K=300, friction=0.02, rng=rng, fixcm=False)
+    dyn.attach(watch, interval=1)
+    dyn.run(150)
+    assert len(ratios) >= 4
+    if admission:
+        assert max(ratios) <= 1 + 1e-9
+    else:
+        assert max(ratios) > 1.5

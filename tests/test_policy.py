@@ -44,6 +44,29 @@ def test_element_calibration_fits_each_element_on_its_own_atoms():
     np.testing.assert_allclose(one.force_std(u, numbers), one.scale * u)
 
 
+def test_novelty_at_which_the_estimate_reaches_the_tolerance():
+    pol = LearningPolicy(force_tolerance=0.2, calibration="atom")
+    assert pol.novelty_at_tolerance() is None  # nothing observed: no calibration yet
+    pol.observe(np.array([0.01, 0.02]), np.array([0.04, 0.08]))  # 4 /Å
+    assert pol.novelty_at_tolerance() == pytest.approx(0.05)
+    assert pol.force_std(np.array([0.05])) == pytest.approx(0.2)
+    # per element: the element with the largest factor reaches it first
+    el = LearningPolicy(force_tolerance=0.2, calibration="element")
+    el.observe(np.array([0.01, 0.01]), np.array([0.3, 0.05]), np.array([6, 1]))  # C 30, H 5
+    assert el.novelty_at_tolerance(np.array([6, 1, 1])) == pytest.approx(0.2 / 30)
+    assert el.novelty_at_tolerance(np.array([1, 1])) == pytest.approx(0.2 / 5)
+    # floor: hypot(0.1, 4 u) = 0.2 at u = sqrt(0.03) / 4; a floor at the tolerance: none
+    fl = LearningPolicy(force_tolerance=0.2, calibration="floor")
+    rng = np.random.default_rng(0)
+    u = rng.uniform(0.0, 0.05, 21)
+    fl.observe(u, np.sqrt(0.1**2 + (4.0 * u) ** 2))
+    assert fl.novelty_at_tolerance() == pytest.approx(np.sqrt(0.2**2 - 0.1**2) / 4.0)
+    assert fl.force_std(np.array([fl.novelty_at_tolerance()])) == pytest.approx(0.2)
+    high = LearningPolicy(force_tolerance=0.2, calibration="floor")
+    high.observe(u, np.full(21, 0.25))
+    assert high.floor >= 0.2 and high.novelty_at_tolerance() is None
+
+
 def test_max_calibration():
     pol = LearningPolicy(calibration="max")
     pol.observe(np.array([0.01, 0.05]), np.array([0.5, 0.1]))
@@ -132,7 +155,9 @@ def test_adaptive_tolerance_follows_errors_within_bounds():
                                      ({"max_calls": 0}, "max_calls=0"),
                                      ({"calibration": "mean"}, "calibration='mean'"),
                                      ({"call_step_result": "model"},
-                                      "call_step_result='model'; use 'reference'")])
+                                      "call_step_result='model'; use 'reference'"),
+                                     ({"sparse_admission": 0}, "sparse_admission=0; give a "),
+                                     ({"sparse_admission": 1.5}, "sparse_admission=1.5")])
 def test_bad_settings_are_named(kw, text):
     with pytest.raises(ConfigError, match=text):
         LearningPolicy(**kw)
