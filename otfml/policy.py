@@ -172,7 +172,8 @@ class LearningPolicy:
         At a call, the environments whose novelty exceeds this fraction of the
         novelty at which the calibrated estimate reaches the tolerance join the
         model's sparse set even when ``model.sparse_tolerance`` would leave them
-        out (never below a quarter of it).  Without it an environment can sit
+        out (never below a quarter of it), while that species' set is below
+        80 % of ``model.max_sparse_per_species``.  Without it an environment can sit
         between the two thresholds: uncertain enough to call the reference, not
         novel enough to join, so learning the label does not lower its
         uncertainty and the next steps call again (aspirin/PM7: 29 % of the

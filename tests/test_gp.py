@@ -374,3 +374,32 @@ def test_a_frame_can_be_given_its_own_sparse_tolerance():
     assert fine.predict(a).novelty.max() <= 0.01 * sig
     assert coarse.predict(a).novelty.max() > 0.01 * sig
     assert fine.sparse_tolerance == 0.2  # the model's own is unchanged
+
+
+@pytest.mark.parametrize("drop", [[], [0], [8], [0, 1, 5], [2, 3, 4, 7, 8]])
+def test_growable_array_keeps_columns_in_order(drop):
+    from otfml.gp import _Grow
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 9))
+    g = _Grow(9, max_cols=12)
+    g.append(x)
+    keep = np.setdiff1d(np.arange(9), drop)
+    g.keep_columns(keep)
+    np.testing.assert_array_equal(g.view, x[:, keep])
+    g.add_columns(np.ones((300, 2)))  # the buffer stays usable
+    np.testing.assert_array_equal(g.view[:, :len(keep)], x[:, keep])
+
+
+def test_a_frames_own_sparse_tolerance_fills_a_set_only_to_the_admission_fill():
+    """The lower tolerance stops at ADMISSION_FILL of the cap and never swaps out environments;
+    beyond it the model's own tolerance (and pruning) decide."""
+    from otfml.gp import ADMISSION_FILL
+
+    frames = _emt_frames(6, seed=9)
+    gp = SparseGP(Descriptor([1, 6, 8]), sparse_tolerance=0.9, max_sparse_per_species=5)
+    gp.add_frame(*frames[0], sparse_tolerance=1e-4)
+    assert gp.sparse_counts()["H"] == int(ADMISSION_FILL * 5)  # six H in the frame
+    for a, e, f in frames[1:]:
+        gp.add_frame(a, e, f, sparse_tolerance=1e-4)
+    assert gp.sparse_counts()["H"] <= 5 and gp.n_pruned == {}  # nothing novel at 0.9
