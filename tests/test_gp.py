@@ -403,3 +403,44 @@ def test_a_frames_own_sparse_tolerance_fills_a_set_only_to_the_admission_fill():
     for a, e, f in frames[1:]:
         gp.add_frame(a, e, f, sparse_tolerance=1e-4)
     assert gp.sparse_counts()["H"] <= 5 and gp.n_pruned == {}  # nothing novel at 0.9
+
+
+def test_the_updated_factor_equals_a_new_factorization(monkeypatch):
+    """Solves after frames (and new sparse columns) were added update the factor of B
+    (rank-k QR update and new rows) instead of factoring it again: same factor, same
+    weights and predictions as a model that factors afresh at every solve."""
+    import otfml.gp
+
+    # ethanol's 28 rows per frame are a large rank for a small M: update whatever it costs
+    monkeypatch.setattr(otfml.gp, "_UPDATE_RANK", 1.0)
+    frames = _emt_frames(14, seed=11)
+    inc = ExactGP(Descriptor([1, 6, 8]), sparse_tolerance=0.02)
+    ref = ExactGP(Descriptor([1, 6, 8]), sparse_tolerance=0.02)
+    updated = 0
+    for k, (a, e, f) in enumerate(frames[:13]):
+        for gp in (inc, ref):
+            gp.add_frame(a, e, f, solve=False)
+        if k == 3:
+            for gp in (inc, ref):
+                gp.fit_hyperparameters()
+            continue
+        M_before = inc._lb_state["M"] if inc._lb_state else None
+        inc.solve()
+        ref._lb_state = None  # factor afresh
+        ref.solve()
+        if M_before is not None and inc._lb_state["updates"] > 0:
+            updated += 1
+        np.testing.assert_allclose(inc._LB, ref._LB, rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(inc._beta, ref._beta, rtol=1e-8, atol=1e-10)
+    assert updated >= 5 and inc.n_sparse > 60  # updates, with new columns
+    M = inc.n_sparse
+    ref._lb_state = None
+    for gp in (inc, ref):  # a frame seen before: no new columns, the rank-k update alone
+        gp.add_frame(*frames[0])
+    assert ref._lb_state["updates"] == 0  # factored afresh
+    assert inc.n_sparse == M and inc._lb_state["updates"] > 0
+    np.testing.assert_allclose(inc._LB, ref._LB, rtol=1e-9, atol=1e-9)
+    x = frames[13][0]
+    p, q = inc.predict(x), ref.predict(x)
+    np.testing.assert_allclose(p.forces, q.forces, atol=1e-9)
+    np.testing.assert_allclose(p.local_std, q.local_std, rtol=1e-8)
