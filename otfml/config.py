@@ -128,12 +128,13 @@ SCHEMA: dict[str, dict[str, Field]] = {
                                "returns: the reference's energy and forces, or the updated "
                                "model's prediction there (updated_model: MD stays on one surface)",
                                choices=CALL_STEP_RESULTS),
-        "sparse_admission": _f(NUM, 0.5, "At a call, environments whose novelty exceeds this "
+        "sparse_admission": _f(NUM, None, "At a call, environments whose novelty exceeds this "
                                "fraction (0-1] of the novelty at which the estimate reaches the "
                                "tolerance join the sparse set even below model.sparse_tolerance "
                                "(never below a quarter of it; while the species' set is below 80 % "
                                "of model.max_sparse_per_species), so a call lowers the uncertainty "
-                               "that caused it; null: model.sparse_tolerance alone",
+                               "that caused it (on aspirin it did not pay); null: "
+                               "model.sparse_tolerance alone",
                                nullable=True, positive=True),
     },
     "store": {
