@@ -1224,8 +1224,8 @@ class SparseGP:
         see :meth:`_add_columns`).  So the old factor takes the rank-k update
         (a QR of the triangle stacked on ``V^T``, LAPACK ``tpqrt``, O(k M0^2)),
         and the new rows follow by a triangular solve and a small Cholesky,
-        O(M0^2 n_new): on aspirin (M = 1800, k = 64) 15 ms against 160 ms for
-        a new factorization.  A new one is due after other changes (frames
+        O(M0^2 n_new): for aspirin's k = 64 at M = 1800, 15 ms against 84 ms
+        for a new factorization (one thread).  A new one is due after other changes (frames
         dropped, columns removed, new hyperparameters), when the rank is large
         (k > ``_UPDATE_RANK`` M0, e.g. big structures: the update's 2 k M0^2
         flops would not beat the factorization's M0^3 / 3), and every 100
