@@ -892,8 +892,12 @@ class SparseGP:
         W = self._Linv @ rows_f.T  # whitened force rows (M, 3N)
         self._AFw += W @ W.T
         ew = self._Linv @ row_e / math.sqrt(N)
-        if self._lb_state is not None:
-            self._lb_state["rows"].append((W, ew))
+        st = self._lb_state
+        if st is not None:  # kept for the factor's update until their rank would not pay
+            st["rows"].append((W, ew))
+            st["rank"] += W.shape[1] + 1
+            if st["rank"] > _UPDATE_RANK * st["M"]:
+                self._lb_state = None
         self._EwT.append(ew[None, :])
         self._AEw += np.outer(ew, ew)
         self.c_E += row_e * energy / N
@@ -1196,7 +1200,7 @@ class SparseGP:
             B = np.eye(M) + s2 * (self._AEw / se**2 + self._AFw / sf**2)
             try:
                 LB = scipy.linalg.cholesky(B, lower=True)
-                self._lb_state = {"M": M, "hyp": hyp, "rows": [], "updates": 0}
+                self._lb_state = {"M": M, "hyp": hyp, "rows": [], "rank": 0, "updates": 0}
             except np.linalg.LinAlgError:
                 if attempt:
                     raise
@@ -1236,9 +1240,7 @@ class SparseGP:
             return None
         M0, M = st["M"], self.n_sparse
         sigma, se, sf = hyp
-        k = sum(W.shape[1] + 1 for W, _ in st["rows"])
-        if k > _UPDATE_RANK * M0:
-            return None
+        k = st["rank"]
         LB = self._LB
         if k:
             V = np.hstack([np.column_stack([W[:M0] * (sigma / sf), ew[:M0] * (sigma / se)])
@@ -1267,7 +1269,7 @@ class SparseGP:
             full[M0:, :M0] = L21
             full[M0:, M0:] = L22
             LB = full
-        self._lb_state = {"M": M, "hyp": hyp, "rows": [], "updates": st["updates"] + 1}
+        self._lb_state = {"M": M, "hyp": hyp, "rows": [], "rank": 0, "updates": st["updates"] + 1}
         return LB
 
     def _make_blocks(self, C: np.ndarray | None = None) -> None:

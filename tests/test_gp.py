@@ -440,6 +440,19 @@ def test_the_updated_factor_equals_a_new_factorization(monkeypatch):
     assert ref._lb_state["updates"] == 0  # factored afresh
     assert inc.n_sparse == M and inc._lb_state["updates"] > 0
     np.testing.assert_allclose(inc._LB, ref._LB, rtol=1e-9, atol=1e-9)
+    # frames added without solving: their rows are kept only while an update would pay
+    monkeypatch.setattr(otfml.gp, "_UPDATE_RANK", 40 / inc.n_sparse)  # at most 40 rows
+    inc.add_frame(*frames[1], solve=False)
+    assert inc._lb_state is not None and inc._lb_state["rank"] == 28  # 27 force rows, 1 energy
+    for a, e, f in frames[2:6]:
+        inc.add_frame(a, e, f, solve=False)
+    assert inc._lb_state is None  # 56 rows > 40: a new factorization is due, nothing is kept
+    inc.solve()
+    ref._lb_state = None
+    for a, e, f in frames[1:6]:
+        ref.add_frame(a, e, f, solve=False)
+    ref.solve()
+    np.testing.assert_allclose(inc._LB, ref._LB, rtol=1e-9, atol=1e-9)
     x = frames[13][0]
     p, q = inc.predict(x), ref.predict(x)
     np.testing.assert_allclose(p.forces, q.forces, atol=1e-9)
