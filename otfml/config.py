@@ -32,6 +32,7 @@ class Field:
     doc: str
     choices: tuple | None = None
     minimum: float | None = None
+    maximum: float | None = None
     positive: bool = False
     nullable: bool = False
 
@@ -135,7 +136,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
                                "of model.max_sparse_per_species), so a call lowers the uncertainty "
                                "that caused it (on aspirin it did not pay); null: "
                                "model.sparse_tolerance alone",
-                               nullable=True, positive=True),
+                               nullable=True, positive=True, maximum=1),
     },
     "store": {
         "path": _f(str, "otfml.h5", "HDF5 store (relative to output.directory); existing "
@@ -220,6 +221,9 @@ def _check(path: str, value, field: Field, source: str):
         raise ConfigError(f"{source}: {path} = {value!r} must be > 0 ({field.doc})")
     if field.minimum is not None and value < field.minimum:
         raise ConfigError(f"{source}: {path} = {value!r} must be >= {field.minimum} "
+                          f"({field.doc})")
+    if field.maximum is not None and value > field.maximum:
+        raise ConfigError(f"{source}: {path} = {value!r} must be <= {field.maximum} "
                           f"({field.doc})")
     return value
 

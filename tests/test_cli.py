@@ -35,6 +35,7 @@ BROKEN = [
     ({"learning": {"adaptive": "yes please"}}, ["learning.adaptive", "true/false"]),
     ({"learning": {"call_step_result": "model"}}, ["learning.call_step_result = 'model'",
                                                    "choose one of reference, updated_model"]),
+    ({"learning": {"sparse_admission": 1.5}}, ["learning.sparse_admission = 1.5", "<= 1"]),
     ("driver: [1, 2", ["not valid YAML"]),
     ("- just\n- a list\n", ["top level must be a mapping"]),
 ]
