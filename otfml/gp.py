@@ -1085,6 +1085,16 @@ class SparseGP:
             "bF": self._Linv @ self.b_F,
         }
 
+    def _B(self, theta: np.ndarray, start: int = 0) -> np.ndarray:
+        """Rows ``start:`` of ``B = I + sigma^2 (AEw/se^2 + AFw/sf^2)``, (M - start, M).
+
+        ``theta`` is (sigma, sigma_e, sigma_f); see :meth:`_whitened`.
+        """
+        sigma, se, sf = theta
+        B = sigma**2 * (self._AEw[start:] / se**2 + self._AFw[start:] / sf**2)
+        B[:, start:] += np.eye(self.n_sparse - start)
+        return B
+
     def log_marginal_likelihood(
         self, theta: np.ndarray | None = None, eval_gradient: bool = False, _wh=None
     ):
@@ -1109,7 +1119,7 @@ class SparseGP:
         wh = self._whitened() if _wh is None else _wh
         M = self.n_sparse
         s2 = sigma**2
-        B = np.eye(M) + s2 * (wh["AE"] / se**2 + wh["AF"] / sf**2)
+        B = self._B(theta)
         u = wh["c"] / se**2 + wh["bF"] / sf**2
         try:
             LB = scipy.linalg.cho_factor(B, lower=True)
@@ -1192,15 +1202,13 @@ class SparseGP:
         sigma, se, sf = hyp
         M = self.n_sparse
         s2 = sigma**2
-        self.fit_baseline()  # free: the accumulators carry e0 linearly
         LB = self._updated_factor(hyp)
         for attempt in (0, 1):
             if LB is not None:
                 break
-            B = np.eye(M) + s2 * (self._AEw / se**2 + self._AFw / sf**2)
             try:
-                LB = scipy.linalg.cholesky(B, lower=True)
-                self._lb_state = {"M": M, "hyp": hyp, "rows": [], "rank": 0, "updates": 0}
+                LB = scipy.linalg.cholesky(self._B(hyp), lower=True)
+                self._lb_state = self._factored(hyp, 0)
             except np.linalg.LinAlgError:
                 if attempt:
                     raise
@@ -1210,7 +1218,9 @@ class SparseGP:
                             "(M = %d, %d frames); re-forming them from the stored rows", M,
                             len(self.frames))
                 self.rebuild_accumulators()
-        u = self._Linv @ ((self.c_E - self.C_E @ self.e0) / se**2 + self.b_F / sf**2)
+        self.fit_baseline()  # free: the accumulators carry e0 linearly
+        wh = self._whitened()
+        u = wh["c"] / se**2 + wh["bF"] / sf**2
         # weights alpha = P^-1 b = L^-T B^-1 u; local energy eps = kt^T (s2 alpha);
         # LB.T is the upper factor in Fortran order, which LAPACK takes without a copy
         self._beta = s2 * self._Linv.T @ scipy.linalg.cho_solve((LB.T, False), u)
@@ -1255,13 +1265,10 @@ class SparseGP:
                 R *= np.where(np.diag(R) < 0, -1.0, 1.0)[:, None]
             LB = R.T
         if M > M0:
-            s2 = sigma**2
-            B21 = s2 * (self._AEw[M0:, :M0] / se**2 + self._AFw[M0:, :M0] / sf**2)
-            B22 = np.eye(M - M0) + s2 * (self._AEw[M0:, M0:] / se**2
-                                         + self._AFw[M0:, M0:] / sf**2)
-            L21 = scipy.linalg.solve_triangular(LB, B21.T, lower=True).T
+            B_new = self._B(hyp, M0)  # the new rows: [B21, B22]
+            L21 = scipy.linalg.solve_triangular(LB, B_new[:, :M0].T, lower=True).T
             try:
-                L22 = scipy.linalg.cholesky(B22 - L21 @ L21.T, lower=True)
+                L22 = scipy.linalg.cholesky(B_new[:, M0:] - L21 @ L21.T, lower=True)
             except np.linalg.LinAlgError:
                 return None
             full = np.zeros((M, M))
@@ -1269,8 +1276,13 @@ class SparseGP:
             full[M0:, :M0] = L21
             full[M0:, M0:] = L22
             LB = full
-        self._lb_state = {"M": M, "hyp": hyp, "rows": [], "rank": 0, "updates": st["updates"] + 1}
+        self._lb_state = self._factored(hyp, st["updates"] + 1)
         return LB
+
+    def _factored(self, hyp: np.ndarray, updates: int) -> dict:
+        """State after ``B`` was factored at ``hyp``: its size, the whitened rows of the
+        frames added since (and their rank), and how many updates the factor has taken."""
+        return {"M": self.n_sparse, "hyp": hyp, "rows": [], "rank": 0, "updates": updates}
 
     def _make_blocks(self, C: np.ndarray | None = None) -> None:
         """Per-species slices used at every prediction (no copies in the hot path)."""

@@ -576,9 +576,9 @@ class Learner:
         t1 = time.perf_counter()
         self.n_calls += 1
         self.steps_since_call = 0
+        env = pred.env if pred is not None else None  # the descriptors, computed once
         with self._blas:
-            self.model.add_frame(atoms, label.energy, label.forces,
-                                 env=pred.env if pred is not None else None, solve=False,
+            self.model.add_frame(atoms, label.energy, label.forces, env=env, solve=False,
                                  sparse_tolerance=self._admission(atoms))
             if self.hyperparameter_schedule.due(self.n_calls):
                 before = self.model.hyp.as_array()
@@ -592,7 +592,7 @@ class Learner:
         self.timings["update"].append(time.perf_counter() - t1)
         # a requested call (e.g. confirming an optimized geometry) returns the reference's values
         if self.policy.call_step_result == "updated_model" and dec.reason != "requested":
-            new = self.predict(atoms, pred.env if pred is not None else None)
+            new = self.predict(atoms, env)
             return StepResult(new.energy, new.forces, "updated_model",
                               self.policy.force_std(new.novelty, atoms.numbers),
                               dec.max_force_std, dec.reason, new)
