@@ -91,6 +91,10 @@ SCHEMA: dict[str, dict[str, Field]] = {
                                    "reference calls", minimum=0),
         "blas_threads": _f(int, 1, "BLAS threads for otfml's own linear algebra (null: "
                            "leave BLAS as it is); MOPAC is not affected", nullable=True, minimum=1),
+        "overlap_update": _f(bool, True, "While the reference runs in its own process (MOPAC), "
+                             "prepare the model's update on a second CPU: the new sparse "
+                             "environments and their rows need only the geometry (false: one "
+                             "after the other; off by itself with one CPU)"),
         "hyperparameter_every": _f(int, 50, "...then at calls that are powers of two and N "
                                    "calls after the last fit; the interval doubles (up to 8N) "
                                    "while fits move no hyperparameter by more than 10 %",

@@ -39,7 +39,7 @@ __all__ = ["Descriptor", "Environments"]
 # --------------------------------------------------------------------------
 # compiled kernels
 # --------------------------------------------------------------------------
-@njit(cache=True, fastmath=False)
+@njit(cache=True, nogil=True, fastmath=False)
 def _solid_harmonics(x, y, z, l_max, norm, Y, dY):
     """Real solid harmonics R_lm(x, y, z) and their Cartesian gradients.
 
@@ -107,7 +107,7 @@ def _solid_harmonics(x, y, z, l_max, norm, Y, dY):
                 dY[km, 2] = nlm * gqz * sm
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _pair_basis(D, r_c, mu, width, l_max, norm, B, dB):
     """Basis values B[n, lm] = g_n f_c Y_lm of one pair vector and dB/dD.
 
@@ -144,7 +144,7 @@ def _pair_basis(D, r_c, mu, width, l_max, norm, B, dB):
             dB[n, k, 2] = drad * uz * Y[k] + rad * dY[k, 2]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _pair_bases(D, r_c, mu, width, l_max, norm):
     """Basis values of every pair (n_pairs, n_max, L) and their gradients (n_pairs, n_max, L, 3)."""
     n_max = mu.shape[0]
@@ -156,7 +156,7 @@ def _pair_bases(D, r_c, mu, width, l_max, norm):
     return B, dB
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _expansion(n_atoms, n_species, pi, sj, B):
     """Density coefficients c[i, s*n_max + n, lm] (n_atoms, K, L): pair bases summed per centre."""
     n_max = B.shape[1]
@@ -171,7 +171,7 @@ def _expansion(n_atoms, n_species, pi, sj, B):
     return c
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _power(c, l_max, qa, qb, qw):
     """Power spectrum p[i, l*KK + q] from coefficients c (n_atoms, K, L)."""
     n_atoms = c.shape[0]
@@ -189,7 +189,7 @@ def _power(c, l_max, qa, qb, qw):
     return p
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _backprop(gp, c, dBq, pi, pj, sj, n_max, l_max, qa, qb, qw):
     """Forces -dE/dr given gp = dE/dp (n_atoms, F) (adjoint pass)."""
     n_atoms, K, L = c.shape
@@ -232,7 +232,7 @@ def _backprop(gp, c, dBq, pi, pj, sj, n_max, l_max, qa, qb, qw):
     return forces
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _gradient(c, dBq, pi, sj, n_max, l_max, qa, qb, qw):
     """dp_i/dD_ij for every pair: array (n_pairs, 3, F)."""
     n_atoms, K, L = c.shape
@@ -467,7 +467,7 @@ class Descriptor:
         return _pair_bases(env.D, self.cutoff, self.mu, self.width, self.l_max, self._norm)[1]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _molecular_pairs(pos: np.ndarray, cutoff: float):
     """All ordered pairs (i, j, r_j - r_i) closer than ``cutoff``, non-periodic, i-major."""
     n = len(pos)

@@ -50,7 +50,7 @@ from ase.data import chemical_symbols
 from .descriptor import Descriptor, Environments
 from .errors import ConfigError, IsolatedAtoms
 
-__all__ = ["SparseGP", "Prediction", "Hyperparameters"]
+__all__ = ["SparseGP", "Prediction", "Hyperparameters", "PreparedFrame"]
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,34 @@ class _Frame:
     nbytes: int = 0  # bytes of those cached gradients
 
 
+@dataclass
+class PreparedFrame:
+    """A frame's geometry-only part of an update (:meth:`SparseGP.prepare_frame`).
+
+    Attributes
+    ----------
+    env : Environments
+        Descriptors of the frame.
+    n_new : int
+        Environments of the frame that joined the sparse set.
+    row_e : ndarray, shape (M,)
+        Energy row (normalized kernel summed over the frame's atoms).
+    rows_f : ndarray, shape (3 n_atoms, M)
+        Force rows.
+    W, ew : ndarray, shapes (M, 3 n_atoms) and (M,)
+        The rows whitened by ``L^-1`` (``ew`` divided by sqrt(n_atoms)).
+    """
+
+    env: Environments
+    n_new: int
+    geom: dict = field(repr=False)
+    row_e: np.ndarray = field(repr=False)
+    rows_f: np.ndarray = field(repr=False)
+    W: np.ndarray = field(repr=False)
+    ew: np.ndarray = field(repr=False)
+    state: tuple | None = field(repr=False, default=None)
+
+
 def _normalize(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     norm = np.sqrt(np.einsum("ij,ij->i", p, p))
     if not norm.all():
@@ -226,7 +254,9 @@ class _Grow:
     def view(self) -> np.ndarray:
         return self._a[: self.n, : self.m]
 
-    def _reserve(self, n: int, m: int) -> None:
+    def reserve(self, n: int, m: int | None = None) -> None:
+        """Make room for ``n`` rows and ``m`` columns (default: the current ones)."""
+        m = self.m if m is None else m
         R, C = self._a.shape
         if n <= R and m <= C:
             return
@@ -240,7 +270,7 @@ class _Grow:
 
     def append(self, x: np.ndarray) -> None:
         x = np.asarray(x).reshape(-1, self.m)
-        self._reserve(self.n + len(x), self.m)
+        self.reserve(self.n + len(x), self.m)
         self._a[self.n : self.n + len(x), : self.m] = x
         self.n += len(x)
 
@@ -279,7 +309,7 @@ class _Grow:
 
     def add_columns(self, x: np.ndarray) -> None:
         j = x.shape[1]
-        self._reserve(self.n, self.m + j)
+        self.reserve(self.n, self.m + j)
         self._a[: self.n, self.m : self.m + j] = x
         self.m += j
 
@@ -837,6 +867,8 @@ class SparseGP:
     ) -> int:
         """Add one labelled structure and update the model incrementally.
 
+        The same as :meth:`prepare_frame` followed by :meth:`add_prepared`.
+
         Parameters
         ----------
         atoms : ase.Atoms
@@ -865,16 +897,49 @@ class SparseGP:
         int
             Number of environments added to the sparse set.
         """
+        self._checked_labels(len(atoms), energy, forces)  # before anything changes
+        prep = self.prepare_frame(atoms, env, candidates, max_new_sparse, sparse_tolerance)
+        self.add_prepared(prep, energy, forces, solve=solve)
+        return prep.n_new
+
+    @staticmethod
+    def _checked_labels(n_atoms: int, energy: float, forces: np.ndarray) -> np.ndarray:
+        """``forces`` as an (n_atoms, 3) float array; ValueError for a wrong shape or NaN/inf."""
+        forces = np.asarray(forces, dtype=float).reshape(-1, 3)
+        if len(forces) != n_atoms:
+            raise ValueError(f"forces have {len(forces)} rows for {n_atoms} atoms")
+        if not np.isfinite(energy) or not np.all(np.isfinite(forces)):
+            raise ValueError("reference energy/forces contain NaN or inf; frame refused")
+        return forces
+
+    def _state(self) -> tuple:
+        """What must not change between :meth:`prepare_frame` and :meth:`add_prepared`."""
+        return self.n_sparse, len(self.frames), id(self._Linv), self.n_dropped
+
+    def prepare_frame(
+        self,
+        atoms: Atoms,
+        env: Environments | None = None,
+        candidates: np.ndarray | None = None,
+        max_new_sparse: int | None = None,
+        sparse_tolerance: float | None = None,
+    ) -> PreparedFrame:
+        """The part of adding a frame that needs only its geometry, not its labels.
+
+        Frames beyond ``max_frames`` leave the model, the frame's new sparse
+        environments join the set (their rows against every held frame are
+        most of an update's cost) and the frame's own rows are formed.  Its
+        labels and contributions to the accumulators come with
+        :meth:`add_prepared`; nothing else may change the model in between.
+        The learner runs this while the reference computes the labels.  Until
+        then predictions are those of the last solve. Parameters as in
+        :meth:`add_frame`.
+        """
         if not self._trainable:
             raise RuntimeError(
                 "this model was loaded from a model file and can only predict; "
                 "rebuild it from its store (otfml.learner.train_from_frames) to train further"
             )
-        forces = np.asarray(forces, dtype=float).reshape(-1, 3)
-        if len(forces) != len(atoms):
-            raise ValueError(f"forces have {len(forces)} rows for {len(atoms)} atoms")
-        if not np.isfinite(energy) or not np.all(np.isfinite(forces)):
-            raise ValueError("reference energy/forces contain NaN or inf; frame refused")
         if env is None:
             env = self.descriptor.environments(atoms)
         ph, _ = _normalize(env.p)
@@ -887,11 +952,45 @@ class SparseGP:
         geom = self._geometry(env)
         row_e, rows_f = self._rows(env, np.arange(self.n_sparse), geom)
         N = len(atoms)
+        # the force rows' buffer grows (a copy of every held frame's rows) here, not later
+        self._RF.reserve(self._RF.n + 3 * N)
+        return PreparedFrame(env=env, n_new=len(picked), geom=geom, row_e=row_e,
+                             rows_f=rows_f, W=self._Linv @ rows_f.T,
+                             ew=self._Linv @ row_e / math.sqrt(N), state=self._state())
+
+    def add_prepared(self, prep: PreparedFrame, energy: float, forces: np.ndarray,
+                     solve: bool = True) -> None:
+        """Add the labels of a frame :meth:`prepare_frame` prepared.
+
+        Parameters
+        ----------
+        prep : PreparedFrame
+            What :meth:`prepare_frame` returned; the model must not have changed since.
+        energy : float
+            Reference energy, eV.
+        forces : ndarray, shape (n_atoms, 3)
+            Reference forces, eV/Å.
+        solve : bool, default True
+            Re-solve for the weights afterwards.
+
+        Labels with NaN/inf (ValueError) leave the model as if the frame had
+        never been prepared (:meth:`discard_prepared`).
+        """
+        if prep.state != self._state():
+            raise RuntimeError("the model changed between prepare_frame and add_prepared; "
+                               "prepare the frame again")
+        env = prep.env
+        try:
+            forces = self._checked_labels(len(env.numbers), energy, forces)
+        except ValueError:
+            self.discard_prepared(prep)
+            raise
+        prep.state = None  # used up
+        N = len(env.numbers)
+        row_e, rows_f, W, ew, geom = prep.row_e, prep.rows_f, prep.W, prep.ew, prep.geom
         counts = np.bincount(env.species, minlength=len(self.descriptor.species)).astype(float)
         f = forces.ravel()
-        W = self._Linv @ rows_f.T  # whitened force rows (M, 3N)
         self._AFw += W @ W.T
-        ew = self._Linv @ row_e / math.sqrt(N)
         st = self._lb_state
         if st is not None:  # kept for the factor's update until their rank would not pay
             st["rows"].append((W, ew))
@@ -925,7 +1024,26 @@ class SparseGP:
         self._n_atoms += N
         if solve:
             self.solve()
-        return len(picked)
+
+    def discard_prepared(self, prep: PreparedFrame) -> None:
+        """Undo :meth:`prepare_frame` for a frame that gets no labels (the reference failed).
+
+        Its new sparse environments leave the set again: without the frame's
+        data they would make the model look certain where it has learnt
+        nothing.  Frames taken out under ``max_frames`` and environments a full
+        species swapped out stay out.  Nothing to do once the frame was added.
+        """
+        if prep.state is None:
+            return
+        if prep.state != self._state():
+            raise RuntimeError("the model changed after prepare_frame; cannot discard")
+        left = prep.n_new
+        while left:  # the new columns are the last ones, grouped by species
+            tail = np.arange(self.n_sparse - left, self.n_sparse)
+            drop = tail[self.zs[tail] == self.zs[tail[0]]]
+            self._remove_columns(int(self.zs[tail[0]]), drop)
+            left -= len(drop)
+        prep.state = None
 
     def _evict(self, n: int) -> None:
         """Take ``n`` frames out under ``max_frames``, chosen by ``self.evict``."""

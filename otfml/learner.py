@@ -6,8 +6,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +48,7 @@ MODEL_DEFAULTS = {
     "hyperparameter_every": 50,
     "hyperparameter_first": 5,
     "blas_threads": 1,
+    "overlap_update": True,
 }
 
 
@@ -116,11 +120,13 @@ class _BlasLimit:
         self.threads = threads
         self._libs = None
         self._saved: list[int] = []
+        self._depth = 0  # nested contexts leave the limit to the outermost one
 
     def __enter__(self):
         # the BLAS libraries' own setters: threadpoolctl's limit() context re-inspects
         # every library and took 0.18 ms per model step
-        if self.threads is None:
+        self._depth += 1
+        if self.threads is None or self._depth > 1:
             return self
         if self._libs is None:
             from threadpoolctl import ThreadpoolController
@@ -132,6 +138,9 @@ class _BlasLimit:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._depth -= 1
+        if self._depth:
+            return
         for lib, n in zip(self._libs or [], self._saved):
             lib.set_num_threads(n)
         self._saved = []
@@ -370,6 +379,8 @@ class Learner:
         #: that step returns the reference's energy and forces (whatever call_step_result says)
         self.request_reference = False
         self._blas = _BlasLimit(self.settings["blas_threads"])
+        self._overlap = self._overlap_possible()
+        self._pool: ThreadPoolExecutor | None = None
         self.hyperparameter_schedule = HyperparameterSchedule(
             self.settings["hyperparameter_first"], self.settings["hyperparameter_every"])
         if self.store is not None and len(self.store):
@@ -560,26 +571,39 @@ class Learner:
             check_fragments(atoms, step, self._n_fragments)  # raises, naming the atoms
         work = atoms.copy()
         work.info["otfml_step"] = step
-        t0 = time.perf_counter()
-        label = self.reference.compute(work, charge, mult)
-        self.timings["reference"].append(time.perf_counter() - t0)
-        self._check_fingerprint(label.fingerprint)
-        if not dissociated:  # an allowed dissociation is a real change the model has not seen
-            self._check_label(label, pred, atoms, step)
-        if pred is not None:
-            self.policy.observe(pred.novelty,
-                                np.linalg.norm(pred.forces - label.forces, axis=1), atoms.numbers)
-        max_std = float(np.max(pred.novelty)) if pred is not None else float("nan")
-        if self.store is not None:
-            self.store.append(atoms, label.energy, label.forces, label.fingerprint,
-                              step=step, walker=self.walker, max_std=max_std)
-        t1 = time.perf_counter()
-        self.n_calls += 1
-        self.steps_since_call = 0
         env = pred.env if pred is not None else None  # the descriptors, computed once
-        with self._blas:
-            self.model.add_frame(atoms, label.energy, label.forces, env=env, solve=False,
-                                 sparse_tolerance=self._admission(atoms))
+        admission = self._admission(atoms)
+        # with overlap_update, the update's geometry-only part runs on another core while the
+        # (out-of-process) reference runs, under otfml's BLAS limit
+        with self._blas if self._overlap else contextlib.nullcontext(), self._blas:
+            prepared = (self._executor().submit(self.model.prepare_frame, atoms, env,
+                                                sparse_tolerance=admission)
+                        if self._overlap else None)
+            try:
+                t0 = time.perf_counter()
+                label = self.reference.compute(work, charge, mult)
+                self.timings["reference"].append(time.perf_counter() - t0)
+                self._check_fingerprint(label.fingerprint)
+                if not dissociated:  # a dissociation (allowed) is new to the model
+                    self._check_label(label, pred, atoms, step)
+                if self.store is not None:
+                    self.store.append(atoms, label.energy, label.forces, label.fingerprint,
+                                      step=step, walker=self.walker,
+                                      max_std=float(np.max(pred.novelty)) if pred is not None
+                                      else float("nan"))
+            except BaseException:
+                if prepared is not None:  # the frame gets no labels: take its columns out again
+                    self._discard(prepared)
+                raise
+            t1 = time.perf_counter()
+            if pred is not None:
+                self.policy.observe(pred.novelty, np.linalg.norm(pred.forces - label.forces,
+                                                                 axis=1), atoms.numbers)
+            self.n_calls += 1
+            self.steps_since_call = 0
+            prep = (prepared.result() if prepared is not None
+                    else self.model.prepare_frame(atoms, env, sparse_tolerance=admission))
+            self.model.add_prepared(prep, label.energy, label.forces, solve=False)
             if self.hyperparameter_schedule.due(self.n_calls):
                 before = self.model.hyp.as_array()
                 t2 = time.perf_counter()
@@ -612,7 +636,40 @@ class Learner:
         tol = self.model.sparse_tolerance
         return float(np.clip(frac * u / self.model.hyp.sigma, tol / 4, tol))
 
+    def _overlap_possible(self) -> bool:
+        """Whether updates are prepared while the reference runs (``model.overlap_update``).
+
+        Only for a reference in its own process (MOPAC, ASE's file-based calculators)
+        and with a second CPU for this process: an in-process reference would share
+        the interpreter and otfml's BLAS limit.
+        """
+        if not self.settings["overlap_update"]:
+            return False
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)
+        ok = cpus >= 2 and getattr(self.reference, "external_process", False)
+        log.debug("overlap_update: %s (%d CPUs for this process, reference %s)", ok, cpus,
+                  self.reference.code)
+        return ok
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="otfml-update")
+        return self._pool
+
+    def _discard(self, prepared) -> None:
+        """Wait for a prepared update whose frame got no labels and undo it."""
+        try:
+            prep = prepared.result()
+        except Exception:  # the reference's error is the one to report
+            log.exception("preparing the update failed as well")
+            return
+        self.model.discard_prepared(prep)
+
     def close(self) -> None:
-        """Close the store."""
+        """Close the store (and the thread that prepares updates)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         if self.store is not None:
             self.store.close()

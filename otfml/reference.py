@@ -185,6 +185,9 @@ class Reference:
 
     #: short name of the code, recorded in fingerprints
     code = "unknown"
+    #: the reference runs in a process of its own (the learner then prepares the
+    #: model's update meanwhile, ``model.overlap_update``)
+    external_process = False
 
     def fingerprint(self, charge: int, multiplicity: int) -> dict:
         """Fingerprint of labels this reference makes for this charge/multiplicity."""
@@ -231,6 +234,7 @@ class MopacReference(Reference):
     """
 
     code = "MOPAC"
+    external_process = True
 
     def __init__(
         self,
@@ -455,6 +459,14 @@ class CalculatorReference(Reference):
     def __init__(self, calculator: Calculator, name: str | None = None) -> None:
         self.calculator = calculator
         self.code = name or type(calculator).__name__
+
+    @property
+    def external_process(self) -> bool:
+        """ASE's file-based calculators (ORCA, VASP, Gaussian, ...) run a program of their own."""
+        from ase.calculators.calculator import FileIOCalculator
+        from ase.calculators.genericfileio import GenericFileIOCalculator
+
+        return isinstance(self.calculator, (FileIOCalculator, GenericFileIOCalculator))
 
     def fingerprint(self, charge: int, multiplicity: int) -> dict:
         params = getattr(self.calculator, "parameters", {}) or {}

@@ -203,6 +203,41 @@ def test_use_model_goes_on_through_failures_then_stops(store, tmp_path, tally):
 
 
 @mopac
+def test_a_failed_call_leaves_the_model_as_it_was(store, tmp_path, tally):
+    """The update is prepared while MOPAC runs (model.overlap_update, the default): its
+    geometry's new sparse environments join the model before the labels come. When MOPAC
+    fails, they leave again, so the model ends as one that never saw the failed call."""
+    path, before = store
+    shutil.copy(path, tmp_path / "twin.h5")
+    ref = MopacReference(command=_flag_wrapper(tmp_path), workdir=str(tmp_path / "w"))
+    learner = Learner(ref, store=path, policy=LearningPolicy(on_reference_failure="use_model"))
+    twin = Learner(MopacReference(workdir=str(tmp_path / "t")), store=str(tmp_path / "twin.h5"))
+    if not learner._overlap:
+        pytest.skip("the overlap needs two CPUs")
+    a = molecule("CH3CH2OH")
+    a.rattle(0.15, seed=7)  # new environments
+    M = learner.model.n_sparse
+    (tmp_path / "fail").touch()
+    learner.request_reference = True
+    assert learner.step(a).reason == "reference failed"
+    assert learner.model.n_sparse == M and learner.model.n_frames == 3
+    (tmp_path / "fail").unlink()
+    for lrn in (learner, twin):
+        lrn.request_reference = True
+        assert lrn.step(a).source == "reference"
+    assert learner.model.n_sparse == twin.model.n_sparse > M
+    b = molecule("CH3CH2OH")
+    b.rattle(0.1, seed=8)
+    p, q = learner.model.predict(b), twin.model.predict(b)
+    np.testing.assert_allclose(p.forces, q.forces, atol=1e-8)
+    np.testing.assert_allclose(p.novelty, q.novelty, atol=1e-8)
+    learner.close()
+    twin.close()
+    assert len(_snapshot(path)) == len(before) + 1
+    tally(REF_FAULTS)
+
+
+@mopac
 def test_stop_is_the_default_on_reference_failure(store, tmp_path, tally):
     path, before = store
     ref = MopacReference(command=_flag_wrapper(tmp_path), workdir=str(tmp_path / "w"))

@@ -457,3 +457,46 @@ def test_the_updated_factor_equals_a_new_factorization(monkeypatch):
     p, q = inc.predict(x), ref.predict(x)
     np.testing.assert_allclose(p.forces, q.forces, atol=1e-9)
     np.testing.assert_allclose(p.local_std, q.local_std, rtol=1e-8)
+
+
+def test_a_prepared_frame_is_added_as_add_frame_adds_it_or_undone():
+    """prepare_frame (geometry only: new sparse columns, the frame's rows) then add_prepared
+    (labels) is add_frame; discard_prepared takes the new columns out again, so a frame whose
+    reference failed leaves the model predicting as before; labels with NaN are refused and
+    undone the same way; the model must not change between the two."""
+    frames = _emt_frames(8, seed=5)
+    one = SparseGP(Descriptor([1, 6, 8]), sparse_tolerance=0.02)
+    two = SparseGP(Descriptor([1, 6, 8]), sparse_tolerance=0.02)
+    for a, e, f in frames[:4]:
+        one.add_frame(a, e, f)
+        two.add_frame(a, e, f)
+    x = frames[7][0]
+    before = one.predict(x)
+    M = one.n_sparse
+    prep = one.prepare_frame(frames[4][0])
+    assert prep.n_new > 0 and one.n_sparse == M + prep.n_new and one.n_frames == 4
+    np.testing.assert_array_equal(one.predict(x).forces, before.forces)  # not solved yet
+    one.discard_prepared(prep)
+    assert one.n_sparse == M
+    one.solve()
+    after = one.predict(x)
+    np.testing.assert_allclose(after.forces, before.forces, atol=1e-9)
+    np.testing.assert_allclose(after.novelty, before.novelty, atol=1e-7)
+    # NaN labels: refused, and the prepared columns leave
+    prep = one.prepare_frame(frames[4][0])
+    with pytest.raises(ValueError, match="NaN or inf"):
+        one.add_prepared(prep, np.nan, frames[4][2])
+    assert one.n_sparse == M and one.n_frames == 4
+    # prepared and added equals add_frame
+    for a, e, f in frames[4:7]:
+        prep = one.prepare_frame(a)
+        one.add_prepared(prep, e, f)
+        assert two.add_frame(a, e, f) == prep.n_new
+    p, q = one.predict(x), two.predict(x)
+    np.testing.assert_allclose(p.forces, q.forces, atol=1e-9)
+    np.testing.assert_allclose(p.local_std, q.local_std, rtol=1e-7)
+    # nothing may change the model in between
+    prep = one.prepare_frame(frames[7][0])
+    one.add_frame(*frames[0])
+    with pytest.raises(RuntimeError, match="changed between prepare_frame and add_prepared"):
+        one.add_prepared(prep, frames[7][1], frames[7][2])

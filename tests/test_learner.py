@@ -1,6 +1,8 @@
 """The learning loop. Loop logic with a cheap analytic reference (ASE's EMT);
 everything a user runs for real with the real MOPAC."""
 
+import os
+
 import numpy as np
 import pytest
 from ase import units
@@ -408,6 +410,11 @@ def test_blas_limit_applies_inside_and_restores_after():
             with limit:
                 assert set(blas_threads()) == {1}
             assert blas_threads() == before
+        with limit:  # nested: the outermost context sets and restores
+            with limit:
+                assert set(blas_threads()) == {1}
+            assert set(blas_threads()) == {1}
+        assert blas_threads() == before
         with _BlasLimit(None):
             assert blas_threads() == before
 
@@ -551,15 +558,17 @@ def test_a_call_admits_the_environments_that_caused_it(admission):
                            model_settings={"sparse_tolerance": 0.1})
     L = a.calc.learner
     ratios = []  # at each call: novelty left after the update / the admission bound
-    sigma = [None]  # the model's sigma before the step (what the admission used)
+    # the model's sigma and the calibration before the step (what the admission used: it is
+    # fixed when the call is decided, as the update is prepared while the reference runs)
+    sigma, u_tol = [None], [None]
 
     def watch():
-        u_tol = L.policy.novelty_at_tolerance(a.numbers)  # as at the call (after observing)
-        if a.calc.results["source"] == "reference" and u_tol and sigma[0]:
-            bound = np.clip(0.5 * u_tol / sigma[0], 0.1 / 4, 0.1)  # normalized kernel units
+        if a.calc.results["source"] == "reference" and u_tol[0] and sigma[0]:
+            bound = np.clip(0.5 * u_tol[0] / sigma[0], 0.1 / 4, 0.1)  # normalized kernel units
             left = L.model.predict(a).novelty.max() / L.model.hyp.sigma
             ratios.append(left / bound)
         sigma[0] = L.model.hyp.sigma if L.model.is_fitted else None
+        u_tol[0] = L.policy.novelty_at_tolerance(a.numbers)
 
     rng = np.random.default_rng(0)
     thermalize(a, 300, rng, zero_drift=False)
@@ -571,3 +580,34 @@ def test_a_call_admits_the_environments_that_caused_it(admission):
         assert max(ratios) <= 1 + 1e-9
     else:
         assert max(ratios) > 1.5
+
+
+@mopac
+def test_updates_prepared_during_mopac_calls_change_nothing_but_time(tmp_path):
+    """model.overlap_update (the default): while MOPAC runs, the update's geometry-only part
+    (new sparse environments and their rows) is prepared on another thread. The run is the
+    same as with one after the other: same calls, energies and forces."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("the overlap needs two CPUs")
+    def run(overlap):
+        a = molecule("CH3CH2OH")
+        a.calc = OTFCalculator(reference=MOPAC(method="PM7", label=str(tmp_path / f"{overlap}/m")),
+                               model_settings={"overlap_update": overlap})
+        L = a.calc.learner
+        rng = np.random.default_rng(1)
+        dyn = Langevin(a, 0.5 * units.fs, temperature_K=500, friction=0.01, rng=rng, fixcm=False)
+        steps = []
+        dyn.attach(lambda: steps.append((a.calc.results["source"], a.get_potential_energy(),
+                                         a.get_forces().copy())), interval=1)
+        dyn.run(200)
+        assert L._overlap is overlap and (L._pool is not None) is overlap
+        a.calc.close()
+        return steps, L.model.n_sparse, L.n_calls
+
+    runs = [run(True), run(False)]
+    (s1, m1, c1), (s2, m2, c2) = runs
+    assert c1 == c2 and m1 == m2 and 5 < c1 < 150
+    assert [s for s, _, _ in s1] == [s for s, _, _ in s2]
+    np.testing.assert_allclose([e for _, e, _ in s1], [e for _, e, _ in s2], atol=1e-9)
+    np.testing.assert_allclose(np.array([f for _, _, f in s1]), np.array([f for _, _, f in s2]),
+                               atol=1e-8)
