@@ -224,6 +224,7 @@ def table(results: list[dict]) -> str:
             f"{o['median_update_ms']:.0f} ms",
             f"{o['hyperparameter_fits']} / {o['total_hyperparameter_s']:.1f} s"
             if "hyperparameter_fits" in o else "-",
+            f"{o['total_prepared_during_calls_s']:.1f} s" if o.get("overlap_update") else "off",
             f"**{r['used_forces_mae_eV_A']:.4f}**",
             f"**{ev['force_mae_eV_A']:.4f}** ({ev['frames']} frames)",
             f"{ev['energy_mae_meV_per_atom']:.2f} meV/atom",
@@ -239,6 +240,7 @@ def table(results: list[dict]) -> str:
              "otfml wall", "of which model / MOPAC / updates", "wall ratio otfml / plain",
              "median model step / MOPAC call", "median update",
              "hyperparameter fits / their time (part of the updates)",
+             "update parts prepared during MOPAC calls (not in the updates)",
              "force MAE of the forces used (eV/Å)",
              "final model force MAE, independent trajectory (eV/Å)", "final model energy MAE",
              "Spearman uncertainty vs error (atom / frame)", "miss rate (atoms)",
@@ -397,6 +399,8 @@ def main(argv=None) -> int:
             "total_update_s": float(np.sum(t["update"])),
             "hyperparameter_fits": len(t["hyperparameters"]),
             "total_hyperparameter_s": float(np.sum(t["hyperparameters"])),
+            "overlap_update": L._overlap,
+            "total_prepared_during_calls_s": float(np.sum(t["prepared"])),
             "calls_per_quarter_of_run": np.histogram(
                 [h["step"] for h in L.history if h["called"]],
                 bins=4, range=(1, args.steps + 2))[0].tolist(),

@@ -358,9 +358,12 @@ class Learner:
         self.n_steps = 0
         self.n_calls = 0
         self.steps_since_call = 0
-        #: seconds per model prediction, reference call and update; "hyperparameters":
-        #: the hyperparameter fits among the updates (part of their time)
-        self.timings = {"model": [], "reference": [], "update": [], "hyperparameters": []}
+        #: seconds per model prediction, reference call and update (from the labels on);
+        #: "hyperparameters": the hyperparameter fits among the updates (part of their
+        #: time); "prepared": the updates' parts prepared while the reference ran
+        #: (model.overlap_update; not part of "update")
+        self.timings = {"model": [], "reference": [], "update": [], "hyperparameters": [],
+                        "prepared": []}
         #: one dict per step: step, source, called (the reference labelled the step),
         #: reason, max_force_std (eV/Å), energy (eV),
         #: model_energy (the model's prediction, eV; on reference steps the one before
@@ -576,8 +579,7 @@ class Learner:
         # with overlap_update, the update's geometry-only part runs on another core while the
         # (out-of-process) reference runs, under otfml's BLAS limit
         with self._blas if self._overlap else contextlib.nullcontext(), self._blas:
-            prepared = (self._executor().submit(self.model.prepare_frame, atoms, env,
-                                                sparse_tolerance=admission)
+            prepared = (self._executor().submit(self._prepare, atoms, env, admission)
                         if self._overlap else None)
             try:
                 t0 = time.perf_counter()
@@ -656,6 +658,13 @@ class Learner:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="otfml-update")
         return self._pool
+
+    def _prepare(self, atoms: Atoms, env, admission: float | None):
+        """``SparseGP.prepare_frame`` on the update thread, timed."""
+        t0 = time.perf_counter()
+        prep = self.model.prepare_frame(atoms, env, sparse_tolerance=admission)
+        self.timings["prepared"].append(time.perf_counter() - t0)
+        return prep
 
     def _discard(self, prepared) -> None:
         """Wait for a prepared update whose frame got no labels and undo it."""
