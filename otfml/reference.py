@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+import select
 import shutil
+import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
@@ -51,6 +53,30 @@ SCF_RETRIES = ("PULAY", "CAMP SHIFT=20")
 _SCF_KEYS = ("ITRY", "SHIFT", "PULAY", "CAMP", "KING")
 
 
+def _wait(proc, timeout: float | None) -> int | None:
+    """Exit code of ``proc``, or None if it still runs after ``timeout`` s.
+
+    Returns as soon as the process exits. ``Popen.wait(timeout)`` polls with sleeps
+    that double (1, 2, 4, ... 50 ms), so a 13 ms MOPAC run was seen after 15 ms and a
+    28 ms one after 31-63 ms (measured: 19 against 14 ms on ethanol, 35 against 28 ms on
+    aspirin); a pidfd (Linux >= 5.3) wakes the wait at the exit itself.
+    """
+    if timeout is None:
+        return proc.wait()
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # not Linux, or an old kernel: Python's polling wait
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+    try:
+        ready, _, _ = select.select([fd], [], [], timeout)
+    finally:
+        os.close(fd)
+    return proc.wait() if ready else None
+
+
 class _TimedShell:
     """ASE's shell execution of the MOPAC command with a wall-time limit.
 
@@ -66,16 +92,14 @@ class _TimedShell:
 
     def execute(self, calc) -> None:
         import signal
-        import subprocess
 
         from ase.calculators.calculator import CalculationFailed
 
         command = self.command.replace("PREFIX", calc.prefix)
         proc = subprocess.Popen(command, shell=True, cwd=calc.directory,
                                 start_new_session=True)
-        try:
-            code = proc.wait(timeout=self.timeout)
-        except subprocess.TimeoutExpired:
+        code = _wait(proc, self.timeout)
+        if code is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             raise _Stopped(f"MOPAC did not finish within reference.timeout_s = "

@@ -106,3 +106,24 @@ def test_bad_method_and_charge_keywords_are_config_errors():
         MopacReference(method="PM8", command="x PREFIX")
     with pytest.raises(ConfigError, match="system.charge"):
         MopacReference(keywords="CHARGE=1", command="x PREFIX")
+
+
+@pytest.mark.parametrize("pidfd", [True, False])
+def test_reference_wait_gives_the_exit_code_or_none_at_the_timeout(monkeypatch, pidfd):
+    """The MOPAC command is awaited on a pidfd (woken at the exit, not by polling); without
+    one (not Linux, old kernels) Python's own wait is used. Both give the exit code, or None
+    when the command outlives the timeout (the caller then kills it)."""
+    import subprocess
+
+    from otfml.reference import _wait
+
+    if not pidfd:
+        monkeypatch.delattr("os.pidfd_open", raising=False)
+    assert _wait(subprocess.Popen(["sh", "-c", "exit 3"]), 10.0) == 3
+    assert _wait(subprocess.Popen(["true"]), None) == 0
+    slow = subprocess.Popen(["sleep", "10"])
+    try:
+        assert _wait(slow, 0.05) is None
+    finally:
+        slow.kill()
+        slow.wait()
