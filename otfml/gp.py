@@ -34,6 +34,7 @@ import json
 import logging
 import math
 import os
+import threading
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -233,6 +234,50 @@ def _pair_products(G: np.ndarray, ph: np.ndarray, Zc: np.ndarray) -> tuple[np.nd
     Zt = Zc.T.astype(G.dtype)
     T = (G @ Zt).astype(np.float64).reshape(len(ph), 3, len(Zc))
     return T, (ph @ Zt).astype(np.float64)
+
+
+def _product_t(R: np.ndarray, RF: np.ndarray) -> np.ndarray:
+    """``R^T RF`` (k, M) for a few columns ``R`` (n, k) and the stored rows ``RF`` (n, M)."""
+    return R.T @ RF
+
+
+class _Task:
+    """A piece of work that the first thread to claim it runs (see ``SparseGP.prepare_frame``).
+
+    ``join`` runs it if no other thread has, else waits for it; it returns the result
+    or raises the error.
+    """
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+        self._lock = threading.Lock()
+        self._claimed = False
+        self._done = threading.Event()
+        self._result = self._error = None
+
+    def claim(self) -> bool:
+        with self._lock:
+            if self._claimed:
+                return False
+            self._claimed = True
+            return True
+
+    def run(self) -> None:
+        try:
+            self._result = self.fn()
+        except BaseException as err:  # handed to join
+            self._error = err
+        finally:
+            self._done.set()
+
+    def join(self):
+        if self.claim():
+            self.run()
+        else:
+            self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._result
 
 
 class _Grow:
@@ -790,13 +835,17 @@ class SparseGP:
         out[:M0, :M0] = cur
         return out
 
-    def _add_columns(self, new_Z: np.ndarray, new_zs: np.ndarray) -> None:
+    def _add_columns(self, new_Z: np.ndarray, new_zs: np.ndarray, spawn=None) -> None:
         """Append sparse environments: extend K_mm, its factor and every accumulator.
 
         With ``L = [[L11, 0], [L21, L22]]`` the whitened blocks of the old columns
         stay as they are; the new ones cost O(M^2 n_new + M n_new n_rows) instead
-        of re-whitening (O(M^3)).
+        of re-whitening (O(M^3)).  :meth:`_add_basis` then :meth:`_add_column_data`.
         """
+        self._add_column_data(self._add_basis(new_Z, new_zs), spawn or _Task)
+
+    def _add_basis(self, new_Z: np.ndarray, new_zs: np.ndarray) -> dict:
+        """The new columns' part of Z, K_mm and L^-1 (what a frame's own rows need)."""
         M0 = self.n_sparse
         n_new = len(new_zs)
         self.Z = np.vstack([self.Z, new_Z])
@@ -820,9 +869,24 @@ class SparseGP:
         Linv[M0:, :M0] = -I22 @ L21 @ I11
         Linv[M0:, M0:] = I22
         self._Linv = Linv
+        return {"M0": M0, "cols": cols, "I11": I11, "I22": I22, "L21": L21}
+
+    def _add_column_data(self, basis: dict, spawn) -> None:
+        """The new columns' rows against every held frame and the accumulators' new blocks.
+
+        The products with the stored force rows are formed in two halves, the second
+        a task ``spawn`` may hand to another thread; the sum is the same either way.
+        """
+        M0, cols, I11, I22, L21 = (basis[k] for k in ("M0", "cols", "I11", "I22", "L21"))
+        n_new = len(cols)
+        M = M0 + n_new
         # rows of every stored frame against the new columns
         E_rows, R_new = self._rows_all(cols)  # (frames, n_new), (sum 3N, n_new)
-        A12 = (R_new.T @ self._RF.view).T  # twice as fast as RF.T @ R_new (OpenBLAS, k << M)
+        RF = self._RF.view
+        h = len(RF) // 2
+        # (R^T RF)^T: twice as fast as RF^T R for a few columns (OpenBLAS)
+        upper = spawn(functools.partial(_product_t, R_new[h:], RF[h:]))
+        A12 = (R_new[:h].T @ RF[:h] + upper.join()).T
         A22 = R_new.T @ R_new
         labels = self._labels(self.frames)
         E_new = (E_rows * np.sqrt(labels[0])[:, None]).T  # whitening wants rows / sqrt(N)
@@ -923,6 +987,7 @@ class SparseGP:
         candidates: np.ndarray | None = None,
         max_new_sparse: int | None = None,
         sparse_tolerance: float | None = None,
+        spawn: Callable[[Callable], _Task] | None = None,
     ) -> PreparedFrame:
         """The part of adding a frame that needs only its geometry, not its labels.
 
@@ -933,7 +998,10 @@ class SparseGP:
         :meth:`add_prepared`; nothing else may change the model in between.
         The learner runs this while the reference computes the labels.  Until
         then predictions are those of the last solve. Parameters as in
-        :meth:`add_frame`.
+        :meth:`add_frame`, and ``spawn``: makes a :class:`_Task` of a function that
+        another thread may run meanwhile (the learner's thread that waits for the
+        reference, once it returns); default: run at ``join``. The results do not
+        depend on which thread ran what.
         """
         if not self._trainable:
             raise RuntimeError(
@@ -947,16 +1015,23 @@ class SparseGP:
             # before the new columns, whose rows the dropped frames would no longer need
             self._evict(len(self.frames) - self.max_frames + max(1, self.max_frames // 10))
         picked = self._select_sparse(env, candidates, max_new_sparse, sparse_tolerance)
-        if picked:
-            self._add_columns(ph[picked], env.species[picked])
+        spawn = spawn or _Task
+        basis = self._add_basis(ph[picked], env.species[picked]) if picked else None
+        own = spawn(functools.partial(self._frame_rows, env))  # needs the new basis only
+        if basis is not None:
+            self._add_column_data(basis, spawn)
+        geom, row_e, rows_f, W, ew = own.join()
+        # the force rows' buffer grows (a copy of every held frame's rows) here, not later
+        self._RF.reserve(self._RF.n + 3 * len(atoms))
+        return PreparedFrame(env=env, n_new=len(picked), geom=geom, row_e=row_e,
+                             rows_f=rows_f, W=W, ew=ew, state=self._state())
+
+    def _frame_rows(self, env: Environments) -> tuple:
+        """A frame's geometry, energy and force rows and their whitened forms."""
         geom = self._geometry(env)
         row_e, rows_f = self._rows(env, np.arange(self.n_sparse), geom)
-        N = len(atoms)
-        # the force rows' buffer grows (a copy of every held frame's rows) here, not later
-        self._RF.reserve(self._RF.n + 3 * N)
-        return PreparedFrame(env=env, n_new=len(picked), geom=geom, row_e=row_e,
-                             rows_f=rows_f, W=self._Linv @ rows_f.T,
-                             ew=self._Linv @ row_e / math.sqrt(N), state=self._state())
+        return (geom, row_e, rows_f, self._Linv @ rows_f.T,
+                self._Linv @ row_e / math.sqrt(len(env.species)))
 
     def add_prepared(self, prep: PreparedFrame, energy: float, forces: np.ndarray,
                      solve: bool = True) -> None:

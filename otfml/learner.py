@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +26,7 @@ from .errors import (
     ReferenceFailed,
     UnphysicalGeometry,
 )
-from .gp import Prediction, SparseGP
+from .gp import Prediction, SparseGP, _Task
 from .policy import Decision, LearningPolicy
 from .reference import Reference, charge_and_multiplicity, closest_pair
 from .store import Store, fingerprint_key
@@ -122,6 +123,31 @@ def _switch_interval(seconds: float):
         yield
     finally:
         sys.setswitchinterval(old)
+
+
+class _Helper:
+    """Hands parts of a prepared update to the thread that waited for the reference.
+
+    The update thread offers tasks (``spawn``); once the reference has returned, the
+    learner's thread runs those it claims first (``serve``) until the update thread
+    is done (``close``). Tasks nobody claimed are run by the update thread itself.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+
+    def spawn(self, fn) -> _Task:
+        task = _Task(fn)
+        self._queue.put(task)
+        return task
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+    def serve(self) -> None:
+        while (task := self._queue.get()) is not None:
+            if task.claim():
+                task.run()
 
 
 class _BlasLimit:
@@ -599,7 +625,8 @@ class Learner:
         # (out-of-process) reference runs, under otfml's BLAS limit
         with (self._blas if self._overlap else contextlib.nullcontext(), self._blas,
               _switch_interval(_OVERLAP_SWITCH_S) if self._overlap else contextlib.nullcontext()):
-            prepared = (self._executor().submit(self._prepare, atoms, env, admission)
+            helper = _Helper() if self._overlap else None
+            prepared = (self._executor().submit(self._prepare, atoms, env, admission, helper)
                         if self._overlap else None)
             try:
                 t0 = time.perf_counter()
@@ -623,8 +650,11 @@ class Learner:
                                                                  axis=1), atoms.numbers)
             self.n_calls += 1
             self.steps_since_call = 0
-            prep = (prepared.result() if prepared is not None
-                    else self.model.prepare_frame(atoms, env, sparse_tolerance=admission))
+            if prepared is not None:
+                helper.serve()  # this thread takes on parts of the update still to do
+                prep = prepared.result()
+            else:
+                prep = self.model.prepare_frame(atoms, env, sparse_tolerance=admission)
             self.model.add_prepared(prep, label.energy, label.forces, solve=False)
             if self.hyperparameter_schedule.due(self.n_calls):
                 before = self.model.hyp.as_array()
@@ -679,10 +709,14 @@ class Learner:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="otfml-update")
         return self._pool
 
-    def _prepare(self, atoms: Atoms, env, admission: float | None):
+    def _prepare(self, atoms: Atoms, env, admission: float | None, helper: _Helper):
         """``SparseGP.prepare_frame`` on the update thread, timed."""
         t0 = time.perf_counter()
-        prep = self.model.prepare_frame(atoms, env, sparse_tolerance=admission)
+        try:
+            prep = self.model.prepare_frame(atoms, env, sparse_tolerance=admission,
+                                            spawn=helper.spawn)
+        finally:
+            helper.close()
         self.timings["prepared"].append(time.perf_counter() - t0)
         return prep
 

@@ -500,3 +500,41 @@ def test_a_prepared_frame_is_added_as_add_frame_adds_it_or_undone():
     one.add_frame(*frames[0])
     with pytest.raises(RuntimeError, match="changed between prepare_frame and add_prepared"):
         one.add_prepared(prep, frames[7][1], frames[7][2])
+
+
+def test_parts_of_a_prepared_frame_run_on_other_threads_give_the_same_model():
+    """prepare_frame hands the frame's own rows and half of the new columns' products with
+    the stored rows to ``spawn`` (the learner's thread that waited for the reference runs
+    them once it is free). Run on other threads, they give the model add_frame gives."""
+    import threading
+
+    from otfml.gp import _Task
+
+    ran = []
+
+    def spawn(fn):
+        task = _Task(fn)
+
+        def other():
+            if task.claim():
+                ran.append(threading.get_ident())
+                task.run()
+
+        threading.Thread(target=other).start()
+        return task
+
+    frames = _emt_frames(8, seed=6)
+    one = SparseGP(Descriptor([1, 6, 8]), sparse_tolerance=0.02)
+    two = SparseGP(Descriptor([1, 6, 8]), sparse_tolerance=0.02)
+    for a, e, f in frames[:7]:
+        one.add_prepared(one.prepare_frame(a, spawn=spawn), e, f)
+        two.add_frame(a, e, f)
+    assert ran and threading.get_ident() not in ran
+    p, q = one.predict(frames[7][0]), two.predict(frames[7][0])
+    np.testing.assert_allclose(p.forces, q.forces, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(p.local_std, q.local_std, rtol=1e-12)
+    # a task's error reaches whoever joins it
+    boom = _Task(lambda: 1 / 0)
+    threading.Thread(target=lambda: boom.claim() and boom.run()).start()
+    with pytest.raises(ZeroDivisionError):
+        boom.join()

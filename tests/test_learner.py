@@ -611,3 +611,28 @@ def test_updates_prepared_during_mopac_calls_change_nothing_but_time(tmp_path):
     np.testing.assert_allclose([e for _, e, _ in s1], [e for _, e, _ in s2], atol=1e-9)
     np.testing.assert_allclose(np.array([f for _, _, f in s1]), np.array([f for _, _, f in s2]),
                                atol=1e-8)
+
+
+def test_the_waiting_thread_runs_the_tasks_it_claims_until_the_update_is_prepared():
+    """learner._Helper: tasks the update thread offers are run by whichever thread claims
+    them first; serve() returns once the update thread closes the helper."""
+    import threading
+
+    from otfml.learner import _Helper
+
+    helper = _Helper()
+    where = {}
+
+    def work():
+        tasks = [helper.spawn(lambda k=k: (where.setdefault(k, threading.get_ident()), k)[1])
+                 for k in range(20)]
+        result = [t.join() for t in tasks]
+        helper.close()
+        return result
+
+    out = {}
+    worker = threading.Thread(target=lambda: out.setdefault("r", work()))
+    worker.start()
+    helper.serve()
+    worker.join()
+    assert out["r"] == list(range(20)) and sorted(where) == list(range(20))
