@@ -503,9 +503,9 @@ def test_a_prepared_frame_is_added_as_add_frame_adds_it_or_undone():
 
 
 def test_parts_of_a_prepared_frame_run_on_other_threads_give_the_same_model():
-    """prepare_frame hands the frame's own rows and half of the new columns' products with
-    the stored rows to ``spawn`` (the learner's thread that waited for the reference runs
-    them once it is free). Run on other threads, they give the model add_frame gives."""
+    """prepare_frame hands the frame's own rows to ``spawn`` (the learner's thread that waited
+    for the reference runs them once it is free), while it adds the new sparse columns' rows
+    against the held frames. Run on another thread, they give the model add_frame gives."""
     import threading
 
     from otfml.gp import _Task
