@@ -831,16 +831,16 @@ class SparseGP:
         return out
 
     def _add_columns(self, new_Z: np.ndarray, new_zs: np.ndarray) -> None:
-        """Append sparse environments: extend K_mm, its factor and every accumulator.
-
-        With ``L = [[L11, 0], [L21, L22]]`` the whitened blocks of the old columns
-        stay as they are; the new ones cost O(M^2 n_new + M n_new n_rows) instead
-        of re-whitening (O(M^3)).  :meth:`_add_basis` then :meth:`_add_column_data`.
-        """
+        """Append sparse environments (both parts) to a model."""
         self._add_column_data(self._add_basis(new_Z, new_zs))
 
     def _add_basis(self, new_Z: np.ndarray, new_zs: np.ndarray) -> dict:
-        """The new columns' part of Z, K_mm and L^-1 (what a frame's own rows need)."""
+        """Append sparse environments, first part: Z, K_mm and L^-1 (what a frame's rows need).
+
+        With ``L = [[L11, 0], [L21, L22]]`` the whitened blocks of the old columns
+        stay as they are; the new ones (:meth:`_add_column_data`) cost
+        O(M^2 n_new + M n_new n_rows) instead of re-whitening (O(M^3)).
+        """
         M0 = self.n_sparse
         n_new = len(new_zs)
         self.Z = np.vstack([self.Z, new_Z])
@@ -867,7 +867,8 @@ class SparseGP:
         return {"M0": M0, "cols": cols, "I11": I11, "I22": I22, "L21": L21}
 
     def _add_column_data(self, basis: dict) -> None:
-        """The new columns' rows against every held frame and the accumulators' new blocks."""
+        """Append sparse environments, second part: their rows against every held frame and
+        the new blocks of every accumulator (``basis`` from :meth:`_add_basis`)."""
         M0, cols, I11, I22, L21 = (basis[k] for k in ("M0", "cols", "I11", "I22", "L21"))
         n_new = len(cols)
         M = M0 + n_new
@@ -1419,7 +1420,7 @@ class SparseGP:
         terms ``V V^T`` to ``B`` (their whitened force and energy rows, scaled by
         the hyperparameters), and new sparse columns only appended rows and
         columns (the old block of the whitened accumulators does not change,
-        see :meth:`_add_columns`).  So the old factor takes the rank-k update
+        see :meth:`_add_column_data`).  So the old factor takes the rank-k update
         (a QR of the triangle stacked on ``V^T``, LAPACK ``tpqrt``, O(k M0^2)),
         and the new rows follow by a triangular solve and a small Cholesky,
         O(M0^2 n_new): for aspirin's k = 64 at M = 1800, 15 ms against 84 ms
