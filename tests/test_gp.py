@@ -538,3 +538,23 @@ def test_parts_of_a_prepared_frame_run_on_other_threads_give_the_same_model():
     threading.Thread(target=lambda: boom.claim() and boom.run()).start()
     with pytest.raises(ZeroDivisionError):
         boom.join()
+
+
+def test_thin_products_sum_in_double_and_match_blas():
+    """The new sparse columns' rows use a one-pass loop for a few descriptors instead of
+    BLAS: its sums are the double-precision products of the single-precision cache, and
+    the pair products agree with the BLAS path to single precision."""
+    from otfml.gp import _THIN, _pair_products, _thin_products
+
+    rng = np.random.default_rng(3)
+    G = rng.normal(size=(300, 40)).astype(np.float32)
+    ph = rng.normal(size=(100, 40)).astype(np.float32)
+    Z = rng.normal(size=(3, 40))
+    exact = G.astype(np.float64) @ Z.T
+    np.testing.assert_allclose(_thin_products(G, Z), exact, rtol=1e-12, atol=1e-12)
+    T, d = _pair_products(G, ph, Z)  # thin path
+    Zmany = np.vstack([Z] * (_THIN // 3 + 1))  # more than _THIN descriptors: BLAS
+    Tb, db = _pair_products(G, ph, Zmany)
+    np.testing.assert_allclose(T, Tb[:, :, :3], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(d, db[:, :3], rtol=1e-5, atol=1e-4)
+    assert T.shape == (100, 3, 3) and T.dtype == np.float64
