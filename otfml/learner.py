@@ -623,9 +623,13 @@ class Learner:
         env = pred.env if pred is not None else None  # the descriptors, computed once
         admission = self._admission(atoms)
         # with overlap_update, the update's geometry-only part runs on another core while the
-        # (out-of-process) reference runs, under otfml's BLAS limit
-        with (self._blas if self._overlap else contextlib.nullcontext(), self._blas,
-              _switch_interval(_OVERLAP_SWITCH_S) if self._overlap else contextlib.nullcontext()):
+        # (out-of-process) reference runs, under otfml's BLAS limit; otherwise the reference
+        # (perhaps in this process) keeps the BLAS threads it had and only the update is limited
+        overlap = contextlib.ExitStack()
+        if self._overlap:
+            overlap.enter_context(self._blas)
+            overlap.enter_context(_switch_interval(_OVERLAP_SWITCH_S))
+        with overlap:
             helper = _Helper() if self._overlap else None
             prepared = (self._executor().submit(self._prepare, atoms, env, admission, helper)
                         if self._overlap else None)
@@ -651,21 +655,22 @@ class Learner:
                                                                  axis=1), atoms.numbers)
             self.n_calls += 1
             self.steps_since_call = 0
-            if prepared is not None:
-                helper.serve()  # this thread takes on parts of the update still to do
-                prep = prepared.result()
-            else:
-                prep = self.model.prepare_frame(atoms, env, sparse_tolerance=admission)
-            self.model.add_prepared(prep, label.energy, label.forces, solve=False)
-            if self.hyperparameter_schedule.due(self.n_calls):
-                before = self.model.hyp.as_array()
-                t2 = time.perf_counter()
-                self.model.fit_hyperparameters()
-                self.timings["hyperparameters"].append(time.perf_counter() - t2)
-                self.hyperparameter_schedule.fitted(self.n_calls, before,
-                                                    self.model.hyp.as_array())
-            else:
-                self.model.solve()
+            with self._blas:  # nested in the overlap's limit, a no-op there
+                if prepared is not None:
+                    helper.serve()  # this thread takes on parts of the update still to do
+                    prep = prepared.result()
+                else:
+                    prep = self.model.prepare_frame(atoms, env, sparse_tolerance=admission)
+                self.model.add_prepared(prep, label.energy, label.forces, solve=False)
+                if self.hyperparameter_schedule.due(self.n_calls):
+                    before = self.model.hyp.as_array()
+                    t2 = time.perf_counter()
+                    self.model.fit_hyperparameters()
+                    self.timings["hyperparameters"].append(time.perf_counter() - t2)
+                    self.hyperparameter_schedule.fitted(self.n_calls, before,
+                                                        self.model.hyp.as_array())
+                else:
+                    self.model.solve()
         self.timings["update"].append(time.perf_counter() - t1)
         # a requested call (e.g. confirming an optimized geometry) returns the reference's values
         if self.policy.call_step_result == "updated_model" and dec.reason != "requested":

@@ -636,3 +636,34 @@ def test_the_waiting_thread_runs_the_tasks_it_claims_until_the_update_is_prepare
     helper.serve()
     worker.join()
     assert out["r"] == list(range(20)) and sorted(where) == list(range(20))
+
+
+def test_an_in_process_reference_keeps_its_blas_threads():
+    """otfml limits BLAS threads for its own algebra only: an in-process reference (an ASE
+    calculator that is not file-based, so no overlap) computes with the threads it had,
+    and the updates after it run under the limit."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from otfml.learner import Learner
+    from otfml.reference import CalculatorReference
+
+    def blas_threads():
+        return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+    seen = []
+
+    class Watching(EMT):
+        def calculate(self, *args, **kwargs):
+            seen.append(blas_threads())
+            super().calculate(*args, **kwargs)
+
+    with threadpool_limits(limits=2, user_api="blas"):
+        learner = Learner(CalculatorReference(Watching()), model_settings={"blas_threads": 1})
+        assert not learner._overlap
+        a = molecule("H2O")
+        for k in range(3):
+            a.rattle(0.02, seed=k)
+            learner.request_reference = True
+            learner.step(a)
+        assert seen and all(s == {2} for s in seen)
+        assert blas_threads() == {2}
