@@ -31,8 +31,8 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 
-def trajectory(name: str, seed: int, steps: int, cache: str) -> list:
-    """Every 10th frame of plain MOPAC MD as (atoms, energy, forces), cached."""
+def trajectory(name: str, seed: int, steps: int, cache: str, every: int = 10) -> list:
+    """Every ``every``-th frame of plain MOPAC MD as (atoms, energy, forces), cached."""
     from ase.calculators.mopac import MOPAC
     from ase.calculators.singlepoint import SinglePointCalculator
     from ase.io import read, write
@@ -40,13 +40,14 @@ def trajectory(name: str, seed: int, steps: int, cache: str) -> list:
 
     from otfml.reference import MopacReference
 
-    path = os.path.join(cache, f"{name}_seed{seed}_{steps}.extxyz")
+    tag = "" if every == 10 else f"_every{every}"
+    path = os.path.join(cache, f"{name}_seed{seed}_{steps}{tag}.extxyz")
     if not os.path.exists(path):
         temperature = MOLECULES[name][1]
         a = start(name, temperature, seed)
         a.calc = MOPAC(method="PM7", label=os.path.join(cache, f"run_{name}_{seed}", "m"),
                        command=MopacReference().command)
-        _, _, frames, _ = md(a, steps, temperature, seed, every=10)
+        _, _, frames, _ = md(a, steps, temperature, seed, every=every)
         images = []
         for atoms, e, f in frames:
             atoms.calc = SinglePointCalculator(atoms, energy=e, forces=f)
