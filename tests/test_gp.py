@@ -220,6 +220,9 @@ def test_pruning_swaps_redundant_environments_and_matches_a_fresh_build():
     np.testing.assert_allclose(p.forces, q.forces, atol=1e-7)
     np.testing.assert_allclose(p.local_std, q.local_std, atol=1e-7)
     np.testing.assert_allclose(p.novelty, q.novelty, atol=1e-7)
+    # predict reads only the lower triangle of each species' L^-1 (a triangular product)
+    for blk in gp._blocks.values():
+        assert not np.triu(blk["Linv"], 1).any()
 
 
 def test_pruning_never_trades_an_environment_for_a_less_novel_one():
