@@ -23,7 +23,8 @@ the model's where it trusted itself, the reference's at the calls, as
 error on an independent trajectory (seed 1), and the model and update times.
 ``est. wall ratio`` is (model + updates + calls x the median MOPAC call, timed
 here on 20 frames) / (steps x that MOPAC call): an estimate, not a measured
-side-by-side ratio.
+side-by-side ratio, and its updates run after the lookup (the reference is in-process,
+so they are not prepared during it as with MOPAC).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def parse_values(items) -> dict:
     return out
 
 
-def mopac_call_ms(name: str, frames, n: int = 20) -> float:
+def mopac_call_ms(frames, n: int = 20) -> float:
     """Median time of an ASE MOPAC call on ``n`` of ``frames`` (ms)."""
     import tempfile
 
@@ -175,7 +176,7 @@ def main(argv=None) -> int:
     if args.calibration:
         policy_settings["calibration"] = args.calibration
     model_settings = parse_values(args.set)
-    mopac_ms = mopac_call_ms(args.molecule, frames)
+    mopac_ms = mopac_call_ms(frames)
     r = replay(frames, LearningPolicy(**policy_settings), model_settings,
                log_every=0 if args.json else 1000)
     model = r.pop("model")
@@ -200,6 +201,9 @@ def main(argv=None) -> int:
 def summary(r: dict) -> str:
     """One line per run."""
     ev = r["final_model_on_independent_trajectory"]
+    # with every step called there are no trusted steps
+    r = {**r, **{k: float("nan") for k in ("trusted_steps_mae_eV_A", "miss_rate_atoms")
+                 if r[k] is None}}
     return (f"{r['molecule']} seed {r['seed']} {r['policy']} {r['model_settings']}: "
             f"{r['calls']} calls ({100 * r['call_fraction']:.2f} %, quarters "
             f"{'/'.join(map(str, r['calls_per_quarter']))}), used MAE "
