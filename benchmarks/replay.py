@@ -59,15 +59,6 @@ def lookup_calculator(frames):
     return Lookup()
 
 
-def parse_values(items) -> dict:
-    """``KEY=VALUE`` (JSON values) into a dict."""
-    out = {}
-    for item in items or []:
-        key, _, value = item.partition("=")
-        out[key.strip()] = json.loads(value)
-    return out
-
-
 def mopac_call_ms(frames, n: int = 20) -> float:
     """Median time of an ASE MOPAC call on ``n`` of ``frames`` (ms)."""
     import tempfile
@@ -149,7 +140,7 @@ def replay(frames, policy, model_settings: dict, log_every: int = 0) -> dict:
 
 def main(argv=None) -> int:
     from offline_fit import trajectory
-    from otf_md import MOLECULES
+    from otf_md import MOLECULES, parse_settings
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--molecule", choices=sorted(MOLECULES), default="aspirin")
@@ -172,17 +163,17 @@ def main(argv=None) -> int:
 
     frames = trajectory(args.molecule, args.seed, args.steps, args.cache, every=1)
     test = trajectory(args.molecule, args.seed + 1, args.test_steps, args.cache, every=20)
-    policy_settings = parse_values(args.policy)
+    policy_settings = parse_settings(args.policy)
     if args.calibration:
         policy_settings["calibration"] = args.calibration
-    model_settings = parse_values(args.set)
+    model_settings = parse_settings(args.set)
     mopac_ms = mopac_call_ms(frames)
-    r = replay(frames, LearningPolicy(**policy_settings), model_settings,
-               log_every=0 if args.json else 1000)
+    policy = LearningPolicy(**policy_settings)
+    r = replay(frames, policy, model_settings, log_every=0 if args.json else 1000)
     model = r.pop("model")
     r.pop("per_step")
     model.extra.update(r["calibration"])
-    ev = evaluate(model, test, force_tolerance=policy_settings.get("force_tolerance", 0.2))
+    ev = evaluate(model, test, force_tolerance=policy.force_tolerance)
     plain = len(frames) * mopac_ms / 1e3
     r.update({
         "molecule": args.molecule, "seed": args.seed, "policy": policy_settings,
