@@ -74,6 +74,11 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "n_max": _f(int, 5, "Radial functions", minimum=1),
         "l_max": _f(int, 3, "Largest angular momentum", minimum=0),
         "r_min": _f(NUM, 0.8, "Centre of the first radial Gaussian, Å", positive=True),
+        "radial_scaling": _f(NUM, None, "r0 (Å) of a radial scaling 1 / (1 + (r/r0)^m) of "
+                             "each neighbour's weight, so that near neighbours count more than "
+                             "the many distant ones at longer cutoffs; null: none",
+                             nullable=True, positive=True),
+        "radial_power": _f(NUM, 4.0, "m of the radial scaling", positive=True),
         "max_sparse_per_species": _f(int, 600, "Cap on sparse environments per species",
                                      minimum=1),
         "sparse_tolerance": _f(NUM, 0.005, "Novelty (0-1) above which an environment of a "

@@ -108,9 +108,10 @@ def _solid_harmonics(x, y, z, l_max, norm, Y, dY):
 
 
 @njit(cache=True, nogil=True)
-def _pair_basis(D, r_c, mu, width, l_max, norm, B, dB):
-    """Basis values B[n, lm] = g_n f_c Y_lm of one pair vector and dB/dD.
+def _pair_basis(D, r_c, mu, width, l_max, norm, r0, m, B, dB):
+    """Basis values B[n, lm] = g_n f_c w Y_lm of one pair vector and dB/dD.
 
+    ``w = 1 / (1 + (r / r0)^m)`` is the radial scaling (1 where ``r0 <= 0``).
     B has shape (n_max, L); dB has shape (n_max, L, 3).
     """
     r = math.sqrt(D[0] * D[0] + D[1] * D[1] + D[2] * D[2])
@@ -130,6 +131,11 @@ def _pair_basis(D, r_c, mu, width, l_max, norm, B, dB):
             dY[k, 2] = (dYh[k, 2] - l * Y[k] * uz) / r
     fc = 0.5 * (math.cos(math.pi * r / r_c) + 1.0)
     dfc = -0.5 * math.pi / r_c * math.sin(math.pi * r / r_c)
+    if r0 > 0.0:
+        x = (r / r0) ** m
+        w = 1.0 / (1.0 + x)
+        dfc = dfc * w - fc * w * w * m * x / r
+        fc = fc * w
     inv_w2 = 1.0 / (width * width)
     for n in range(mu.shape[0]):
         t = r - mu[n]
@@ -145,14 +151,14 @@ def _pair_basis(D, r_c, mu, width, l_max, norm, B, dB):
 
 
 @njit(cache=True, nogil=True)
-def _pair_bases(D, r_c, mu, width, l_max, norm):
+def _pair_bases(D, r_c, mu, width, l_max, norm, r0, m):
     """Basis values of every pair (n_pairs, n_max, L) and their gradients (n_pairs, n_max, L, 3)."""
     n_max = mu.shape[0]
     L = (l_max + 1) * (l_max + 1)
     B = np.empty((D.shape[0], n_max, L))
     dB = np.empty((D.shape[0], n_max, L, 3))
     for q in range(D.shape[0]):
-        _pair_basis(D[q], r_c, mu, width, l_max, norm, B[q], dB[q])
+        _pair_basis(D[q], r_c, mu, width, l_max, norm, r0, m, B[q], dB[q])
     return B, dB
 
 
@@ -318,6 +324,14 @@ class Descriptor:
     r_min : float, default 0.8
         Centre of the first radial Gaussian in Å; the last sits 0.5 Å inside the
         cutoff and their width equals their spacing.
+    radial_scaling : float or None, default None
+        ``r0`` in Å of the radial scaling ``w(r) = 1 / (1 + (r / r0)^m)`` that
+        multiplies every neighbour's contribution (Willatt, Musil and Ceriotti,
+        PCCP 20, 29661 (2018)): near neighbours weigh more than the many distant
+        ones, which otherwise dominate the normalized kernel at longer cutoffs.
+        None: no scaling (w = 1).
+    radial_power : float, default 4
+        The exponent ``m`` of the radial scaling.
 
     Notes
     -----
@@ -338,12 +352,17 @@ class Descriptor:
         n_max: int = 8,
         l_max: int = 3,
         r_min: float = 0.8,
+        radial_scaling: float | None = None,
+        radial_power: float = 4.0,
     ) -> None:
         species = sorted({int(z) for z in species})
         if not species:
             raise ValueError("Descriptor needs at least one species (atomic number)")
         if not cutoff > r_min + 0.5:
             raise ValueError(f"cutoff={cutoff} Å must exceed r_min + 0.5 = {r_min + 0.5} Å")
+        if radial_scaling is not None and not (radial_scaling > 0 and radial_power > 0):
+            raise ValueError(f"radial_scaling={radial_scaling} Å and radial_power={radial_power}"
+                             " must be positive (radial_scaling None: no scaling)")
         if n_max < 1 or l_max < 0:
             raise ValueError(f"n_max={n_max} must be >= 1 and l_max={l_max} >= 0")
         self.species = tuple(species)
@@ -351,6 +370,9 @@ class Descriptor:
         self.n_max = int(n_max)
         self.l_max = int(l_max)
         self.r_min = float(r_min)
+        self.radial_scaling = None if radial_scaling is None else float(radial_scaling)
+        self.radial_power = float(radial_power)
+        self._r0 = 0.0 if radial_scaling is None else self.radial_scaling  # 0: off (numba)
         self._index = np.full(max(species) + 1, -1, dtype=np.int64)
         self._index[list(species)] = np.arange(len(species))
         self.mu = np.linspace(r_min, cutoff - 0.5, n_max) if n_max > 1 else np.array([r_min])
@@ -383,6 +405,8 @@ class Descriptor:
             "n_max": self.n_max,
             "l_max": self.l_max,
             "r_min": self.r_min,
+            "radial_scaling": self.radial_scaling,
+            "radial_power": self.radial_power,
         }
 
     @classmethod
@@ -438,7 +462,8 @@ class Descriptor:
         pj = pj.astype(np.int64)
         D = np.ascontiguousarray(D, dtype=float)
         sj = spec[pj]
-        B, dB = _pair_bases(D, self.cutoff, self.mu, self.width, self.l_max, self._norm)
+        B, dB = _pair_bases(D, self.cutoff, self.mu, self.width, self.l_max, self._norm,
+                            self._r0, self.radial_power)
         c = _expansion(len(numbers), len(self.species), pi, sj, B)
         p = _power(c, self.l_max, self._qa, self._qb, self._qw)
         return Environments(p=p, species=spec, numbers=numbers, c=c, pi=pi, pj=pj, D=D, sj=sj,
@@ -464,7 +489,8 @@ class Descriptor:
     def _dB(self, env: Environments) -> np.ndarray:
         if env.dB is not None:
             return env.dB
-        return _pair_bases(env.D, self.cutoff, self.mu, self.width, self.l_max, self._norm)[1]
+        return _pair_bases(env.D, self.cutoff, self.mu, self.width, self.l_max, self._norm,
+                           self._r0, self.radial_power)[1]
 
 
 @njit(cache=True, nogil=True)

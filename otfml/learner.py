@@ -42,6 +42,8 @@ MODEL_DEFAULTS = {
     "n_max": 5,
     "l_max": 3,
     "r_min": 0.8,
+    "radial_scaling": None,
+    "radial_power": 4.0,
     "max_sparse_per_species": 600,
     "sparse_tolerance": 0.005,
     "prune_sparse": True,
@@ -194,7 +196,9 @@ class _BlasLimit:
 
 def _model_from_settings(species, settings: dict) -> SparseGP:
     desc = Descriptor(species, cutoff=settings["cutoff"], n_max=settings["n_max"],
-                      l_max=settings["l_max"], r_min=settings["r_min"])
+                      l_max=settings["l_max"], r_min=settings["r_min"],
+                      radial_scaling=settings["radial_scaling"],
+                      radial_power=settings["radial_power"])
     return SparseGP(desc, max_sparse_per_species=settings["max_sparse_per_species"],
                     sparse_tolerance=settings["sparse_tolerance"],
                     prune=settings["prune_sparse"], max_frames=settings["max_frames"],

@@ -38,15 +38,16 @@ def test_invariance_rotation_translation_permutation(ethanol):
     assert np.abs(d.environments(c).p - p[perm]).max() < 1e-12
 
 
-@pytest.mark.parametrize("pbc", [False, True])
-def test_adjoint_and_full_gradient_match_finite_differences(ethanol, pbc):
-    """E = sum_i w_i . p_i: backprop forces and the dp/dr array agree with FD (1e-6)."""
+@pytest.mark.parametrize("pbc, r0", [(False, None), (True, None), (False, 1.5)])
+def test_adjoint_and_full_gradient_match_finite_differences(ethanol, pbc, r0):
+    """E = sum_i w_i . p_i: backprop forces and the dp/dr array agree with FD (1e-6),
+    with and without a radial scaling."""
     a = ethanol.copy()
     if pbc:
         a.cell = [7.0, 7.5, 8.0]
         a.pbc = True
         a.center()
-    d = Descriptor([1, 6, 8], cutoff=3.5)
+    d = Descriptor([1, 6, 8], cutoff=3.5, radial_scaling=r0, radial_power=3.0)
     env = d.environments(a)
     W = np.random.default_rng(1).normal(size=env.p.shape)
     F = d.backprop(env, W)
@@ -68,6 +69,23 @@ def test_adjoint_and_full_gradient_match_finite_differences(ethanol, pbc):
         F2[j] -= g
         F2[i] += g
     assert np.abs(F2 - F).max() < 1e-10
+
+
+def test_radial_scaling_weighs_distant_neighbours_less():
+    """With scaling, a neighbour at r contributes w(r) = 1 / (1 + (r/r0)^m) of its unscaled
+    amplitude (p is quadratic in the neighbour density: w^2 for an atom's one neighbour)."""
+    from ase import Atoms
+
+    h2 = Atoms("H2", positions=[[0, 0, 0], [0, 0, 1.7]])
+    p0 = Descriptor([1]).environments(h2).p[0]
+    p1 = Descriptor([1], radial_scaling=2.0, radial_power=4).environments(h2).p[0]
+    w = 1.0 / (1.0 + (1.7 / 2.0) ** 4)
+    assert p1 == pytest.approx(w**2 * p0, rel=1e-12)
+    d = Descriptor([1], radial_scaling=2.0, radial_power=4)
+    again = Descriptor.from_dict(d.to_dict())  # what a saved model is rebuilt from
+    np.testing.assert_array_equal(again.environments(h2).p, d.environments(h2).p)
+    with pytest.raises(ValueError, match="radial_scaling=-1"):
+        Descriptor([1], radial_scaling=-1.0)
 
 
 def test_unknown_element_is_named():
