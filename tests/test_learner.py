@@ -661,9 +661,19 @@ def test_an_in_process_reference_keeps_its_blas_threads():
         learner = Learner(CalculatorReference(Watching()), model_settings={"blas_threads": 1})
         assert not learner._overlap
         a = molecule("H2O")
+        in_update = []
         for k in range(3):
             a.rattle(0.02, seed=k)
             learner.request_reference = True
             learner.step(a)
-        assert seen and all(s == {2} for s in seen)
+            if k == 0:  # the model exists now: watch the updates of the next two calls
+                add = learner.model.add_prepared
+
+                def watched(*args, add=add, **kwargs):
+                    in_update.append(blas_threads())
+                    return add(*args, **kwargs)
+
+                learner.model.add_prepared = watched
+        assert len(seen) == 3 and all(s == {2} for s in seen)
+        assert len(in_update) == 2 and all(s == {1} for s in in_update)
         assert blas_threads() == {2}
