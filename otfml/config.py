@@ -120,7 +120,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "calibration": _f(str, "atom", "How observed errors calibrate the force-error "
                           "estimate: least-squares over atoms, one factor for all or one per "
                           "element; largest error / largest novelty; or an error floor "
-                          "plus a factor (floor)",
+                          "plus a factor (floor), or one per element (element_floor: for "
+                          "elements that err differently, e.g. O and H in water)",
                           choices=CALIBRATIONS),
         "on_reference_failure": _f(str, "stop", "When the reference fails (after its SCF "
                                    "retries) or returns an implausible label: stop the run with "

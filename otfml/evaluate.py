@@ -64,7 +64,8 @@ def evaluate(model: SparseGP, data: list, force_tolerance: float | None = None,
     force_tolerance : float, optional
         eV/Å; with a force-error calibration in the model (``extra['force_std_scale']``
         and, per element, ``extra['force_std_element_scales']``, or a floor,
-        ``extra['force_std_floor']``) reports the miss
+        ``extra['force_std_floor']``, or one per element,
+        ``extra['force_std_element_floors']``) reports the miss
         rate: the fraction of atoms whose actual force error exceeds the
         tolerance while the estimate said it was within it.
     output : str, optional
@@ -89,6 +90,7 @@ def evaluate(model: SparseGP, data: list, force_tolerance: float | None = None,
     scale = model.extra.get("force_std_scale")
     element_scales = model.extra.get("force_std_element_scales")
     floor = model.extra.get("force_std_floor", 0.0)
+    element_floors = model.extra.get("force_std_element_floors")
     de, dfs, est, err_atom, fr_est, fr_err, f_ref, f_mod = [], [], [], [], [], [], [], []
     for atoms, e, f in data:
         p = model.predict(atoms)
@@ -99,7 +101,8 @@ def evaluate(model: SparseGP, data: list, force_tolerance: float | None = None,
         dfs.append(d.ravel())
         ea = np.linalg.norm(d, axis=1)
         err_atom.append(ea)
-        ua = calibrated(p.novelty, scale or 1.0, atoms.numbers, element_scales, floor)
+        ua = calibrated(p.novelty, scale or 1.0, atoms.numbers, element_scales, floor,
+                        element_floors)
         est.append(ua)
         fr_est.append(ua.max())
         fr_err.append(ea.max())

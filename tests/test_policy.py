@@ -98,6 +98,48 @@ def test_floor_calibration_separates_the_error_the_novelty_does_not_see():
     assert "force_std_floor" not in through_origin.model_calibration()
 
 
+def test_element_floor_calibration_fits_each_element_its_own_floor(caplog):
+    """Water-like: O errs by 0.3 eV/Å whatever its novelty, H by 0.1; one floor for both
+    would rank a novel H above every O."""
+    from otfml.policy import calibrated
+
+    pol = LearningPolicy(force_tolerance=0.25, calibration="element_floor", initial_calls=1,
+                         calibration_window=5)
+    rng = np.random.default_rng(0)
+    z = np.array([8, 1, 1] * 7)
+    true = {8: (0.3, 10.0), 1: (0.1, 4.0)}
+    for _ in range(5):
+        u = rng.uniform(0.0, 0.05, len(z))
+        f = np.array([true[k][0] for k in z])
+        s = np.array([true[k][1] for k in z])
+        pol.observe(u, np.hypot(f, s * u), z)
+    assert pol.element_floors == {8: pytest.approx(0.3), 1: pytest.approx(0.1)}
+    assert pol.element_scales == {8: pytest.approx(10.0), 1: pytest.approx(4.0)}
+    u = np.array([0.0, 0.0, 0.04])
+    np.testing.assert_allclose(pol.force_std(u, np.array([8, 1, 1])),
+                               [0.3, 0.1, np.hypot(0.1, 0.16)])
+    assert pol.decide(9, 3, 1, np.zeros(3), numbers=np.array([8, 1, 1])).call  # O's floor
+    assert not pol.decide(9, 3, 1, np.array([0.0, 0.04]), numbers=np.array([1, 1])).call
+    # only H's novelty can reach the tolerance: O's floor is above it
+    assert pol.novelty_at_tolerance(np.array([8, 1])) == pytest.approx(
+        np.sqrt(0.25**2 - 0.1**2) / 4.0)
+    # saved with the model (string keys, as in JSON) and used so by `otfml evaluate`
+    cal = pol.model_calibration()
+    assert cal["force_std_element_floors"] == {"8": pytest.approx(0.3), "1": pytest.approx(0.1)}
+    np.testing.assert_allclose(
+        calibrated(u, cal["force_std_scale"], np.array([8, 1, 1]),
+                   cal["force_std_element_scales"], cal["force_std_floor"],
+                   cal["force_std_element_floors"]), pol.force_std(u, np.array([8, 1, 1])))
+    nxt = LearningPolicy(calibration="element_floor").inherit(pol)
+    assert nxt.element_floors == pol.element_floors
+    # the persisting floor above the tolerance is reported with the element
+    with caplog.at_level("WARNING", logger="otfml.policy"):
+        for _ in range(6):
+            pol.observe(rng.uniform(0.0, 0.05, len(z)), np.where(z == 8, 0.3, 0.1), z)
+            assert pol.element_floors[8] > 0.25  # refitted at each call
+    assert any("floor of O" in r.getMessage() for r in caplog.records)
+
+
 def test_a_floor_above_the_tolerance_is_reported_once_it_persists(caplog):
     pol = LearningPolicy(force_tolerance=0.05, calibration="floor", initial_calls=1,
                          calibration_window=3)
