@@ -340,8 +340,12 @@ class LearningPolicy:
         self._scale = s if s is not None else self._median_ratio()
         worst, where = self._floor, ""
         if self.calibration == "element_floor":
-            z = np.concatenate([p[2] for p in self._pairs])
             self._element_floors, self._element_scales = {}, {}
+            # pairs without atomic numbers (inherited from a "floor" stage) count above only
+            known = [p for p in self._pairs if p[2] is not None]
+            u, e = (np.concatenate([p[k] for p in known]) if known else np.zeros(0)
+                    for k in (0, 1))
+            z = np.concatenate([p[2] for p in known]) if known else np.zeros(0, dtype=int)
             for el in np.unique(z):
                 sel = z == el
                 f, s = self._nnls_floor(u[sel], e[sel])
@@ -350,8 +354,9 @@ class LearningPolicy:
                 self._element_scales[int(el)] = (
                     s if s is not None else
                     float(np.sqrt(e[sel] @ e[sel] / uu)) if uu > 0 else self._scale)
-            el = max(self._element_floors, key=self._element_floors.get)
-            worst, where = self._element_floors[el], f" of {chemical_symbols[el]}"
+            if self._element_floors:
+                el = max(self._element_floors, key=self._element_floors.get)
+                worst, where = self._element_floors[el], f" of {chemical_symbols[el]}"
         # a young model's floor is high (0.56 eV/Å at aspirin's first call) and still came
         # out at 0.20-0.22 eV/Å over aspirin's first 50 calls in two runs whose floor then
         # fell to about 0.1: warn only when it has stayed at or above the tolerance for a

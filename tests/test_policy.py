@@ -132,6 +132,12 @@ def test_element_floor_calibration_fits_each_element_its_own_floor(caplog):
                    cal["force_std_element_floors"]), pol.force_std(u, np.array([8, 1, 1])))
     nxt = LearningPolicy(calibration="element_floor").inherit(pol)
     assert nxt.element_floors == pol.element_floors
+    # after a "floor" stage (its calls recorded without atomic numbers): one floor for all
+    one = LearningPolicy(calibration="floor")
+    one.observe(u, np.array([0.3, 0.1, 0.2]))
+    later = LearningPolicy(calibration="element_floor").inherit(one)
+    assert later.element_floors == {} and later.floor > 0
+    np.testing.assert_allclose(later.force_std(u, np.array([8, 1, 1])), later.force_std(u))
     # the persisting floor above the tolerance is reported with the element
     with caplog.at_level("WARNING", logger="otfml.policy"):
         for _ in range(6):
