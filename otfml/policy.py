@@ -341,12 +341,11 @@ class LearningPolicy:
         worst, where = self._floor, ""
         if self.calibration == "element_floor":
             self._element_floors, self._element_scales = {}, {}
-            # pairs without atomic numbers (inherited from a "floor" stage) count above only
-            known = [p for p in self._pairs if p[2] is not None]
-            u, e = (np.concatenate([p[k] for p in known]) if known else np.zeros(0)
-                    for k in (0, 1))
-            z = np.concatenate([p[2] for p in known]) if known else np.zeros(0, dtype=int)
-            for el in np.unique(z):
+            # atoms of pairs without atomic numbers (inherited from a "floor" stage): -1,
+            # counted in the fit over all atoms above only
+            z = np.concatenate([np.full(len(p[0]), -1) if p[2] is None else p[2]
+                                for p in self._pairs])
+            for el in np.unique(z[z >= 0]):
                 sel = z == el
                 f, s = self._nnls_floor(u[sel], e[sel])
                 self._element_floors[int(el)] = f
@@ -431,24 +430,20 @@ class LearningPolicy:
         """Novelty (eV) at which the calibrated estimate reaches the tolerance.
 
         The smallest over the elements ``numbers`` (atomic numbers) holds with
-        the "element" calibration.  None before the first observed call, and
-        with the "floor" calibration when the floor alone reaches the tolerance.
+        the per-element calibrations.  None before the first observed call, and
+        with a floor when the floor alone reaches the tolerance (for every element).
         """
         if not self._ratios:
             return None
-        tol, scale = self.tolerance, self.scale
-        if self.element_floors and numbers is not None:
-            floors, scales = self.element_floors, self.element_scales
-            at = [math.sqrt(tol**2 - floors.get(z, self.floor)**2) / scales.get(z, scale)
-                  for z in (int(z) for z in np.unique(numbers))
-                  if floors.get(z, self.floor) < tol]
-            return min(at) if at else None
-        if self.floor:
-            return math.sqrt(tol**2 - self.floor**2) / scale if tol > self.floor else None
-        scales = self.element_scales
-        if scales and numbers is not None:
-            scale = max(scales.get(int(z), scale) for z in np.unique(numbers))
-        return tol / scale
+        tol, scale, floor = self.tolerance, self.scale, self.floor
+        floors, scales = self.element_floors, self.element_scales
+        # the estimate sqrt(f^2 + (s u)^2) reaches tol at u = sqrt(tol^2 - f^2) / s (f = 0
+        # without a floor), per element where the calibration has one
+        per_element = numbers is not None and (floors or scales)
+        zs = [int(z) for z in np.unique(numbers)] if per_element else [None]
+        at = [math.sqrt(tol**2 - f**2) / s
+              for f, s in ((floors.get(z, floor), scales.get(z, scale)) for z in zs) if f < tol]
+        return min(at) if at else None
 
     def observe(self, uncertainty: np.ndarray, force_error: np.ndarray,
                 numbers: np.ndarray | None = None) -> None:
