@@ -504,25 +504,30 @@ def test_floor_calibration_in_the_loop_estimates_floor_plus_novelty():
 
 
 @mopac
-def test_floor_calibration_with_mopac_fits_the_observed_errors(tmp_path):
+@pytest.mark.parametrize("calibration", ["floor", "element_floor"])
+def test_floor_calibration_with_mopac_fits_the_observed_errors(tmp_path, calibration):
     """calibration "floor" on real MOPAC PM7 (ethanol, Langevin at 500 K): the floor and
-    factor are the NNLS fit of the squared errors the calls observed, and trusted steps use it."""
+    factor are the NNLS fit of the squared errors the calls observed, and trusted steps use it;
+    with "element_floor" the same fit per element (H, C, O) on that element's atoms."""
     from scipy.optimize import nnls
 
     a = molecule("CH3CH2OH")
     a.calc = OTFCalculator(reference=MOPAC(method="PM7"),
-                           policy=LearningPolicy(calibration="floor"))
+                           policy=LearningPolicy(calibration=calibration))
     rng = np.random.default_rng(1)
     thermalize(a, 500, rng)
     dyn = Langevin(a, 0.5 * units.fs, temperature_K=500, friction=0.01, rng=rng, fixcm=False)
     temps, stds = [], []
+    z = a.numbers
 
     def watch():
         temps.append(a.get_temperature())
         if a.calc.results["source"] == "model":
             pol = a.calc.learner.policy  # the calibration in force at this step
+            floors = np.array([pol.element_floors.get(int(k), pol.floor) for k in z])
+            scales = np.array([pol.element_scales.get(int(k), pol.scale) for k in z])
             stds.append((a.calc.learner.model.predict(a).novelty, a.calc.results["forces_std"],
-                         pol.floor, pol.scale))
+                         floors, scales))
 
     dyn.attach(watch, interval=1)
     dyn.run(300)
@@ -533,13 +538,29 @@ def test_floor_calibration_with_mopac_fits_the_observed_errors(tmp_path):
     # the fit over what the calls observed (model vs MOPAC per atom, before each update)
     u = np.concatenate([p[0] for p in pol._pairs])
     e = np.concatenate([p[1] for p in pol._pairs])
-    (f2, s2), _ = nnls(np.column_stack([np.ones_like(u), u * u]), e * e)
-    assert pol.floor == pytest.approx(np.sqrt(f2), abs=1e-12)
-    assert pol.scale == pytest.approx(np.sqrt(s2))
+
+    def fit(sel):
+        (f2, s2), _ = nnls(np.column_stack([np.ones_like(u[sel]), u[sel] ** 2]), e[sel] ** 2)
+        return np.sqrt(f2), np.sqrt(s2)
+
+    f, s = fit(slice(None))
+    assert pol.floor == pytest.approx(f, abs=1e-12)
+    assert pol.scale == pytest.approx(s)
+    if calibration == "element_floor":
+        zs = np.concatenate([p[2] for p in pol._pairs])
+        assert sorted(pol.element_floors) == [1, 6, 8]
+        for k in (1, 6, 8):
+            fk, sk = fit(zs == k)
+            assert pol.element_floors[k] == pytest.approx(fk, abs=1e-12)
+            if sk > 0:
+                assert pol.element_scales[k] == pytest.approx(sk)
+        assert set(pol.model_calibration()["force_std_element_floors"]) == {"1", "6", "8"}
+    else:
+        assert pol.element_floors == {}
     # a floor was in force at trusted steps (the last fit may put it at 0)
-    assert any(floor > 0 for _, _, floor, _ in stds)
-    for novelty, forces_std, floor, scale in stds:
-        np.testing.assert_allclose(forces_std, np.hypot(floor, scale * novelty), rtol=1e-9)
+    assert any(floors.max() > 0 for _, _, floors, _ in stds)
+    for novelty, forces_std, floors, scales in stds:
+        np.testing.assert_allclose(forces_std, np.hypot(floors, scales * novelty), rtol=1e-9)
     a.calc.close()
 
 
