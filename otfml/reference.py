@@ -97,9 +97,11 @@ class _TimedShell:
         from ase.calculators.calculator import CalculationFailed
 
         command = self.command.replace("PREFIX", calc.prefix)
+        start = time.monotonic()  # the limit counts from the launch, however late we wait
         proc = subprocess.Popen(command, shell=True, cwd=calc.directory,
                                 start_new_session=True)
-        code = _wait(proc, self.timeout)
+        code = _wait(proc, None if self.timeout is None
+                     else max(0.0, self.timeout - (time.monotonic() - start)))
         if code is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
