@@ -269,6 +269,38 @@ def _pair_products(G: np.ndarray, ph: np.ndarray, Zc: np.ndarray) -> tuple[np.nd
     return T, (ph @ Zt).astype(np.float64)
 
 
+#: rows of a species' sparse descriptors ``Z`` per chunk in :func:`_kernel_products`
+_CHUNK_BYTES = 256 * 1024
+
+
+def _kernel_products(pa: np.ndarray, Z: np.ndarray, beta: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """``d = pa @ Z.T`` (n, M) and ``g = 2 (d * beta) @ Z`` (n, F), reading ``Z`` once.
+
+    A prediction multiplies a few atoms' normalized descriptors ``pa`` (n, F) by a
+    species' sparse descriptors ``Z`` (M, F) twice; with aspirin's 600 x 480 (2.3 MB)
+    both products streamed ``Z`` from beyond the core's cache (1 MB of L2).  In chunks of
+    :data:`_CHUNK_BYTES` the second product finds its chunk still cached: a whole
+    prediction of aspirin (1625 sparse environments, one thread, runs interleaved) took
+    a median of 2.20 ms against 2.53 ms (512 KB chunks: 2.24, 1 MB: 2.42).  ``g`` is
+    ``d eps_i / d pa`` before the projection that normalization adds.
+    """
+    n, F = pa.shape
+    M = len(Z)
+    c = max(16, _CHUNK_BYTES // (8 * F))
+    if M <= c:
+        d = pa @ Z.T
+        return d, 2.0 * (d * beta) @ Z
+    d = np.empty((n, M))
+    g = np.zeros((n, F))
+    for s in range(0, M, c):
+        Zc = Z[s:s + c]
+        dc = pa @ Zc.T
+        d[:, s:s + c] = dc
+        g += (dc * beta[s:s + c]) @ Zc
+    return d, 2.0 * g
+
+
 class _Task:
     """A piece of work that the first thread to claim it runs (see ``SparseGP.prepare_frame``).
 
@@ -1557,10 +1589,9 @@ class SparseGP:
                 groups.append((s, at, None, None))
                 continue
             pa = ph[at]
-            d = pa @ blk["Z"].T
+            d, g = _kernel_products(pa, blk["Z"], blk["beta"])
             k = d * d
             eps[at] += k @ blk["beta"]
-            g = 2.0 * (d * blk["beta"]) @ blk["Z"]  # d eps / d p_hat
             g -= np.einsum("ij,ij->i", g, pa)[:, None] * pa
             dE_dp[at] = g / norm[at][:, None]
             # k @ Linv^T, with Linv lower triangular: BLAS's triangular product does half

@@ -51,6 +51,25 @@ def test_model_forces_are_negative_energy_gradient(trained):
             assert F[i, c] == pytest.approx(fd, abs=1e-6)
 
 
+def test_chunked_kernel_products_give_the_same_prediction(trained, monkeypatch):
+    """A prediction reads each species' sparse descriptors in chunks (``_CHUNK_BYTES``);
+    chunks of a few rows (several per species here) change nothing but rounding."""
+    import otfml.gp as gp_module
+
+    gp, frames = trained
+    a = frames[0][0].copy()
+    a.positions += 0.02
+    whole = gp.predict(a)
+    F = gp.descriptor.n_features
+    monkeypatch.setattr(gp_module, "_CHUNK_BYTES", 16 * 8 * F)  # 16 rows per chunk
+    assert max(len(b["cols"]) for b in gp._blocks.values()) > 2 * 16
+    chunked = gp.predict(a)
+    assert chunked.energy == pytest.approx(whole.energy, rel=1e-12, abs=1e-12)
+    np.testing.assert_allclose(chunked.forces, whole.forces, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(chunked.novelty, whole.novelty, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(chunked.local_std, whole.local_std, rtol=1e-10, atol=1e-12)
+
+
 def test_likelihood_gradient_matches_finite_differences(trained):
     gp, _ = trained
     theta = np.array([0.8, 0.01, 0.1])
