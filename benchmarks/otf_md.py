@@ -230,8 +230,8 @@ def table(results: list[dict]) -> str:
             f"{ev['energy_mae_meV_per_atom']:.2f} meV/atom",
             f"{ev['spearman_atom']:.2f} / {ev['spearman_frame']:.2f}",
             f"{100 * ev.get('miss_rate', float('nan')):.2f} %",
-            f"{p['mean_T_second_half_K']:.0f} / {o['mean_T_second_half_K']:.0f} K "
-            f"(max {o['max_T_K']:.0f} K)",
+            f"{p['mean_T_second_half_K']:.0f} K ({p['steps_timed']} steps) / "
+            f"{o['mean_T_second_half_K']:.0f} K ({r['steps']} steps; max {o['max_T_K']:.0f} K)",
             f"{o['sparse_environments']}",
             f"{r['peak_rss_MB']:.0f} MB",
         ]
@@ -244,7 +244,8 @@ def table(results: list[dict]) -> str:
              "force MAE of the forces used (eV/Å)",
              "final model force MAE, independent trajectory (eV/Å)", "final model energy MAE",
              "Spearman uncertainty vs error (atom / frame)", "miss rate (atoms)",
-             "mean T second half, plain / otfml", "sparse environments", "peak memory"]
+             "mean T second half of each run, plain / otfml", "sparse environments",
+             "peak memory"]
     cols = [col(r) for r in results]
     head = [label(r) for r in results]
     lines = ["| | " + " | ".join(head) + " |", "|---" * (len(results) + 1) + "|"]

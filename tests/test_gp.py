@@ -70,6 +70,52 @@ def test_chunked_kernel_products_give_the_same_prediction(trained, monkeypatch):
     np.testing.assert_allclose(chunked.local_std, whole.local_std, rtol=1e-10, atol=1e-12)
 
 
+def _held_bytes(gp: SparseGP) -> dict:
+    """What the model's buffers and frames hold now, counted array by array."""
+    def grown(b):
+        return b.n * b._a.shape[1] * b._a.itemsize
+    rows = sum(grown(b) for b in (gp._RF, gp._RE, gp._EwT))
+    cache = sum(grown(b) for g in gp._geo.values() for b in g.values())
+    frames = sum(sum(a.nbytes for a in (fr.env.p, fr.env.c, fr.env.pi, fr.env.pj, fr.env.D,
+                                        fr.env.sj, fr.env.species, fr.env.numbers, fr.forces))
+                 for fr in gp.frames)
+    return {"rows": rows, "cache": cache, "frames": frames}
+
+
+@pytest.mark.parametrize("cache_frames", [None, 4.5])
+def test_the_memory_estimate_matches_what_the_frames_take(caplog, monkeypatch, cache_frames):
+    """The first frame's estimate of the memory at ``n`` frames is what ``n`` such frames
+    take (force rows, cached gradients within ``cache_bytes``, environments); beyond the
+    machine's memory the log warns and names a ``max_frames`` that fits."""
+    import otfml.gp as gp_module
+
+    frames = _emt_frames(8, seed=3)
+    gp = ExactGP(Descriptor([1, 6, 8]), sparse_tolerance=0.02, max_frames=8)
+    geom = gp._geometry(gp.descriptor.environments(frames[0][0]))
+    if cache_frames is not None:
+        gp.cache_bytes = int(cache_frames * geom["nbytes"])
+    with caplog.at_level("INFO", logger="otfml.gp"):
+        for a, e, f in frames:
+            gp.add_frame(a, e, f, solve=False)
+    est = gp.memory_estimate(geom, len(frames))
+    held = _held_bytes(gp)
+    for key in held:  # rattled copies of one molecule: the same pairs give the same sizes
+        assert est[key] == pytest.approx(held[key], rel=0.05), key
+    assert est["total"] > sum(held.values()) and est["peak"] == est["total"] + est["rows"]
+    assert "8 frames of 9 atoms (model.max_frames) will take about" in caplog.text
+    assert "WARNING" not in caplog.text
+    # a machine with less memory than the estimate: a warning with a cap that fits
+    caplog.clear()
+    phys = 0.5 * gp.memory_estimate(geom, 8)["peak"] + 0.0
+    monkeypatch.setattr(gp_module, "_physical_memory", lambda: phys)
+    small = ExactGP(Descriptor([1, 6, 8]), sparse_tolerance=0.02, max_frames=8)
+    with caplog.at_level("WARNING", logger="otfml.gp"):
+        small.add_frame(*frames[0], solve=False)
+    assert "more than 80 % of this machine's" in caplog.text
+    fit = int(caplog.text.split("lower model.max_frames to about ")[1].split()[0])
+    assert 1 <= fit < 8
+
+
 def test_likelihood_gradient_matches_finite_differences(trained):
     gp, _ = trained
     theta = np.array([0.8, 0.01, 0.1])
