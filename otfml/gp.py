@@ -367,12 +367,18 @@ class _Grow:
     def view(self) -> np.ndarray:
         return self._a[: self.n, : self.m]
 
-    def reserve(self, n: int, m: int | None = None) -> None:
-        """Make room for ``n`` rows and ``m`` columns (default: the current ones)."""
+    def reserve(self, n: int, m: int | None = None, exact: bool = False) -> None:
+        """Make room for ``n`` rows and ``m`` columns (default: the current ones).
+
+        ``exact``: room for ``n`` rows, not the next fourfold capacity (a reservation
+        of the rows the array will at most need; see ``SparseGP._reserve``).
+        """
         m = self.m if m is None else m
         R, C = self._a.shape
         if n <= R and m <= C:
             return
+        if exact:
+            R = max(R, n)
         while R < n:
             R *= 4
         while C < m:
@@ -504,6 +510,7 @@ class SparseGP:
         #: sparse environments swapped out so far, per species index
         self.n_pruned: dict[int, int] = {}
         self._cache_bytes = 0
+        self._reserved = False  # rows reserved for max_frames frames (see _reserve)
         F = descriptor.n_features
         S = len(descriptor.species)
         M_max = self.max_sparse_per_species * S  # buffer columns are reserved once
@@ -1163,6 +1170,7 @@ class SparseGP:
                                   geom["nbytes"] if cached else 0))
         self._n_atoms += N
         if len(self.frames) == 1 and self.max_frames is not None:
+            self._reserve(geom)
             self._report_memory(geom)
         if solve:
             self.solve()
@@ -1185,15 +1193,15 @@ class SparseGP:
             (up to ``cache_bytes`` of their pair gradients, with what is cached
             beside them); ``frames``: each frame's environments and labels;
             ``matrices``: the M x M matrices at the full sparse set; ``total``;
-            ``peak``: the total while the force rows' buffer grows (it is copied).
+            ``peak``: the total while the force rows' buffer grows (it is copied),
+            the total where their rows were reserved (:meth:`_reserve`).
 
         Notes
         -----
         The arrays only: on the 163 frames of a 64-water run (192 atoms, default
-        settings) the estimate was 0.73 / 1.37 / 2.18 GB at 50 / 100 / 163 frames
-        and the process grew by 0.97 / 1.74 / 2.53 GB (the allocator's overhead and
-        the update's temporaries); its largest size, 2.99 GB, against a peak
-        estimate of 3.02 GB.
+        settings, rows reserved) the estimate was 0.73 / 1.37 / 2.18 GB at 50 / 100 /
+        163 frames and the process grew by 0.88 / 1.66 / 2.49 GB (the allocator's
+        overhead and the update's temporaries; 2.94 GB at its largest).
         """
         env = self.frames[0].env
         rows = n_frames * self._RF._a.shape[1] * 8 * (3 * len(env.numbers) + 2)
@@ -1206,8 +1214,36 @@ class SparseGP:
         out = {"rows": float(rows), "cache": float(cache), "frames": float(n_frames * per_frame),
                "matrices": 8.0 * 8 * M * M}  # K_mm, L^-1, the accumulators, factors, copies
         out["total"] = sum(out.values())
-        out["peak"] = out["total"] + out["rows"]
+        out["peak"] = out["total"] + (0.0 if self._reserved else out["rows"])
         return out
+
+    def _reserve(self, geom: dict) -> None:
+        """Reserve the rows ``max_frames`` frames like the first will need, once.
+
+        The force rows' buffer otherwise grows fourfold, copying the rows it holds
+        (64 waters: 2.5 GB of rows copied at 455 frames, 5 GB held at 1000); the cached
+        gradients' buffers likewise.  The reservation is address space only: the
+        operating system backs the rows as they are written.  Where it refuses
+        (strict overcommit), the buffers grow as before.
+        """
+        nf = self.max_frames
+        n_cached = min(nf, self.cache_bytes // max(geom["nbytes"], 1))
+        try:
+            self._RF.reserve(nf * 3 * len(self.frames[0].numbers), exact=True)
+            for s, blk in geom["blocks"].items():
+                g = self._geo.get(s)
+                if g is None or not n_cached:
+                    continue
+                P, n_at = len(blk["pi"]), len(blk["atoms"])
+                for key, per_frame in (("G", 3 * P), ("ph", P), ("scale", P), ("u", P),
+                                       ("pi", P), ("pj", P), ("atoms", n_at),
+                                       ("atom_frame", n_at)):
+                    # a quarter more: the pairs within the cutoff vary from frame to frame
+                    g[key].reserve(int(1.25 * n_cached * per_frame), exact=True)
+        except MemoryError:
+            log.debug("address space for %d frames' rows refused: the buffers grow instead", nf)
+            return
+        self._reserved = True
 
     def _report_memory(self, geom: dict) -> None:
         """Log what ``max_frames`` frames like the first will take; warn if the machine lacks it."""
@@ -1217,8 +1253,9 @@ class SparseGP:
         what = (f"{self.max_frames} frames of {n_atoms} atoms (model.max_frames) will take "
                 f"about {est['total'] / gb:.2f} GB (force rows {est['rows'] / gb:.2f}, cached "
                 f"gradients {est['cache'] / gb:.2f}, environments {est['frames'] / gb:.2f}, "
-                f"matrices {est['matrices'] / gb:.2f}) and up to {est['peak'] / gb:.2f} GB "
-                "while the force rows' buffer grows")
+                f"matrices {est['matrices'] / gb:.2f})")
+        if est["peak"] > est["total"]:
+            what += f" and up to {est['peak'] / gb:.2f} GB while the force rows' buffer grows"
         phys = _physical_memory()
         if phys is None or est["peak"] <= 0.8 * phys:
             log.info("model memory: %s", what)

@@ -94,15 +94,25 @@ def test_the_memory_estimate_matches_what_the_frames_take(caplog, monkeypatch, c
     geom = gp._geometry(gp.descriptor.environments(frames[0][0]))
     if cache_frames is not None:
         gp.cache_bytes = int(cache_frames * geom["nbytes"])
+    buffers = {}
     with caplog.at_level("INFO", logger="otfml.gp"):
-        for a, e, f in frames:
+        for k, (a, e, f) in enumerate(frames):
             gp.add_frame(a, e, f, solve=False)
+            if k == 0:  # the rows of max_frames frames are reserved at the first
+                buffers = {"RF": gp._RF._a, **{f"{s}{key}": b._a for s, g in gp._geo.items()
+                                               for key, b in g.items()}}
+    # ... and nothing was reallocated since: no copies of the rows as the buffers fill
+    assert buffers["RF"] is gp._RF._a and len(buffers) > 1
+    if cache_frames is None:
+        assert all(buffers[f"{s}{key}"] is b._a for s, g in gp._geo.items()
+                   for key, b in g.items())
     est = gp.memory_estimate(geom, len(frames))
     held = _held_bytes(gp)
     for key in held:  # rattled copies of one molecule: the same pairs give the same sizes
         assert est[key] == pytest.approx(held[key], rel=0.05), key
-    assert est["total"] > sum(held.values()) and est["peak"] == est["total"] + est["rows"]
+    assert est["total"] > sum(held.values()) and est["peak"] == est["total"]
     assert "8 frames of 9 atoms (model.max_frames) will take about" in caplog.text
+    assert "while the force rows' buffer grows" not in caplog.text
     assert "WARNING" not in caplog.text
     # a machine with less memory than the estimate: a warning with a cap that fits
     caplog.clear()
@@ -114,6 +124,30 @@ def test_the_memory_estimate_matches_what_the_frames_take(caplog, monkeypatch, c
     assert "more than 80 % of this machine's" in caplog.text
     fit = int(caplog.text.split("lower model.max_frames to about ")[1].split()[0])
     assert 1 <= fit < 8
+
+
+def test_a_refused_reservation_leaves_the_buffers_growing(monkeypatch, caplog):
+    """Where the OS refuses the address space for max_frames frames' rows (strict
+    overcommit), the buffers grow as they fill, and the estimate's peak says so."""
+    import otfml.gp as gp_module
+
+    def refuse(self, n, m=None, exact=False):
+        if exact:
+            raise MemoryError("refused")
+        return grow(self, n, m)
+
+    grow = gp_module._Grow.reserve
+    monkeypatch.setattr(gp_module._Grow, "reserve", refuse)
+    frames = _emt_frames(3, seed=4)
+    gp = ExactGP(Descriptor([1, 6, 8]), sparse_tolerance=0.02, max_frames=50)
+    with caplog.at_level("INFO", logger="otfml.gp"):
+        for a, e, f in frames:
+            gp.add_frame(a, e, f)
+    assert gp._RF.n == 3 * 27 and gp.n_frames == 3 and gp.is_fitted
+    assert "while the force rows' buffer grows" in caplog.text
+    geom = gp._geometry(gp.descriptor.environments(frames[0][0]))
+    est = gp.memory_estimate(geom, 50)
+    assert est["peak"] == est["total"] + est["rows"]
 
 
 def test_likelihood_gradient_matches_finite_differences(trained):
