@@ -1188,11 +1188,12 @@ class SparseGP:
         Returns
         -------
         dict
-            ``rows``: the force and energy rows (3N + 1 per frame, as many columns
-            as the sparse set can have); ``cache``: the cached descriptor gradients
-            (up to ``cache_bytes`` of their pair gradients, with what is cached
-            beside them); ``frames``: each frame's environments and labels;
-            ``matrices``: the M x M matrices at the full sparse set; ``total``;
+            ``rows``: the force and energy rows (3N + 2 per frame: forces, energy,
+            whitened energy; as many columns as the sparse set can have); ``cache``:
+            the cached descriptor gradients (of the frames whose pair gradients fit in
+            ``cache_bytes``, with what is cached beside them); ``frames``: each
+            frame's environments and labels; ``matrices``: the M x M matrices at the
+            full sparse set; ``total``;
             ``peak``: the total while the force rows' buffer grows (it is copied),
             the total where their rows were reserved (:meth:`_reserve`).
 
@@ -1261,7 +1262,8 @@ class SparseGP:
             log.info("model memory: %s", what)
             return
         fixed = est["matrices"] + est["cache"]
-        per_frame = 2.0 * est["rows"] / self.max_frames + est["frames"] / self.max_frames
+        copies = 1.0 if self._reserved else 2.0  # rows held twice while their buffer grows
+        per_frame = (copies * est["rows"] + est["frames"]) / self.max_frames
         fit = max(1, int((0.8 * phys - fixed) / per_frame)) if 0.8 * phys > fixed else 1
         log.warning("model memory: %s, more than 80 %% of this machine's %.1f GB: lower "
                     "model.max_frames to about %d (or model.max_sparse_per_species)",
