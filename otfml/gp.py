@@ -511,6 +511,7 @@ class SparseGP:
         self.n_pruned: dict[int, int] = {}
         self._cache_bytes = 0
         self._reserved = False  # rows reserved for max_frames frames (see _reserve)
+        self._memory_checked = False  # _reserve and _report_memory ran (first frame)
         F = descriptor.n_features
         S = len(descriptor.species)
         M_max = self.max_sparse_per_species * S  # buffer columns are reserved once
@@ -1169,7 +1170,8 @@ class SparseGP:
                                   float(energy), forces.copy(), counts, self._n_atoms, cached,
                                   geom["nbytes"] if cached else 0))
         self._n_atoms += N
-        if len(self.frames) == 1 and self.max_frames is not None:
+        if not self._memory_checked and self.max_frames is not None:  # once, at the first frame
+            self._memory_checked = True
             self._reserve(geom)
             self._report_memory(geom)
         if solve:

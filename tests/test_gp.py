@@ -111,12 +111,19 @@ def test_the_memory_estimate_matches_what_the_frames_take(caplog, monkeypatch, c
     for key in held:  # rattled copies of one molecule: the same pairs give the same sizes
         assert est[key] == pytest.approx(held[key], rel=0.05), key
     assert est["total"] > sum(held.values()) and est["peak"] == est["total"]
-    assert "8 frames of 9 atoms (model.max_frames) will take about" in caplog.text
+    assert caplog.text.count("8 frames of 9 atoms (model.max_frames) will take about") == 1
     assert "while the force rows' buffer grows" not in caplog.text
     assert "WARNING" not in caplog.text
+    # said once, also where evictions bring the model back to one frame
+    caplog.clear()
+    one = ExactGP(Descriptor([1, 6, 8]), sparse_tolerance=0.02, max_frames=1)
+    with caplog.at_level("INFO", logger="otfml.gp"):
+        for a, e, f in frames[:3]:
+            one.add_frame(a, e, f, solve=False)
+    assert one.n_frames == 1 and caplog.text.count("model memory:") == 1
     # a machine with less memory than the estimate: a warning with a cap that fits
     caplog.clear()
-    phys = 0.5 * gp.memory_estimate(geom, 8)["peak"] + 0.0
+    phys = 0.5 * gp.memory_estimate(geom, 8)["peak"]
     monkeypatch.setattr(gp_module, "_physical_memory", lambda: phys)
     small = ExactGP(Descriptor([1, 6, 8]), sparse_tolerance=0.02, max_frames=8)
     with caplog.at_level("WARNING", logger="otfml.gp"):
