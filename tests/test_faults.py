@@ -117,10 +117,11 @@ REFERENCE_CASES = {
                            ReferenceFailed, r"JOB CONTINUING: MOPAC went on with an unconverged"),
     "scf-zero-iterations": (dict(keywords="ITRY=2", scf_retries=()), _hard_scf,
                             ReferenceFailed, r"ran no SCF calculation \(SCF CALCULATIONS = 0\)"),
-    # MOPAC behind a 30 s sleep: a real run, however loaded the machine, cannot beat the
+    # MOPAC behind a 31.7 s sleep: a real run, however loaded the machine, cannot beat the
     # limit (with timeout 0.005 s and no sleep, a machine too busy to run the waiting
-    # thread for 20 ms let MOPAC finish first, once in ~20 runs under load)
-    "timeout": (dict(command=f"sh -c 'sleep 30; {RUN}'", timeout=0.5), _hard_scf,
+    # thread for 20 ms let MOPAC finish first, once in ~20 runs under load); the test
+    # checks that the sleep, in the command's process group, was killed with it
+    "timeout": (dict(command=f"sh -c 'sleep 31.7; {RUN}'", timeout=0.5), _hard_scf,
                 ReferenceFailed, r"did not finish within reference.timeout_s = 0.5 s and was "
                                  r"killed"),
     "killed": (dict(command=f"sh -c '{MOPAC_EXE} PREFIX.mop >/dev/null 2>&1 & p=$!; "
@@ -138,6 +139,20 @@ REFERENCE_CASES = {
 }
 
 
+def _processes_running(cmdline_part: str) -> list[int]:
+    """PIDs whose command line (NUL-separated, from /proc) contains ``cmdline_part``."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/cmdline", "rb") as fh:
+                    if cmdline_part.encode() in fh.read():
+                        pids.append(int(d))
+            except OSError:  # gone meanwhile
+                pass
+    return pids
+
+
 @mopac
 @pytest.mark.parametrize("case", sorted(REFERENCE_CASES))
 def test_reference_failure_is_clear_and_stores_nothing(store, tmp_path, case, tally):
@@ -151,6 +166,8 @@ def test_reference_failure_is_clear_and_stores_nothing(store, tmp_path, case, ta
     if exc is ReferenceFailed:
         assert "MOPAC failed for C2H6O (step 1; shortest distance" in str(err.value)
     assert learner.n_calls == 0 and learner.model.n_frames == 3
+    if case == "timeout":  # the whole process group went, not only the shell
+        assert _processes_running("sleep\x0031.7") == [], "the timed-out command's sleep survived"
     learner.close()
     assert_intact(path, before)
     tally(REF_FAULTS)
