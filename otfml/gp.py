@@ -1210,7 +1210,7 @@ class SparseGP:
         rows = n_frames * self._RF._a.shape[1] * 8 * (3 * len(env.numbers) + 2)
         blocks = geom["blocks"].values()
         cached = sum(a.nbytes for blk in blocks for key, a in blk.items() if key != "inc")
-        cache = min(n_frames, self.cache_bytes // max(geom["nbytes"], 1)) * cached
+        cache = self._frames_cached(geom, n_frames) * cached
         per_frame = sum(a.nbytes for a in (env.p, env.c, env.pi, env.pj, env.D, env.sj,
                                            env.species, env.numbers, self.frames[0].forces))
         M = self.max_sparse_per_species * len(self.descriptor.species)
@@ -1219,6 +1219,10 @@ class SparseGP:
         out["total"] = sum(out.values())
         out["peak"] = out["total"] + (0.0 if self._reserved else out["rows"])
         return out
+
+    def _frames_cached(self, geom: dict, n_frames: int) -> int:
+        """How many of ``n_frames`` frames like ``geom`` the gradient cache takes."""
+        return min(n_frames, self.cache_bytes // max(geom["nbytes"], 1))
 
     def _reserve(self, geom: dict) -> None:
         """Reserve the rows ``max_frames`` frames like the first will need, once.
@@ -1230,19 +1234,13 @@ class SparseGP:
         (strict overcommit), the buffers grow as before.
         """
         nf = self.max_frames
-        n_cached = min(nf, self.cache_bytes // max(geom["nbytes"], 1))
-        try:
-            self._RF.reserve(nf * 3 * len(self.frames[0].numbers), exact=True)
-            for s, blk in geom["blocks"].items():
-                g = self._geo.get(s)
-                if g is None or not n_cached:
-                    continue
-                P, n_at = len(blk["pi"]), len(blk["atoms"])
-                for key, per_frame in (("G", 3 * P), ("ph", P), ("scale", P), ("u", P),
-                                       ("pi", P), ("pj", P), ("atoms", n_at),
-                                       ("atom_frame", n_at)):
+        n_cached = self._frames_cached(geom, nf)
+        try:  # the buffers hold the first frame only: their rows are one frame's
+            self._RF.reserve(nf * self._RF.n, exact=True)
+            for g in self._geo.values():
+                for buf in g.values():
                     # a quarter more: the pairs within the cutoff vary from frame to frame
-                    g[key].reserve(int(1.25 * n_cached * per_frame), exact=True)
+                    buf.reserve(int(1.25 * n_cached * buf.n), exact=True)
         except MemoryError:
             log.debug("address space for %d frames' rows refused: the buffers grow instead", nf)
             return
