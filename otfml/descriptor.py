@@ -15,6 +15,14 @@ with Gaussian radial functions ``g_n`` and the cosine cutoff
 dot product of the full symmetric matrices) is invariant to rotation,
 translation and permutation of like atoms.
 
+With a centre weight ``w > 0`` (SOAP's central-atom term, as a channel of its
+own) the density gets one more channel ``o`` holding ``w`` at ``l = 0``, and
+``p`` the ``l = 0`` products with it: ``sqrt(2) w c[i, a, 00]`` for every
+neighbour channel ``a`` (the radial distribution itself) and ``w^2``.  The
+kernel normalizes ``p``; without the centre's term that discards how large the
+neighbour density is, and with it the energy is no longer a function of the
+shape of the density alone.
+
 Two gradient paths are provided, both compiled with numba:
 
 * :meth:`Descriptor.backprop` pushes ``dE/dp`` back to forces without ever
@@ -32,6 +40,8 @@ import numpy as np
 from ase import Atoms
 from ase.neighborlist import primitive_neighbor_list
 from numba import njit
+
+from .errors import IsolatedAtoms
 
 __all__ = ["Descriptor", "Environments"]
 
@@ -163,11 +173,18 @@ def _pair_bases(D, r_c, mu, width, l_max, norm, r0, m):
 
 
 @njit(cache=True, nogil=True)
-def _expansion(n_atoms, n_species, pi, sj, B):
-    """Density coefficients c[i, s*n_max + n, lm] (n_atoms, K, L): pair bases summed per centre."""
+def _expansion(n_atoms, n_species, pi, sj, B, centre):
+    """Density coefficients c[i, s*n_max + n, lm] (n_atoms, K, L): pair bases summed per centre.
+
+    With ``centre > 0`` a last channel ``K`` holds the centre's own term: ``centre`` at
+    l = 0, zero elsewhere (shape (n_atoms, K + 1, L)).
+    """
     n_max = B.shape[1]
     L = B.shape[2]
-    c = np.zeros((n_atoms, n_species * n_max, L))
+    K = n_species * n_max
+    c = np.zeros((n_atoms, K + 1 if centre > 0.0 else K, L))
+    if centre > 0.0:
+        c[:, K, 0] = centre
     for q in range(pi.shape[0]):
         i = pi[q]
         off = sj[q] * n_max
@@ -178,41 +195,41 @@ def _expansion(n_atoms, n_species, pi, sj, B):
 
 
 @njit(cache=True, nogil=True)
-def _power(c, l_max, qa, qb, qw):
-    """Power spectrum p[i, l*KK + q] from coefficients c (n_atoms, K, L)."""
+def _power(c, fl, fa, fb, fw):
+    """Power spectrum p[i, f] = fw[f] sum_m c[i, fa[f], l m] c[i, fb[f], l m], l = fl[f]."""
     n_atoms = c.shape[0]
-    KK = qa.shape[0]
-    p = np.zeros((n_atoms, (l_max + 1) * KK))
+    F = fl.shape[0]
+    p = np.zeros((n_atoms, F))
     for i in range(n_atoms):
-        for l in range(l_max + 1):
-            for q in range(KK):
-                a = qa[q]
-                b = qb[q]
-                s = 0.0
-                for k in range(l * l, (l + 1) * (l + 1)):
-                    s += c[i, a, k] * c[i, b, k]
-                p[i, l * KK + q] = qw[q] * s
+        for f in range(F):
+            a = fa[f]
+            b = fb[f]
+            l = fl[f]
+            s = 0.0
+            for k in range(l * l, (l + 1) * (l + 1)):
+                s += c[i, a, k] * c[i, b, k]
+            p[i, f] = fw[f] * s
     return p
 
 
 @njit(cache=True, nogil=True)
-def _backprop(gp, c, dBq, pi, pj, sj, n_max, l_max, qa, qb, qw):
+def _backprop(gp, c, dBq, pi, pj, sj, n_max, fl, fa, fb, fw):
     """Forces -dE/dr given gp = dE/dp (n_atoms, F) (adjoint pass)."""
     n_atoms, K, L = c.shape
-    KK = qa.shape[0]
+    F = fl.shape[0]
     # dE/dc[i, a, lm]
     gc = np.zeros((n_atoms, K, L))
     for i in range(n_atoms):
-        for l in range(l_max + 1):
-            for q in range(KK):
-                g = gp[i, l * KK + q] * qw[q]
-                if g == 0.0:
-                    continue
-                a = qa[q]
-                b = qb[q]
-                for k in range(l * l, (l + 1) * (l + 1)):
-                    gc[i, a, k] += g * c[i, b, k]
-                    gc[i, b, k] += g * c[i, a, k]
+        for f in range(F):
+            g = gp[i, f] * fw[f]
+            if g == 0.0:
+                continue
+            a = fa[f]
+            b = fb[f]
+            l = fl[f]
+            for k in range(l * l, (l + 1) * (l + 1)):
+                gc[i, a, k] += g * c[i, b, k]
+                gc[i, b, k] += g * c[i, a, k]
     forces = np.zeros((n_atoms, 3))
     for q in range(pi.shape[0]):
         dB = dBq[q]
@@ -239,42 +256,39 @@ def _backprop(gp, c, dBq, pi, pj, sj, n_max, l_max, qa, qb, qw):
 
 
 @njit(cache=True, nogil=True)
-def _gradient(c, dBq, pi, sj, n_max, l_max, qa, qb, qw):
+def _gradient(c, dBq, pi, sj, n_max, fl, fa, fb, fw):
     """dp_i/dD_ij for every pair: array (n_pairs, 3, F)."""
-    n_atoms, K, L = c.shape
-    KK = qa.shape[0]
-    F = (l_max + 1) * KK
+    F = fl.shape[0]
     G = np.zeros((pi.shape[0], 3, F))
     for q in range(pi.shape[0]):
         dB = dBq[q]
         i = pi[q]
         off = sj[q] * n_max
-        for l in range(l_max + 1):
-            for t in range(KK):
-                a = qa[t]
-                b = qb[t]
-                a_in = a >= off and a < off + n_max
-                b_in = b >= off and b < off + n_max
-                if not (a_in or b_in):
-                    continue
-                gx = 0.0
-                gy = 0.0
-                gz = 0.0
-                for k in range(l * l, (l + 1) * (l + 1)):
-                    if a_in:
-                        cb = c[i, b, k]
-                        gx += dB[a - off, k, 0] * cb
-                        gy += dB[a - off, k, 1] * cb
-                        gz += dB[a - off, k, 2] * cb
-                    if b_in:
-                        ca = c[i, a, k]
-                        gx += dB[b - off, k, 0] * ca
-                        gy += dB[b - off, k, 1] * ca
-                        gz += dB[b - off, k, 2] * ca
-                f = l * KK + t
-                G[q, 0, f] = qw[t] * gx
-                G[q, 1, f] = qw[t] * gy
-                G[q, 2, f] = qw[t] * gz
+        for f in range(F):
+            a = fa[f]
+            b = fb[f]
+            l = fl[f]
+            a_in = a >= off and a < off + n_max
+            b_in = b >= off and b < off + n_max
+            if not (a_in or b_in):
+                continue
+            gx = 0.0
+            gy = 0.0
+            gz = 0.0
+            for k in range(l * l, (l + 1) * (l + 1)):
+                if a_in:
+                    cb = c[i, b, k]
+                    gx += dB[a - off, k, 0] * cb
+                    gy += dB[a - off, k, 1] * cb
+                    gz += dB[a - off, k, 2] * cb
+                if b_in:
+                    ca = c[i, a, k]
+                    gx += dB[b - off, k, 0] * ca
+                    gy += dB[b - off, k, 1] * ca
+                    gz += dB[b - off, k, 2] * ca
+            G[q, 0, f] = fw[f] * gx
+            G[q, 1, f] = fw[f] * gy
+            G[q, 2, f] = fw[f] * gz
     return G
 
 
@@ -332,6 +346,8 @@ class Descriptor:
         None: no scaling (w = 1).
     radial_power : float, default 4
         The exponent ``m`` of the radial scaling.
+    centre_weight : float, default 0
+        Weight ``w`` of the centre's own term (module notes); 0: none.
 
     Notes
     -----
@@ -354,6 +370,7 @@ class Descriptor:
         r_min: float = 0.8,
         radial_scaling: float | None = None,
         radial_power: float = 4.0,
+        centre_weight: float = 0.0,
     ) -> None:
         species = sorted({int(z) for z in species})
         if not species:
@@ -365,6 +382,8 @@ class Descriptor:
                              " must be positive (radial_scaling None: no scaling)")
         if n_max < 1 or l_max < 0:
             raise ValueError(f"n_max={n_max} must be >= 1 and l_max={l_max} >= 0")
+        if not centre_weight >= 0:
+            raise ValueError(f"centre_weight={centre_weight} must be >= 0 (0: no centre term)")
         self.species = tuple(species)
         self.cutoff = float(cutoff)
         self.n_max = int(n_max)
@@ -372,6 +391,7 @@ class Descriptor:
         self.r_min = float(r_min)
         self.radial_scaling = None if radial_scaling is None else float(radial_scaling)
         self.radial_power = float(radial_power)
+        self.centre_weight = float(centre_weight)
         self._r0 = 0.0 if radial_scaling is None else self.radial_scaling  # 0: off (numba)
         self._index = np.full(max(species) + 1, -1, dtype=np.int64)
         self._index[list(species)] = np.arange(len(species))
@@ -385,17 +405,24 @@ class Descriptor:
                     f *= 2.0 * math.factorial(lv - m) / math.factorial(lv + m)
                 norm[lv * lv + lv + m] = math.sqrt(f)
         self._norm = norm
+        # the features: p[f] = fw[f] sum_m c[fa[f], fl[f] m] c[fb[f], fl[f] m]; every pair
+        # a <= b of neighbour channels at every l, then the centre channel K's l = 0 pairs
         K = len(species) * n_max
         qa, qb = np.triu_indices(K)
-        self._qa = qa.astype(np.int64)
-        self._qb = qb.astype(np.int64)
-        self._qw = np.where(qa == qb, 1.0, math.sqrt(2.0))
+        fa, fb = np.tile(qa, l_max + 1), np.tile(qb, l_max + 1)
+        fl = np.repeat(np.arange(l_max + 1), len(qa))
+        if self.centre_weight > 0:
+            fa = np.concatenate([fa, np.arange(K + 1)])
+            fb = np.concatenate([fb, np.full(K + 1, K)])
+            fl = np.concatenate([fl, np.zeros(K + 1, dtype=fl.dtype)])
+        self._fa, self._fb, self._fl = (x.astype(np.int64) for x in (fa, fb, fl))
+        self._fw = np.where(self._fa == self._fb, 1.0, math.sqrt(2.0))
 
     # ------------------------------------------------------------------
     @property
     def n_features(self) -> int:
         """Length F of one descriptor vector."""
-        return len(self._qa) * (self.l_max + 1)
+        return len(self._fl)
 
     def to_dict(self) -> dict:
         """Settings as a plain dict (for saving; :meth:`from_dict` inverts it)."""
@@ -407,6 +434,7 @@ class Descriptor:
             "r_min": self.r_min,
             "radial_scaling": self.radial_scaling,
             "radial_power": self.radial_power,
+            "centre_weight": self.centre_weight,
         }
 
     @classmethod
@@ -464,8 +492,13 @@ class Descriptor:
         sj = spec[pj]
         B, dB = _pair_bases(D, self.cutoff, self.mu, self.width, self.l_max, self._norm,
                             self._r0, self.radial_power)
-        c = _expansion(len(numbers), len(self.species), pi, sj, B)
-        p = _power(c, self.l_max, self._qa, self._qb, self._qw)
+        if self.centre_weight > 0 and len(numbers) and np.bincount(
+                pi, minlength=len(numbers)).min() == 0:
+            # the centre's term would give such an atom a descriptor; it has no environment
+            raise IsolatedAtoms("an atom has no neighbour within the cutoff (isolated atom); "
+                                "increase the descriptor cutoff or check the structure")
+        c = _expansion(len(numbers), len(self.species), pi, sj, B, self.centre_weight)
+        p = _power(c, self._fl, self._fa, self._fb, self._fw)
         return Environments(p=p, species=spec, numbers=numbers, c=c, pi=pi, pj=pj, D=D, sj=sj,
                             dB=dB)
 
@@ -473,7 +506,7 @@ class Descriptor:
         """Forces ``-dE/dr`` (n_atoms, 3) in eV/Å given ``dE/dp`` (n_atoms, F)."""
         return _backprop(
             np.ascontiguousarray(dE_dp, dtype=float), env.c, self._dB(env), env.pi, env.pj, env.sj,
-            self.n_max, self.l_max, self._qa, self._qb, self._qw,
+            self.n_max, self._fl, self._fa, self._fb, self._fw,
         )
 
     def gradient(self, env: Environments) -> np.ndarray:
@@ -483,8 +516,8 @@ class Descriptor:
         and with respect to ``r_i`` it is ``-G[q]`` (pairs in ``env.pi``,
         ``env.pj``).
         """
-        return _gradient(env.c, self._dB(env), env.pi, env.sj, self.n_max, self.l_max,
-                         self._qa, self._qb, self._qw)
+        return _gradient(env.c, self._dB(env), env.pi, env.sj, self.n_max,
+                         self._fl, self._fa, self._fb, self._fw)
 
     def _dB(self, env: Environments) -> np.ndarray:
         if env.dB is not None:

@@ -44,6 +44,7 @@ MODEL_DEFAULTS = {
     "r_min": 0.8,
     "radial_scaling": None,
     "radial_power": 4.0,
+    "centre_weight": 0.0,
     "max_sparse_per_species": 600,
     "sparse_tolerance": 0.005,
     "prune_sparse": True,
@@ -198,7 +199,8 @@ def _model_from_settings(species, settings: dict) -> SparseGP:
     desc = Descriptor(species, cutoff=settings["cutoff"], n_max=settings["n_max"],
                       l_max=settings["l_max"], r_min=settings["r_min"],
                       radial_scaling=settings["radial_scaling"],
-                      radial_power=settings["radial_power"])
+                      radial_power=settings["radial_power"],
+                      centre_weight=settings["centre_weight"])
     return SparseGP(desc, max_sparse_per_species=settings["max_sparse_per_species"],
                     sparse_tolerance=settings["sparse_tolerance"],
                     prune=settings["prune_sparse"], max_frames=settings["max_frames"],

@@ -38,16 +38,19 @@ def test_invariance_rotation_translation_permutation(ethanol):
     assert np.abs(d.environments(c).p - p[perm]).max() < 1e-12
 
 
-@pytest.mark.parametrize("pbc, r0", [(False, None), (True, None), (False, 1.5)])
-def test_adjoint_and_full_gradient_match_finite_differences(ethanol, pbc, r0):
+@pytest.mark.parametrize("pbc, r0, centre", [(False, None, 0.0), (True, None, 0.0),
+                                              (False, 1.5, 0.0), (False, None, 0.7),
+                                              (True, 1.5, 0.7)])
+def test_adjoint_and_full_gradient_match_finite_differences(ethanol, pbc, r0, centre):
     """E = sum_i w_i . p_i: backprop forces and the dp/dr array agree with FD (1e-6),
-    with and without a radial scaling."""
+    with and without a radial scaling and the centre's term."""
     a = ethanol.copy()
     if pbc:
         a.cell = [7.0, 7.5, 8.0]
         a.pbc = True
         a.center()
-    d = Descriptor([1, 6, 8], cutoff=3.5, radial_scaling=r0, radial_power=3.0)
+    d = Descriptor([1, 6, 8], cutoff=3.5, radial_scaling=r0, radial_power=3.0,
+                   centre_weight=centre)
     env = d.environments(a)
     W = np.random.default_rng(1).normal(size=env.p.shape)
     F = d.backprop(env, W)
@@ -86,6 +89,39 @@ def test_radial_scaling_weighs_distant_neighbours_less():
     np.testing.assert_array_equal(again.environments(h2).p, d.environments(h2).p)
     with pytest.raises(ValueError, match="radial_scaling=-1"):
         Descriptor([1], radial_scaling=-1.0)
+
+
+def test_centre_term_appends_the_radial_density_and_keeps_the_rest():
+    """centre_weight w: the features without it, then sqrt(2) w c[a, l=0] for every neighbour
+    channel a and w^2; the normalized descriptor then tells a denser environment apart."""
+    from ase import Atoms
+
+    from otfml.errors import IsolatedAtoms
+
+    a = molecule("CH3CH2OH")
+    plain, with_c = Descriptor([1, 6, 8], n_max=4), Descriptor([1, 6, 8], n_max=4,
+                                                              centre_weight=0.7)
+    e0, e1 = plain.environments(a), with_c.environments(a)
+    F0, K = plain.n_features, 3 * 4
+    assert with_c.n_features == F0 + K + 1 == e1.p.shape[1]
+    np.testing.assert_array_equal(e1.p[:, :F0], e0.p)
+    np.testing.assert_allclose(e1.p[:, F0:F0 + K], np.sqrt(2) * 0.7 * e0.c[:, :, 0], rtol=1e-14)
+    np.testing.assert_allclose(e1.p[:, -1], 0.49)
+    again = Descriptor.from_dict(with_c.to_dict())
+    np.testing.assert_array_equal(again.environments(a).p, e1.p)
+    # an H with one H neighbour, and one with two in a line: one's descriptor is the other's
+    # times 4 (twice the density, squared), the same after normalization without the centre
+    one = Atoms("H2", positions=[[0, 0, 0], [0, 0, 1.2]])
+    two = Atoms("H3", positions=[[0, 0, 0], [0, 0, 1.2], [0, 0, 1.2 + 1e-9]])
+    for d, same in ((Descriptor([1]), True), (Descriptor([1], centre_weight=0.7), False)):
+        p1, p2 = d.environments(one).p[0], d.environments(two).p[0]
+        unit = [p / np.linalg.norm(p) for p in (p1, p2)]
+        assert np.allclose(*unit, atol=1e-6) == same
+    lonely = Atoms("H3", positions=[[0, 0, 0], [0, 0, 1.0], [0, 0, 9.0]])
+    with pytest.raises(IsolatedAtoms, match="no neighbour"):
+        with_c.environments(lonely)
+    with pytest.raises(ValueError, match="centre_weight=-1"):
+        Descriptor([1], centre_weight=-1.0)
 
 
 def test_unknown_element_is_named():
