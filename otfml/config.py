@@ -79,7 +79,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
                              "the many distant ones at longer cutoffs; null: none",
                              nullable=True, positive=True),
         "radial_power": _f(NUM, 4.0, "m of the radial scaling", positive=True),
-        "centre_weight": _f(NUM, 0.0, "Weight of each atom's own term in its descriptor "
+        "centre_weight": _f(NUM, 0.7, "Weight of each atom's own term in its descriptor "
                             "(SOAP's central atom), so that the normalized kernel sees how dense "
                             "the neighbourhood is, not only its shape; 0: none", minimum=0),
         "max_sparse_per_species": _f(int, 600, "Cap on sparse environments per species",

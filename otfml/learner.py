@@ -44,7 +44,7 @@ MODEL_DEFAULTS = {
     "r_min": 0.8,
     "radial_scaling": None,
     "radial_power": 4.0,
-    "centre_weight": 0.0,
+    "centre_weight": 0.7,
     "max_sparse_per_species": 600,
     "sparse_tolerance": 0.005,
     "prune_sparse": True,
