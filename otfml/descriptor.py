@@ -347,7 +347,10 @@ class Descriptor:
     radial_power : float, default 4
         The exponent ``m`` of the radial scaling.
     centre_weight : float, default 0
-        Weight ``w`` of the centre's own term (module notes); 0: none.
+        Weight ``w`` of the centre's own term (module notes); 0: none (the default
+        here, so that models saved without it load unchanged; otfml's runs use 0.7,
+        ``MODEL_DEFAULTS``: on aspirin it asked MOPAC about a seventh less often for
+        the same forces, with fewer sparse environments).
 
     Notes
     -----
