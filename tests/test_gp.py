@@ -51,6 +51,29 @@ def test_model_forces_are_negative_energy_gradient(trained):
             assert F[i, c] == pytest.approx(fd, abs=1e-6)
 
 
+def test_with_the_centre_term_forces_are_still_the_negative_energy_gradient():
+    """model.centre_weight (otfml's default 0.7) appends features; the model's forces stay
+    exact and it fits what it was trained on."""
+    gp = SparseGP(Descriptor([1, 6, 8], centre_weight=0.7), sparse_tolerance=0.02)
+    frames = _emt_frames(6, seed=5)
+    for a, e, f in frames:
+        gp.add_frame(a, e, f, solve=False)
+    gp.fit_hyperparameters()
+    a = frames[0][0].copy()
+    a.positions += 0.02
+    F = gp.predict(a).forces
+    h = 1e-5
+    for i in (0, 3, 8):
+        for c in range(3):
+            ap, am = a.copy(), a.copy()
+            ap.positions[i, c] += h
+            am.positions[i, c] -= h
+            fd = -(gp.predict(ap).energy - gp.predict(am).energy) / (2 * h)
+            assert F[i, c] == pytest.approx(fd, abs=1e-6)
+    at, e, f = frames[2]
+    assert np.abs(gp.predict(at).forces - f).mean() < 0.15 * np.abs(f).mean()  # 0.07 here
+
+
 def test_chunked_kernel_products_give_the_same_prediction(trained, monkeypatch):
     """A prediction reads each species' sparse descriptors in chunks (``_CHUNK_BYTES``);
     chunks of a few rows (several per species here) change nothing but rounding."""
