@@ -18,6 +18,8 @@ Both runs start alike (same seed); they part within a few hundred steps.
 
     python benchmarks/temperature.py --molecule aspirin --steps 10000 --mode plain --seed 1
     python benchmarks/temperature.py --molecule aspirin --steps 3000 --ensemble nve
+    python benchmarks/temperature.py --molecule aspirin --steps 3000 --ensemble nve \
+        --mode otfml --compensate --set centre_weight=0
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import numpy as np
 from ase import units
 from ase.calculators.mopac import MOPAC
 from ase.md.verlet import VelocityVerlet
-from otf_md import MOLECULES, md, start
+from otf_md import MOLECULES, md, parse_settings, start
 
 
 def nve(atoms, steps: int, check, compensation=None) -> dict:
@@ -64,7 +66,8 @@ def nve(atoms, steps: int, check, compensation=None) -> dict:
 
 
 def run(mode: str, ensemble: str, molecule: str, steps: int, seed: int, work: str,
-        compensate: bool = False, calibration: str = "atom") -> dict:
+        compensate: bool = False, calibration: str = "atom", settings: dict | None = None
+        ) -> dict:
     from otfml.reference import MopacReference
 
     command = MopacReference().command
@@ -78,7 +81,8 @@ def run(mode: str, ensemble: str, molecule: str, steps: int, seed: int, work: st
 
         atoms.calc = OTFCalculator(reference=MOPAC(method="PM7"),
                                    store=os.path.join(work, "otf.h5"),
-                                   policy=LearningPolicy(calibration=calibration))
+                                   policy=LearningPolicy(calibration=calibration),
+                                   model_settings=settings or {})
     out = {"mode": mode, "ensemble": ensemble, "molecule": molecule, "steps": steps,
            "seed": seed}
     compensation = None
@@ -90,6 +94,7 @@ def run(mode: str, ensemble: str, molecule: str, steps: int, seed: int, work: st
                                                     else {"min_frames": sys.maxsize}))
         out["energy_compensation"] = compensate
         out["calibration"] = calibration
+        out["model_settings"] = atoms.calc.learner.settings
 
     if ensemble == "nvt":
         wall, temps, _, _ = md(atoms, steps, temperature, seed,
@@ -129,11 +134,13 @@ def main(argv=None) -> int:
                     help="otfml run with otfml.compensation.EnergyCompensation attached")
     ap.add_argument("--calibration", choices=CALIBRATIONS, default="atom",
                     help="the otfml run's learning.calibration")
+    ap.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="the otfml run's model setting, e.g. --set centre_weight=0")
     args = ap.parse_args(argv)
     work = tempfile.mkdtemp(prefix="otfml-temperature-")
     for mode in ("plain", "otfml") if args.mode == "both" else (args.mode,):
         print(json.dumps(run(mode, args.ensemble, args.molecule, args.steps, args.seed, work,
-                             args.compensate, args.calibration)))
+                             args.compensate, args.calibration, parse_settings(args.set))))
         sys.stdout.flush()
     return 0
 
