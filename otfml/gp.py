@@ -68,10 +68,10 @@ ADMISSION_FILL = 0.8
 _UPDATE_RANK = 0.125
 #: a hyperparameter fit stops once no component of the log-likelihood's gradient with respect
 #: to log(theta) exceeds this (nats): the likelihood is within ~g^2 / (2 curvature) of its
-#: maximum, far below what moves a prediction. L-BFGS-B's own default (1e-5) is below the
-#: gradient's rounding: started at the optimum of an aspirin model (1549 sparse environments,
-#: largest gradient 0.003), a fit took 15 evaluations (2.5 s) and ended where it began; with
-#: 0.1 it took one (0.3 s). From a start 20-30 % off, 12 evaluations either way.
+#: maximum, far below what moves a prediction. With L-BFGS-B's own default (1e-5), a fit
+#: started at the optimum of an aspirin model (1549 sparse environments, largest gradient
+#: 0.003) took 15 evaluations (2.5 s) and ended where it began; with 0.1 it took one (0.3 s).
+#: From a start 20-30 % off, 11-12 evaluations either way.
 _FIT_GTOL = 0.1
 _MODEL_FORMAT = "otfml-sparse-gp"
 _MODEL_VERSION = 1
