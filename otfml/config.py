@@ -99,6 +99,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
                                    "reference calls", minimum=0),
         "blas_threads": _f(int, 1, "BLAS threads for otfml's own linear algebra (null: "
                            "leave BLAS as it is); MOPAC is not affected", nullable=True, minimum=1),
+        "predict_threads": _f(int, None, "Threads that share each prediction's work, species "
+                              "by species (null: 2 where this process may use 2 CPUs, else 1; "
+                              "small molecules stay on one)", nullable=True, minimum=1),
         "overlap_update": _f(bool, True, "While the reference runs in its own process (MOPAC), "
                              "prepare the model's update on a second CPU: the new sparse "
                              "environments and their rows need only the geometry (false: one "

@@ -38,6 +38,7 @@ import threading
 import zipfile
 import zlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -284,36 +285,161 @@ def _pair_products(G: np.ndarray, ph: np.ndarray, Zc: np.ndarray) -> tuple[np.nd
     return T, (ph @ Zt).astype(np.float64)
 
 
-#: rows of a species' sparse descriptors ``Z`` per chunk in :func:`_kernel_products`
+#: rows of a species' sparse descriptors ``Z`` per chunk in :func:`_species_terms`
 _CHUNK_BYTES = 256 * 1024
+#: rows of L^-1 per panel of the triangular product in :func:`_species_terms`
+_PANEL_ROWS = 64
+#: a prediction's work on ``n`` atoms of a species with M sparse environments is taken as
+#: ``M (F + M / 2) (_FIXED_ATOMS + n)``: reading ``Z`` and ``L^-1`` costs about as much as
+#: the products for this many atoms (splitting the work between threads, ``_split_work``)
+_FIXED_ATOMS = 8
+#: fewest atoms of a species in a part of its work on one thread: each part reads all of
+#: ``Z`` and ``L^-1`` (aspirin's 9 carbons split 6 + 3: 0.88 ms a prediction against 0.70)
+_MIN_SPLIT_ATOMS = 16
 
 
-def _kernel_products(pa: np.ndarray, Z: np.ndarray, beta: np.ndarray
-                     ) -> tuple[np.ndarray, np.ndarray]:
-    """``d = pa @ Z.T`` (n, M) and ``g = 2 (d * beta) @ Z`` (n, F), reading ``Z`` once.
+#: below this much work (``_split_work``'s units) a prediction stays on one thread: handing
+#: work to another thread and back costs 25-45 us. Medians, one vs two threads (2 CPUs):
+#: aspirin at 1.9e6 (229 sparse) 0.289 / 0.331 ms, 5.7e6 (602) 0.432 / 0.342, 1.7e7 (1502)
+#: 0.924 / 0.647; ethanol at 7e5 (111) 0.164 / 0.232, 6.3e6 (767) 0.330 / 0.291; 64 waters
+#: at 4.8e7 (797) 4.50 / 3.05
+_MIN_SPLIT_WORK = 4e6
 
-    A prediction multiplies a few atoms' normalized descriptors ``pa`` (n, F) by a
-    species' sparse descriptors ``Z`` (M, F) twice; with aspirin's 600 x 480 (2.3 MB)
-    both products streamed ``Z`` from beyond the core's cache (1 MB of L2).  In chunks of
-    :data:`_CHUNK_BYTES` the second product finds its chunk still cached: a whole
-    prediction of aspirin (1625 sparse environments, one thread, runs interleaved) took
-    a median of 2.20 ms against 2.53 ms (512 KB chunks: 2.24, 1 MB: 2.42).  ``g`` is
-    ``d eps_i / d pa`` before the projection that normalization adds.
+
+@functools.cache
+def _default_threads() -> int:
+    """Threads for a prediction when ``SparseGP.threads`` is None: 2 given 2 CPUs, else 1."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+    return min(2, cpus)
+
+
+def _triangular_panels(Linv: np.ndarray, rows: int = _PANEL_ROWS
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Row panels ``Linv[i0:i1, :i1]`` of a lower triangular matrix, end to end.
+
+    Returns the panels, flattened into one array, and their offsets (n_panels + 1,):
+    the part of ``L^-1`` right of each panel's diagonal block is zero and not stored.
+    """
+    M = len(Linv)
+    parts = [Linv[i0:min(M, i0 + rows), :min(M, i0 + rows)].ravel() for i0 in range(0, M, rows)]
+    offsets = np.zeros(len(parts) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(x) for x in parts])
+    return (np.concatenate(parts) if parts else np.zeros(0)), offsets
+
+
+@njit(cache=True, nogil=True)
+def _species_terms(pa: np.ndarray, Z: np.ndarray, beta: np.ndarray, panels: np.ndarray,
+                   offsets: np.ndarray, rows: int, chunk: int):
+    """A prediction's kernel terms for ``n`` atoms of one species, without the GIL.
+
+    Parameters
+    ----------
+    pa : ndarray, shape (n, F)
+        Normalized descriptors of the atoms.
+    Z : ndarray, shape (M, F)
+        The species' normalized sparse descriptors; ``beta`` (M,) their weights (eV).
+    panels, offsets, rows
+        The species' block of ``L^-1`` as :func:`_triangular_panels` stores it.
+    chunk : int
+        Rows of ``Z`` per pass: both products with a chunk find it still in cache.
+
+    Returns
+    -------
+    kT : ndarray, shape (M, n)
+        Normalized kernel ``kt = (pa . z)^2``, transposed.
+    eps : ndarray, shape (n,)
+        Local energies without the baseline, eV.
+    g : ndarray, shape (n, F)
+        ``d eps / d pa`` projected on the tangent of the unit sphere (eV).
+    ww : ndarray, shape (n,)
+        ``|L^-1 kt|^2`` of each atom.
+    wsum : ndarray, shape (M,)
+        ``L^-1 sum_i kt_i`` over these atoms.
+
+    Reading ``Z`` in chunks mattered on aspirin (600 x 480, 2.3 MB, beyond the core's
+    1 MB of L2): 2.20 against 2.53 ms per prediction. The triangular product by panels
+    does 9/16 of a full product's work at 64-row panels on M = 576 (BLAS's ``dtrmm``,
+    half, holds the GIL in scipy's wrapper).
     """
     n, F = pa.shape
-    M = len(Z)
-    c = max(16, _CHUNK_BYTES // (8 * F))
-    if M <= c:
-        d = pa @ Z.T
-        return d, 2.0 * (d * beta) @ Z
-    d = np.empty((n, M))
+    M = Z.shape[0]
+    kT = np.empty((M, n))
     g = np.zeros((n, F))
-    for s in range(0, M, c):
-        Zc = Z[s:s + c]
-        dc = pa @ Zc.T
-        d[:, s:s + c] = dc
-        g += (dc * beta[s:s + c]) @ Zc
-    return d, 2.0 * g
+    paT = pa.T
+    for s in range(0, M, chunk):
+        e = min(M, s + chunk)
+        Zc = Z[s:e]
+        dc = np.dot(Zc, paT)
+        for r in range(e - s):
+            for a in range(n):
+                kT[s + r, a] = dc[r, a] * dc[r, a]
+                dc[r, a] *= beta[s + r]
+        g += np.dot(dc.T, Zc)
+    eps = np.dot(beta, kT)
+    for a in range(n):
+        t = 0.0
+        for f in range(F):
+            t += g[a, f] * pa[a, f]
+        for f in range(F):
+            g[a, f] = 2.0 * (g[a, f] - t * pa[a, f])
+    wT = np.empty((M, n))
+    for c in range(len(offsets) - 1):
+        i0 = c * rows
+        i1 = min(M, i0 + rows)
+        wT[i0:i1] = np.dot(panels[offsets[c]:offsets[c + 1]].reshape((i1 - i0, i1)), kT[:i1])
+    ww = np.zeros(n)
+    wsum = np.zeros(M)
+    for i in range(M):
+        for a in range(n):
+            ww[a] += wT[i, a] * wT[i, a]
+            wsum[i] += wT[i, a]
+    return kT, eps, g, ww, wsum
+
+
+def _split_work(work: list[tuple[int, int, float]], lanes: int
+                ) -> list[list[tuple[int, int, int]]]:
+    """Share a prediction's per-species work between ``lanes`` threads.
+
+    Parameters
+    ----------
+    work : list of (species, n_atoms, unit)
+        The work on ``n`` atoms of a species costs ``unit * (_FIXED_ATOMS + n)``.
+    lanes : int
+        Threads.
+
+    Returns
+    -------
+    list (one per lane) of lists of (species, start, stop)
+        Atoms ``start:stop`` of the species (in index order); a species is split
+        between lanes only where each part has at least ``_MIN_SPLIT_ATOMS`` atoms.
+    """
+    target = sum(u * (_FIXED_ATOMS + n) for _, n, u in work) / lanes
+    out: list[list[tuple[int, int, int]]] = [[] for _ in range(lanes)]
+    load = [0.0] * lanes
+    lane = 0
+    for s, n, unit in sorted(work, key=lambda w: -w[2] * (_FIXED_ATOMS + w[1])):
+        start = 0
+        while start < n:
+            left = n - start
+            take = left
+            if lane < lanes - 1:
+                fit = (target - load[lane]) / unit - _FIXED_ATOMS
+                if fit < left - 0.5:
+                    take = int(round(fit))
+                    if take < _MIN_SPLIT_ATOMS:  # too few for a part of their own
+                        if load[lane]:
+                            lane += 1
+                            continue
+                        take = left  # an empty lane takes the species whole
+                    elif left - take < _MIN_SPLIT_ATOMS:
+                        take = left  # the rest would be too few
+            out[lane].append((s, start, start + take))
+            load[lane] += unit * (_FIXED_ATOMS + take)
+            start += take
+            if take < left:
+                lane += 1
+    return out
 
 
 class _Task:
@@ -483,6 +609,10 @@ class SparseGP:
         Precision of the cached descriptor gradients (see :meth:`_geometry`);
         float64 makes rows computed along different paths (cached or not,
         one frame or all) agree to rounding, as the tests of the algebra need.
+    threads : int, optional
+        Threads that share each prediction's work, species by species (atoms of a
+        species split between them where that balances it). None: two where this
+        process may use two CPUs, else one. A runtime setting, not saved.
     """
 
     def __init__(
@@ -497,7 +627,10 @@ class SparseGP:
         max_frames: int | None = 1000,
         evict: str = "thin",
         cache_dtype=np.float32,
+        threads: int | None = None,
     ) -> None:
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads = {threads}: give at least 1, or None for automatic")
         if max_frames is not None and max_frames < 1:
             raise ValueError(f"max_frames = {max_frames}: give at least 1, or None for no limit")
         if evict not in EVICTIONS:
@@ -552,6 +685,11 @@ class SparseGP:
         self._full_warned: set[int] = set()  # species whose full sparse set was reported
         #: free-form metadata saved with the model (e.g. the force-error calibration)
         self.extra: dict = {}
+        #: threads that share a prediction's work (None: two where this process may use
+        #: two CPUs, else one); not saved with the model
+        self.threads: int | None = threads
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_size = 0
 
     # ------------------------------------------------------------------
     # bookkeeping
@@ -1659,22 +1797,40 @@ class SparseGP:
 
         Each species' block of ``L^-1`` is lower triangular (columns keep their order
         when added or removed; K_mm is block diagonal over species): ``predict``
-        multiplies by it as a triangular matrix.
+        multiplies by it as a triangular matrix, kept as row panels.
         """
         self._blocks = {}
         for s in range(len(self.descriptor.species)):
             cols = self._cols(s)
+            panels, offsets = _triangular_panels(self._Linv[np.ix_(cols, cols)])
             self._blocks[s] = {
                 "cols": cols,
                 "Z": np.ascontiguousarray(self.Z[cols]),
-                "beta": self._beta[cols],
-                "Linv": np.ascontiguousarray(self._Linv[np.ix_(cols, cols)]),
+                "beta": np.ascontiguousarray(self._beta[cols]),
+                "panels": panels,
+                "offsets": offsets,
             }
         self._posterior = _Posterior(self._LB, self._Linv, self._blocks, C)
 
     # ------------------------------------------------------------------
     # prediction
     # ------------------------------------------------------------------
+    def _lanes(self, work: list[tuple[int, int, float]]) -> int:
+        """Threads for one prediction's work (``threads``; one where the work is small)."""
+        n = self.threads if self.threads is not None else _default_threads()
+        if n > 1 and sum(u * (_FIXED_ATOMS + k) for _, k, u in work) >= _MIN_SPLIT_WORK:
+            return n
+        return 1
+
+    def _lane_pool(self) -> ThreadPoolExecutor:
+        n = self.threads if self.threads is not None else _default_threads()
+        if self._pool is None or self._pool_size != n - 1:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False)
+            self._pool = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="otfml-predict")
+            self._pool_size = n - 1
+        return self._pool
+
     @property
     def is_fitted(self) -> bool:
         """True once the model has data to predict from."""
@@ -1700,25 +1856,33 @@ class SparseGP:
         eps = self.e0[env.species].astype(float)
         dE_dp = np.zeros_like(ph)
         ww = np.zeros(N)  # |L^-1 kt_i|^2 (L^-1 is block diagonal over species)
-        groups = []
-        for s, blk in self._blocks.items():
-            at = np.flatnonzero(env.species == s)
-            if len(at) == 0:
-                continue
-            if len(blk["cols"]) == 0:  # no sparse set yet: prior variance only
-                groups.append((s, at, None, None))
-                continue
-            pa = ph[at]
-            d, g = _kernel_products(pa, blk["Z"], blk["beta"])
-            k = d * d
-            eps[at] += k @ blk["beta"]
-            g -= np.einsum("ij,ij->i", g, pa)[:, None] * pa
+        order = np.argsort(env.species, kind="stable")
+        first = np.searchsorted(env.species[order], np.arange(len(self._blocks) + 1))
+        chunk = max(16, _CHUNK_BYTES // (8 * ph.shape[1]))
+        work = [(s, int(first[s + 1] - first[s]),
+                 len(blk["cols"]) * (ph.shape[1] + len(blk["cols"]) / 2))
+                for s, blk in self._blocks.items() if len(blk["cols"]) and first[s + 1] > first[s]]
+
+        def run(pieces: list[tuple[int, int, int]]) -> list[tuple]:
+            out = []
+            for s, start, stop in pieces:
+                at = order[first[s] + start:first[s] + stop]
+                blk = self._blocks[s]
+                out.append((s, at, *_species_terms(ph[at], blk["Z"], blk["beta"], blk["panels"],
+                                                   blk["offsets"], _PANEL_ROWS, chunk)))
+            return out
+
+        lanes = [x for x in _split_work(work, self._lanes(work)) if x]
+        pending = [self._lane_pool().submit(run, x) for x in lanes[1:]]
+        pieces = run(lanes[0]) if lanes else []
+        for f in pending:
+            pieces += f.result()
+        kept = []  # what the variances need
+        for s, at, kT, e, g, w2, wsum in pieces:
+            eps[at] += e
             dE_dp[at] = g / norm[at][:, None]
-            # k @ Linv^T, with Linv lower triangular: BLAS's triangular product does half
-            # the work of a general one (0.19 vs 0.24 ms for 9 x 586 on aspirin)
-            w = scipy.linalg.blas.dtrmm(1.0, blk["Linv"].T, k, side=1, lower=0)
-            ww[at] = np.einsum("ij,ij->i", w, w)
-            groups.append((s, at, k, w.sum(axis=0)))
+            ww[at] = w2
+            kept.append((s, at, kT, wsum))
         forces = self.descriptor.backprop(env, dE_dp)
         post = self._posterior  # this solve's factors, even if the model is updated meanwhile
 
@@ -1728,13 +1892,12 @@ class SparseGP:
             cc = np.zeros(N)
             wE = np.zeros(len(post.LB_F))  # L^-1 sum_i kt_i
             e_var_prior = 0.0
-            for s, at, k, w_sum in groups:
-                pa = ph[at]
+            for s in range(len(self._blocks)):
+                pa = ph[order[first[s]:first[s + 1]]]
                 e_var_prior += np.sum((pa @ pa.T) ** 2)
-                if k is None:
-                    continue
-                cc[at] = np.einsum("ij,ij->i", k @ post.ctc(s), k)
-                wE[post.blocks[s]["cols"]] = w_sum
+            for s, at, kT, wsum in kept:
+                cc[at] = np.einsum("ji,ji->i", post.ctc(s) @ kT, kT)
+                wE[post.blocks[s]["cols"]] += wsum
             var = sigma2 * (1.0 - ww + cc)
             vE = scipy.linalg.lapack.dtrtrs(post.LB_F, wE, lower=1)[0]  # LB^-1 wE
             e_var = sigma2 * (e_var_prior - wE @ wE + vE @ vE)

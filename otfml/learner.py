@@ -53,6 +53,7 @@ MODEL_DEFAULTS = {
     "hyperparameter_every": 50,
     "hyperparameter_first": 5,
     "blas_threads": 1,
+    "predict_threads": None,
     "overlap_update": True,
 }
 
@@ -204,7 +205,7 @@ def _model_from_settings(species, settings: dict) -> SparseGP:
     return SparseGP(desc, max_sparse_per_species=settings["max_sparse_per_species"],
                     sparse_tolerance=settings["sparse_tolerance"],
                     prune=settings["prune_sparse"], max_frames=settings["max_frames"],
-                    evict=settings["evict_frames"])
+                    evict=settings["evict_frames"], threads=settings["predict_threads"])
 
 
 def train_from_frames(frames, settings: dict | None = None,
@@ -402,6 +403,8 @@ class Learner:
         self.multiplicity = multiplicity
         self.walker = walker
         self.model = model
+        if model is not None and self.settings["predict_threads"] is not None:
+            model.threads = self.settings["predict_threads"]
         self._species = sorted(set(species or []))
         self.store: Store | None = None
         if store is not None:

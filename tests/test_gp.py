@@ -5,6 +5,7 @@ import pytest
 from ase.build import molecule
 from ase.calculators.emt import EMT
 
+import otfml.gp as gp_module
 from otfml.descriptor import Descriptor
 from otfml.gp import SparseGP
 
@@ -73,8 +74,6 @@ def test_with_the_centre_term_forces_are_still_the_negative_energy_gradient():
 def test_chunked_kernel_products_give_the_same_prediction(trained, monkeypatch):
     """A prediction reads each species' sparse descriptors in chunks (``_CHUNK_BYTES``);
     chunks of a few rows (several per species here) change nothing but rounding."""
-    import otfml.gp as gp_module
-
     gp, frames = trained
     a = frames[0][0].copy()
     a.positions += 0.02
@@ -87,6 +86,50 @@ def test_chunked_kernel_products_give_the_same_prediction(trained, monkeypatch):
     np.testing.assert_allclose(chunked.forces, whole.forces, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(chunked.novelty, whole.novelty, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(chunked.local_std, whole.local_std, rtol=1e-10, atol=1e-12)
+
+
+def test_a_prediction_shared_between_threads_equals_one_on_one_thread(trained, monkeypatch):
+    """With ``threads`` > 1 each thread takes whole species or parts of one; the results are
+    those of one thread, to rounding, and a species' parts are put back together."""
+    gp, frames = trained
+    a = frames[1][0].copy()
+    a.positions += 0.03
+    gp.threads = 1
+    one = gp.predict(a)
+    monkeypatch.setattr(gp_module, "_MIN_SPLIT_WORK", 0.0)
+    monkeypatch.setattr(gp_module, "_MIN_SPLIT_ATOMS", 1)
+    for n in (2, 3):
+        gp.threads = n
+        env = gp.descriptor.environments(a)
+        lanes = gp_module._split_work(
+            [(s, int(np.sum(env.species == s)), len(b["cols"]) * gp.descriptor.n_features)
+             for s, b in gp._blocks.items()], n)
+        assert sum(len(x) > 0 for x in lanes) > 1
+        shared = gp.predict(a, env)
+        assert shared.energy == pytest.approx(one.energy, rel=1e-12, abs=1e-10)
+        np.testing.assert_allclose(shared.forces, one.forces, rtol=1e-9, atol=1e-11)
+        np.testing.assert_allclose(shared.novelty, one.novelty, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(shared.local_std, one.local_std, rtol=1e-6, atol=1e-8)
+        assert shared.energy_std == pytest.approx(one.energy_std, rel=1e-6)
+    gp.threads = None
+    with pytest.raises(ValueError, match="threads = 0"):
+        SparseGP(gp.descriptor, threads=0)
+
+
+@pytest.mark.parametrize("lanes", [1, 2, 3])
+def test_work_is_split_into_whole_species_or_large_parts(lanes):
+    work = [(0, 128, 5.0), (1, 64, 5.0), (2, 3, 1.0), (3, 20, 0.5)]
+    out = gp_module._split_work(work, lanes)
+    assert len(out) == lanes
+    for s, n, _ in work:  # every atom once, in order
+        parts = sorted((a, b) for x in out for t, a, b in x if t == s)
+        assert parts[0][0] == 0 and parts[-1][1] == n
+        assert all(p[1] == q[0] for p, q in zip(parts, parts[1:]))
+        assert len(parts) == 1 or min(b - a for a, b in parts) >= gp_module._MIN_SPLIT_ATOMS
+    load = [sum(u * (gp_module._FIXED_ATOMS + b - a) for t, a, b in x
+                for s, _, u in work if s == t) for x in out]
+    total = sum(u * (gp_module._FIXED_ATOMS + n) for _, n, u in work)
+    assert max(load) <= total / lanes + 5.0 * (gp_module._FIXED_ATOMS + gp_module._MIN_SPLIT_ATOMS)
 
 
 def _held_bytes(gp: SparseGP) -> dict:
@@ -366,9 +409,18 @@ def test_pruning_swaps_redundant_environments_and_matches_a_fresh_build():
     np.testing.assert_allclose(p.forces, q.forces, atol=1e-7)
     np.testing.assert_allclose(p.local_std, q.local_std, atol=1e-7)
     np.testing.assert_allclose(p.novelty, q.novelty, atol=1e-7)
-    # predict reads only the lower triangle of each species' L^-1 (a triangular product)
+    # predict reads each species' L^-1 as row panels up to the diagonal block, whose
+    # upper part is zero (L^-1 stays lower triangular as columns are added)
     for blk in gp._blocks.values():
-        assert not np.triu(blk["Linv"], 1).any()
+        M = len(blk["cols"])
+        Linv = gp._Linv[np.ix_(blk["cols"], blk["cols"])]
+        assert not np.triu(Linv, 1).any()
+        rebuilt = np.zeros((M, M))
+        for c in range(len(blk["offsets"]) - 1):
+            i0, i1 = c * gp_module._PANEL_ROWS, min(M, (c + 1) * gp_module._PANEL_ROWS)
+            rebuilt[i0:i1, :i1] = blk["panels"][blk["offsets"][c]:blk["offsets"][c + 1]].reshape(
+                i1 - i0, i1)
+        np.testing.assert_array_equal(rebuilt, Linv)
 
 
 def test_pruning_never_trades_an_environment_for_a_less_novel_one():
