@@ -294,7 +294,8 @@ _PANEL_ROWS = 64
 #: the products for this many atoms (splitting the work between threads, ``_split_work``)
 _FIXED_ATOMS = 8
 #: fewest atoms of a species in a part of its work on one thread: each part reads all of
-#: ``Z`` and ``L^-1`` (aspirin's 9 carbons split 6 + 3: 0.88 ms a prediction against 0.70)
+#: ``Z`` and ``L^-1`` (aspirin, 1033 sparse: its 9 carbons split 6 + 3 between two threads
+#: took 0.88 ms a prediction, one thread 0.70)
 _MIN_SPLIT_ATOMS = 16
 
 
@@ -358,9 +359,9 @@ def _species_terms(pa: np.ndarray, Z: np.ndarray, beta: np.ndarray, panels: np.n
         ``L^-1 sum_i kt_i`` over these atoms.
 
     Reading ``Z`` in chunks mattered on aspirin (600 x 480, 2.3 MB, beyond the core's
-    1 MB of L2): 2.20 against 2.53 ms per prediction. The triangular product by panels
-    does 9/16 of a full product's work at 64-row panels on M = 576 (BLAS's ``dtrmm``,
-    half, holds the GIL in scipy's wrapper).
+    1 MB of L2): 2.20 against 2.53 ms per prediction. The triangular product by B panels
+    does (B + 1) / 2B of a full product's work (5/9 for M = 576 in 64-row panels; BLAS's
+    ``dtrmm`` does half, but scipy's wrapper of it holds the GIL).
     """
     n, F = pa.shape
     M = Z.shape[0]

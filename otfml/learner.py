@@ -399,6 +399,11 @@ class Learner:
         self.reference = reference
         self.policy = policy or LearningPolicy()
         self.settings = check_model_settings(model_settings)
+        threads = self.settings["predict_threads"]
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                    or threads < 1):
+            raise ConfigError(f"model.predict_threads = {threads!r}: give a whole number of "
+                              "threads, at least 1, or null (two where two CPUs are free)")
         self.charge = charge
         self.multiplicity = multiplicity
         self.walker = walker

@@ -703,3 +703,28 @@ def test_an_in_process_reference_keeps_its_blas_threads():
         assert len(seen) == 3 and all(s == {2} for s in seen)
         assert len(in_update) == 2 and all(s == {1} for s in in_update)
         assert blas_threads() == {2}
+
+
+def test_predictions_shared_between_threads_leave_a_run_as_it_was(monkeypatch):
+    """model.predict_threads changes only rounding: the same calls and the same trajectory."""
+    import otfml.gp as gp_module
+
+    # small enough work to be split (otfml keeps a 13-atom cluster on one thread)
+    monkeypatch.setattr(gp_module, "_MIN_SPLIT_WORK", 0.0)
+    monkeypatch.setattr(gp_module, "_MIN_SPLIT_ATOMS", 2)
+    runs = []
+    for threads in (1, 2):
+        a = Icosahedron("Cu", 2)
+        a.rattle(0.05, seed=3)
+        a.calc = OTFCalculator(EMT(), policy=LearningPolicy(force_tolerance=0.3),
+                               model_settings={"predict_threads": threads}, multiplicity=2)
+        sources = _md(a, 80, seed=1)
+        assert a.calc.learner.model.threads == threads
+        runs.append((sources, a.get_potential_energy(), a.positions.copy()))
+    assert "model" in runs[0][0] and runs[0][0] == runs[1][0]
+    # rounding grows along the trajectory (4e-7 eV after 80 steps here); a wrong split would
+    # be off by the atoms' whole local energies
+    assert runs[1][1] == pytest.approx(runs[0][1], abs=1e-5)
+    np.testing.assert_allclose(runs[1][2], runs[0][2], atol=1e-5)
+    with pytest.raises(ConfigError, match="predict_threads"):
+        OTFCalculator(EMT(), model_settings={"predict_threads": 0})
