@@ -307,12 +307,16 @@ _MIN_SPLIT_ATOMS = 16
 _MIN_SPLIT_WORK = 4e6
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity, where the OS reports one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+
+
 @functools.cache
 def _default_threads() -> int:
     """Threads for a prediction when ``SparseGP.threads`` is None: 2 given 2 CPUs, else 1."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-        os.cpu_count() or 1)
-    return min(2, cpus)
+    return min(2, available_cpus())
 
 
 def _triangular_panels(Linv: np.ndarray, rows: int = _PANEL_ROWS
@@ -1816,15 +1820,19 @@ class SparseGP:
     # ------------------------------------------------------------------
     # prediction
     # ------------------------------------------------------------------
+    @property
+    def _n_threads(self) -> int:
+        return self.threads if self.threads is not None else _default_threads()
+
     def _lanes(self, work: list[tuple[int, int, float]]) -> int:
         """Threads for one prediction's work (``threads``; one where the work is small)."""
-        n = self.threads if self.threads is not None else _default_threads()
+        n = self._n_threads
         if n > 1 and sum(u * (_FIXED_ATOMS + k) for _, k, u in work) >= _MIN_SPLIT_WORK:
             return n
         return 1
 
     def _lane_pool(self) -> ThreadPoolExecutor:
-        n = self.threads if self.threads is not None else _default_threads()
+        n = self._n_threads
         if self._pool is None or self._pool_size != n - 1:
             if self._pool is not None:
                 self._pool.shutdown(wait=False)

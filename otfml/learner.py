@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import queue
 import sys
 import time
@@ -26,7 +25,7 @@ from .errors import (
     ReferenceFailed,
     UnphysicalGeometry,
 )
-from .gp import Prediction, SparseGP, _Task
+from .gp import Prediction, SparseGP, _Task, available_cpus
 from .policy import Decision, LearningPolicy
 from .reference import Reference, charge_and_multiplicity, closest_pair
 from .store import Store, fingerprint_key
@@ -717,8 +716,7 @@ class Learner:
         """
         if not self.settings["overlap_update"]:
             return False
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-            os.cpu_count() or 1)
+        cpus = available_cpus()
         ok = cpus >= 2 and getattr(self.reference, "external_process", False)
         log.debug("overlap_update: %s (%d CPUs for this process, reference %s)", ok, cpus,
                   self.reference.code)
