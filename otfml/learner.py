@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from ase import Atoms
 
+from .config import SCHEMA, _check
 from .descriptor import Descriptor
 from .errors import (
     ConfigError,
@@ -398,11 +399,9 @@ class Learner:
         self.reference = reference
         self.policy = policy or LearningPolicy()
         self.settings = check_model_settings(model_settings)
-        threads = self.settings["predict_threads"]
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
-                                    or threads < 1):
-            raise ConfigError(f"model.predict_threads = {threads!r}: give a whole number of "
-                              "threads, at least 1, or null (two where two CPUs are free)")
+        # the YAML schema's check (a whole number >= 1, or null), naming the key
+        _check("model.predict_threads", self.settings["predict_threads"],
+               SCHEMA["model"]["predict_threads"], "model settings")
         self.charge = charge
         self.multiplicity = multiplicity
         self.walker = walker
