@@ -346,6 +346,9 @@ def main(argv=None) -> int:
     otf_wall, otf_T, frames, rss = md(b, args.steps, temperature, args.seed,
                                       observers=[comp] if comp else [])
     L = calc.learner
+    t_fit = time.perf_counter()
+    L.finish_hyperparameter_fit()  # as `otfml run` does before it saves the model
+    otf_wall += time.perf_counter() - t_fit
 
     # the forces the OTF run used, against fresh MOPAC on every 20th frame
     chk = MOPAC(method="PM7", label=os.path.join(work, "check", "m"), command=command)

@@ -110,6 +110,11 @@ SCHEMA: dict[str, dict[str, Field]] = {
                                    "calls after the last fit; the interval doubles (up to 8N) "
                                    "while fits move no hyperparameter by more than 10 %",
                                    minimum=1),
+        "hyperparameter_lag": _f(int, 10, "Fits after the first hyperparameter_first run on "
+                                 "another thread while the run goes on and take effect N "
+                                 "reference calls later (the run waits there if the fit has not "
+                                 "finished; the model at the end of a run has it); 0: the run "
+                                 "waits for each fit", minimum=0),
     },
     "learning": {
         "force_tolerance": _f(NUM, 0.2, "Call the reference when the largest per-atom force "

@@ -572,6 +572,59 @@ class _Grow:
         self.m += j
 
 
+def _B_rows(AE: np.ndarray, AF: np.ndarray, theta: np.ndarray, start: int = 0) -> np.ndarray:
+    """Rows ``start:`` of ``B = I + sigma^2 (AE/se^2 + AF/sf^2)`` (see ``SparseGP._whitened``)."""
+    sigma, se, sf = theta
+    B = sigma**2 * (AE[start:] / se**2 + AF[start:] / sf**2)
+    B[:, start:] += np.eye(len(AE) - start)
+    return B
+
+
+def _log_likelihood(data: dict, theta: np.ndarray, eval_gradient: bool = False):
+    """DTC log marginal likelihood (and its gradient with respect to log(theta)) of the
+    labels summarized in ``data`` (``SparseGP._likelihood_data``) at ``theta`` =
+    (sigma, sigma_e, sigma_f); ``-inf`` where B is singular."""
+    sigma, se, sf = theta
+    M = len(data["c"])
+    s2 = sigma**2
+    B = _B_rows(data["AE"], data["AF"], theta)
+    u = data["c"] / se**2 + data["bF"] / sf**2
+    try:
+        LB = scipy.linalg.cho_factor(B, lower=True, overwrite_a=True, check_finite=False)
+    except np.linalg.LinAlgError:
+        return (-np.inf, np.zeros(3)) if eval_gradient else -np.inf
+    beta = scipy.linalg.cho_solve(LB, u, check_finite=False)
+    T = s2 * u @ beta  # = b^T P^-1 b
+    e0, n_e, n_f, ff = data["e0"], data["n_e"], data["n_f"], data["ff"]
+    yWy = data["EE"] - 2 * e0 @ data["En"] + e0 @ data["nn"] @ e0
+    Q = (yWy / se**2 + ff / sf**2 - T
+         + n_e * math.log(se**2) + data["logN"] + n_f * math.log(sf**2)
+         + 2 * np.sum(np.log(np.diag(LB[0])))
+         + (n_e + n_f) * math.log(2 * math.pi))
+    lml = float(-0.5 * Q)
+    if not eval_gradient:
+        return lml
+    # B^-1 from its factor (LAPACK potri: 0.22 s at M = 1600 against 0.28 s for solving
+    # against the identity; an L-BFGS fit evaluates this some 3-12 times)
+    Binv, info = scipy.linalg.lapack.dpotri(LB[0], lower=1, overwrite_c=1)
+    if info:
+        return -np.inf, np.zeros(3)
+    Binv = np.tril(Binv) + np.tril(Binv, -1).T
+    # dQ/dlog(theta); T = s2 u^T B^-1 u, dT = s2 (2 beta.du - beta^T dB beta) (+ 2T for
+    # sigma); with dB = 2 (B - I) for sigma, B beta = u and tr(B^-1 B) = M
+    dQ_s = -(2 * T - 2 * s2 * (u @ beta - beta @ beta)) + 2 * (M - np.trace(Binv))
+    ge, gf = -2 * s2 / se**2, -2 * s2 / sf**2  # dB_e = ge AE, dB_f = gf AF
+    du_e = -2 * data["c"] / se**2
+    dQ_e = (-2 * yWy / se**2 + 2 * n_e
+            - s2 * (2 * beta @ du_e - ge * beta @ data["AE"] @ beta)
+            + ge * np.sum(Binv * data["AE"]))
+    du_f = -2 * data["bF"] / sf**2
+    dQ_f = (-2 * ff / sf**2 + 2 * n_f
+            - s2 * (2 * beta @ du_f - gf * beta @ data["AF"] @ beta)
+            + gf * np.sum(Binv * data["AF"]))
+    return lml, -0.5 * np.array([dQ_s, dQ_e, dQ_f])
+
+
 class SparseGP:
     """Sparse GP force field on power-spectrum descriptors.
 
@@ -1619,13 +1672,24 @@ class SparseGP:
 
         ``theta`` is (sigma, sigma_e, sigma_f); see :meth:`_whitened`.
         """
-        sigma, se, sf = theta
-        B = sigma**2 * (self._AEw[start:] / se**2 + self._AFw[start:] / sf**2)
-        B[:, start:] += np.eye(self.n_sparse - start)
-        return B
+        return _B_rows(self._AEw, self._AFw, theta, start)
+
+    def _likelihood_data(self, copy: bool = False) -> dict:
+        """What the log marginal likelihood needs: the whitened accumulators
+        (:meth:`_whitened`), the label sums and the baselines ``e0``.
+
+        With ``copy`` the arrays are the model's own no longer, so a fit may run on
+        them in another thread while frames keep arriving (two M x M copies).
+        """
+        data = self._whitened()
+        if copy:
+            data["AE"], data["AF"] = data["AE"].copy(), data["AF"].copy()
+        data.update(EE=self._EE, En=self._En.copy(), nn=self._nn.copy(), ff=self._ff,
+                    n_e=self._n_e, n_f=self._n_f, logN=self._logN, e0=self.e0.copy())
+        return data
 
     def log_marginal_likelihood(
-        self, theta: np.ndarray | None = None, eval_gradient: bool = False, _wh=None
+        self, theta: np.ndarray | None = None, eval_gradient: bool = False
     ):
         """DTC log marginal likelihood of the training labels.
 
@@ -1642,79 +1706,63 @@ class SparseGP:
             Log likelihood (and its gradient); ``-inf`` if the system is singular.
         """
         theta = self.hyp.as_array() if theta is None else np.asarray(theta, float)
-        sigma, se, sf = theta
         if self.n_sparse == 0 or self._n_e == 0:
             return (0.0, np.zeros(3)) if eval_gradient else 0.0
-        wh = self._whitened() if _wh is None else _wh
-        M = self.n_sparse
-        s2 = sigma**2
-        B = self._B(theta)
-        u = wh["c"] / se**2 + wh["bF"] / sf**2
-        try:
-            LB = scipy.linalg.cho_factor(B, lower=True)
-        except np.linalg.LinAlgError:
-            return (-np.inf, np.zeros(3)) if eval_gradient else -np.inf
-        beta = scipy.linalg.cho_solve(LB, u)
-        T = s2 * u @ beta  # = b^T P^-1 b
-        e0 = self.e0
-        yWy = self._EE - 2 * e0 @ self._En + e0 @ self._nn @ e0
-        Q = (yWy / se**2 + self._ff / sf**2 - T
-             + self._n_e * math.log(se**2) + self._logN + self._n_f * math.log(sf**2)
-             + 2 * np.sum(np.log(np.diag(LB[0])))
-             + (self._n_e + self._n_f) * math.log(2 * math.pi))
-        lml = float(-0.5 * Q)
-        if not eval_gradient:
-            return lml
-        # B^-1 from its factor (LAPACK potri: 0.22 s at M = 1600 against 0.28 s for solving
-        # against the identity; an L-BFGS fit evaluates this some 3-12 times)
-        Binv, info = scipy.linalg.lapack.dpotri(LB[0], lower=1)
-        if info:
-            return -np.inf, np.zeros(3)
-        Binv = np.tril(Binv) + np.tril(Binv, -1).T
-        # dQ/dlog(theta); T = s2 u^T B^-1 u, dT = s2 (2 beta.du - beta^T dB beta) (+ 2T for
-        # sigma); with dB = 2 (B - I) for sigma, B beta = u and tr(B^-1 B) = M
-        dQ_s = -(2 * T - 2 * s2 * (u @ beta - beta @ beta)) + 2 * (M - np.trace(Binv))
-        ge, gf = -2 * s2 / se**2, -2 * s2 / sf**2  # dB_e = ge AE, dB_f = gf AF
-        du_e = -2 * wh["c"] / se**2
-        dQ_e = (-2 * yWy / se**2 + 2 * self._n_e
-                - s2 * (2 * beta @ du_e - ge * beta @ wh["AE"] @ beta)
-                + ge * np.sum(Binv * wh["AE"]))
-        du_f = -2 * wh["bF"] / sf**2
-        dQ_f = (-2 * self._ff / sf**2 + 2 * self._n_f
-                - s2 * (2 * beta @ du_f - gf * beta @ wh["AF"] @ beta)
-                + gf * np.sum(Binv * wh["AF"]))
-        return lml, -0.5 * np.array([dQ_s, dQ_e, dQ_f])
+        return _log_likelihood(self._likelihood_data(), theta, eval_gradient)
 
-    def fit_hyperparameters(self, maxiter: int = 100) -> Hyperparameters:
-        """Maximize the log marginal likelihood within ``self.bounds``.
+    def hyperparameter_fit(self, maxiter: int = 100, copy: bool = True
+                           ) -> Callable[[], Hyperparameters | None]:
+        """A fit of the hyperparameters to the data as they are now, to run later.
 
-        L-BFGS-B on log-parameters with the analytic gradient; the result always
-        lies within the bounds, so a run cannot be derailed by a diverging
-        signal variance.  Keeps the previous values if the optimizer does not
-        improve on them.
+        Fits the baselines ``e0`` first (see :meth:`fit_baseline`). The returned
+        function maximizes the log marginal likelihood within ``self.bounds``
+        (L-BFGS-B on log-parameters, analytic gradient) and returns the new
+        :class:`Hyperparameters`, or None where the optimizer did not improve on
+        the current values; it changes nothing in the model. With ``copy`` (the
+        default) it works on copies of the accumulators, so it may run in another
+        thread while the model takes more frames (the learner's ``hyperparameter_lag``).
         """
         if self._n_e == 0 or self.n_sparse == 0:
-            return self.hyp
+            return lambda: None
         self.fit_baseline()
         lb = np.log([b[0] for b in self.bounds])
         ub = np.log([b[1] for b in self.bounds])
         x0 = np.clip(np.log(self.hyp.as_array()), lb, ub)
-
-        wh = self._whitened()
+        data = self._likelihood_data(copy=copy)
 
         def neg(x):
-            v, g = self.log_marginal_likelihood(np.exp(x), eval_gradient=True, _wh=wh)
+            v, g = _log_likelihood(data, np.exp(x), eval_gradient=True)
             if not np.isfinite(v):
                 return 1e300, np.zeros(3)
             return -v, -g
 
-        f0 = neg(x0)[0]
-        res = scipy.optimize.minimize(neg, x0, jac=True, method="L-BFGS-B",
-                                      bounds=list(zip(lb, ub)),
-                                      options={"maxiter": maxiter, "gtol": _FIT_GTOL})
-        if res.fun < f0 and np.all(np.isfinite(res.x)):
-            self.hyp = Hyperparameters(*(float(v) for v in np.exp(np.clip(res.x, lb, ub))))
-        log.debug("hyperparameters %s (log-likelihood %.3f)", self.hyp, -min(res.fun, f0))
+        def run() -> Hyperparameters | None:
+            f0 = neg(x0)[0]
+            res = scipy.optimize.minimize(neg, x0, jac=True, method="L-BFGS-B",
+                                          bounds=list(zip(lb, ub)),
+                                          options={"maxiter": maxiter, "gtol": _FIT_GTOL})
+            if res.fun < f0 and np.all(np.isfinite(res.x)):
+                log.debug("hyperparameter fit: log-likelihood %.3f -> %.3f (M = %d)", -f0,
+                          -res.fun, len(data["c"]))
+                return Hyperparameters(*(float(v) for v in np.exp(np.clip(res.x, lb, ub))))
+            return None
+
+        return run
+
+    def fit_hyperparameters(self, maxiter: int = 100) -> Hyperparameters:
+        """Maximize the log marginal likelihood within ``self.bounds`` and solve.
+
+        L-BFGS-B on log-parameters with the analytic gradient; the result always
+        lies within the bounds, so a run cannot be derailed by a diverging
+        signal variance.  Keeps the previous values if the optimizer does not
+        improve on them. See :meth:`hyperparameter_fit` for a fit that runs apart.
+        """
+        if self._n_e == 0 or self.n_sparse == 0:
+            return self.hyp
+        new = self.hyperparameter_fit(maxiter, copy=False)()
+        if new is not None:
+            self.hyp = new
+        log.debug("hyperparameters %s", self.hyp)
         self.solve()
         return self.hyp
 

@@ -11,7 +11,7 @@ import logging
 import queue
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,6 +52,7 @@ MODEL_DEFAULTS = {
     "evict_frames": "thin",
     "hyperparameter_every": 50,
     "hyperparameter_first": 5,
+    "hyperparameter_lag": 10,
     "blas_threads": 1,
     "predict_threads": None,
     "overlap_update": True,
@@ -153,6 +154,18 @@ class _Helper:
         while (task := self._queue.get()) is not None:
             if task.claim():
                 task.run()
+
+
+@dataclass
+class _PendingFit:
+    """A hyperparameter fit on another thread: the reference call it started at, the
+    hyperparameters then, its future ((Hyperparameters or None, seconds)) and the seconds
+    taking its snapshot cost the update."""
+
+    call: int
+    before: np.ndarray
+    future: Future
+    started_s: float
 
 
 class _BlasLimit:
@@ -399,9 +412,9 @@ class Learner:
         self.reference = reference
         self.policy = policy or LearningPolicy()
         self.settings = check_model_settings(model_settings)
-        # the YAML schema's check (a whole number >= 1, or null), naming the key
-        _check("model.predict_threads", self.settings["predict_threads"],
-               SCHEMA["model"]["predict_threads"], "model settings")
+        # the YAML schema's checks (e.g. a whole number >= 1, or null), naming the key
+        for key in ("predict_threads", "hyperparameter_lag"):
+            _check(f"model.{key}", self.settings[key], SCHEMA["model"][key], "model settings")
         self.charge = charge
         self.multiplicity = multiplicity
         self.walker = walker
@@ -417,11 +430,13 @@ class Learner:
         self.n_calls = 0
         self.steps_since_call = 0
         #: seconds per model prediction, reference call and update (from the labels on);
-        #: "hyperparameters": the hyperparameter fits among the updates (part of their
-        #: time); "prepared": the updates' parts prepared while the reference ran
+        #: "hyperparameters": what each hyperparameter fit cost the updates (part of their
+        #: time; for a fit on another thread, model.hyperparameter_lag, taking its snapshot
+        #: and waiting for it); "fits_apart": how long each such fit ran on its thread;
+        #: "prepared": the updates' parts prepared while the reference ran
         #: (model.overlap_update; not part of "update")
         self.timings = {"model": [], "reference": [], "update": [], "hyperparameters": [],
-                        "prepared": []}
+                        "fits_apart": [], "prepared": []}
         #: one dict per step: step, source, called (the reference labelled the step),
         #: reason, max_force_std (eV/Å), energy (eV),
         #: model_energy (the model's prediction, eV; on reference steps the one before
@@ -442,6 +457,9 @@ class Learner:
         self._blas = _BlasLimit(self.settings["blas_threads"])
         self._overlap = self._overlap_possible()
         self._pool: ThreadPoolExecutor | None = None
+        #: a hyperparameter fit running on another thread (see _refit), or None
+        self._fit: _PendingFit | None = None
+        self._fit_pool: ThreadPoolExecutor | None = None
         self.hyperparameter_schedule = HyperparameterSchedule(
             self.settings["hyperparameter_first"], self.settings["hyperparameter_every"])
         if self.store is not None and len(self.store):
@@ -674,15 +692,7 @@ class Learner:
                 else:
                     prep = self.model.prepare_frame(atoms, env, sparse_tolerance=admission)
                 self.model.add_prepared(prep, label.energy, label.forces, solve=False)
-                if self.hyperparameter_schedule.due(self.n_calls):
-                    before = self.model.hyp.as_array()
-                    t2 = time.perf_counter()
-                    self.model.fit_hyperparameters()
-                    self.timings["hyperparameters"].append(time.perf_counter() - t2)
-                    self.hyperparameter_schedule.fitted(self.n_calls, before,
-                                                        self.model.hyp.as_array())
-                else:
-                    self.model.solve()
+                self._refit()
         self.timings["update"].append(time.perf_counter() - t1)
         # a requested call (e.g. confirming an optimized geometry) returns the reference's values
         if self.policy.call_step_result == "updated_model" and dec.reason != "requested":
@@ -693,6 +703,81 @@ class Learner:
         n = len(atoms)
         return StepResult(label.energy, label.forces, "reference", np.zeros(n),
                           dec.max_force_std, dec.reason)
+
+    def _refit(self) -> None:
+        """Solve for the weights after a frame was added, with new hyperparameters where a
+        fit is due (``HyperparameterSchedule``) or a fit that ran apart takes effect.
+
+        The first ``hyperparameter_first`` calls fit at once. Later fits, with
+        ``hyperparameter_lag`` > 0, run on another thread on a copy of the model's
+        accumulators while the run goes on, and take effect at the update
+        ``hyperparameter_lag`` calls later, waiting for the fit there if need be: a fit
+        costs several O(M^3) factorizations (0.5-1 s on aspirin at M = 1800-2000), the run's
+        updates leave the second CPU idle for most of their time, and which call a fit
+        takes effect at does not depend on how fast it ran. While it runs, BLAS keeps
+        otfml's limit (``blas_threads``).
+        """
+        n = self.n_calls
+        lag = self.settings["hyperparameter_lag"]
+        if self._fit is not None and n >= self._fit.call + lag:
+            self._apply_fit()
+        if self._fit is None and self.hyperparameter_schedule.due(n):
+            if lag and n > self.settings["hyperparameter_first"]:
+                self._start_fit()
+            else:
+                before = self.model.hyp.as_array()
+                t0 = time.perf_counter()
+                self.model.fit_hyperparameters()  # and solves
+                self.timings["hyperparameters"].append(time.perf_counter() - t0)
+                self.hyperparameter_schedule.fitted(n, before, self.model.hyp.as_array())
+                return
+        self.model.solve()
+
+    def _start_fit(self) -> None:
+        """Start a hyperparameter fit on another thread (see :meth:`_refit`)."""
+        t0 = time.perf_counter()
+        run = self.model.hyperparameter_fit()  # a snapshot of the data as they are now
+
+        def timed():
+            t = time.perf_counter()
+            out = run()
+            return out, time.perf_counter() - t
+
+        if self._fit_pool is None:
+            self._fit_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="otfml-fit")
+        self._blas.__enter__()  # left at _apply_fit
+        self._fit = _PendingFit(self.n_calls, self.model.hyp.as_array(),
+                                self._fit_pool.submit(timed), time.perf_counter() - t0)
+
+    def _apply_fit(self) -> None:
+        """Wait for the fit on the other thread and give its hyperparameters to the model
+        (the next solve factors anew)."""
+        fit, self._fit = self._fit, None
+        t0 = time.perf_counter()
+        try:
+            new, seconds = fit.future.result()
+            self.timings["fits_apart"].append(seconds)
+        except Exception:  # a fit is never worth losing the run for
+            log.warning("the hyperparameter fit started at reference call %d failed; the "
+                        "hyperparameters stay %s", fit.call, self.model.hyp, exc_info=True)
+            new = None
+        finally:
+            self._blas.__exit__(None, None, None)
+        self.timings["hyperparameters"].append(fit.started_s + time.perf_counter() - t0)
+        if new is not None:
+            self.model.hyp = new
+        log.debug("hyperparameter fit of call %d applied at call %d: %s", fit.call,
+                  self.n_calls, self.model.hyp)
+        self.hyperparameter_schedule.fitted(fit.call, fit.before, self.model.hyp.as_array())
+
+    def finish_hyperparameter_fit(self) -> None:
+        """Apply a hyperparameter fit still running on another thread (waiting for it) and
+        solve, so that the model a run leaves has it (``model.hyperparameter_lag``)."""
+        if self._fit is None:
+            return
+        with self._blas:
+            self._apply_fit()
+            self.model.solve()
 
     def _admission(self, atoms: Atoms) -> float | None:
         """Sparse tolerance (normalized) for a labelled frame (``LearningPolicy.sparse_admission``).
@@ -747,9 +832,13 @@ class Learner:
         self.model.discard_prepared(prep)
 
     def close(self) -> None:
-        """Close the store (and the thread that prepares updates)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        """Close the store and the threads that prepare updates and fit hyperparameters
+        (a fit still running is applied first, :meth:`finish_hyperparameter_fit`)."""
+        self.finish_hyperparameter_fit()
+        for name in ("_pool", "_fit_pool"):
+            pool = getattr(self, name)
+            if pool is not None:
+                pool.shutdown(wait=True)
+                setattr(self, name, None)
         if self.store is not None:
             self.store.close()

@@ -450,6 +450,7 @@ def _run(cfg: dict, outdir: str, resume: bool | None) -> dict:
             state["stages_done"] = sorted(done_stages)
             _write_state(outdir, state)
     finally:
+        L.finish_hyperparameter_fit()  # the model the run leaves has the last fit
         wall = time.perf_counter() - t0
         model_path = os.path.join(outdir, "model.npz")
         if L.model is not None and L.model.is_fitted:

@@ -489,8 +489,10 @@ def test_floor_calibration_in_the_loop_estimates_floor_plus_novelty():
     forces_std is sqrt(floor^2 + (scale novelty)^2) of that step's novelty."""
     a = Icosahedron("Cu", 2)
     a.rattle(0.05, seed=3)
+    # hyperparameters fitted at once (hyperparameter_lag 0): the run whose calls' errors
+    # need a floor as well as the scale
     a.calc = OTFCalculator(EMT(), policy=LearningPolicy(force_tolerance=0.3, calibration="floor"),
-                           multiplicity=2)
+                           multiplicity=2, model_settings={"hyperparameter_lag": 0})
     sources = _md(a, 150)
     L = a.calc.learner
     assert "model" in sources and L.n_calls >= 3
