@@ -760,3 +760,22 @@ def test_thin_products_sum_in_double_and_match_blas():
     np.testing.assert_allclose(T, Tb[:, :, :3], rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(d, db[:, :3], rtol=1e-5, atol=1e-4)
     assert T.shape == (100, 3, 3) and T.dtype == np.float64
+
+
+def test_a_fit_on_a_snapshot_ignores_later_frames_and_changes_nothing():
+    """hyperparameter_fit copies what the likelihood needs: frames added before the fit runs
+    (the learner's hyperparameter_lag) change neither its result nor does it change the model."""
+    frames = _emt_frames(10, seed=4)
+    ref = SparseGP(Descriptor([1, 6, 8]), sparse_tolerance=0.02)
+    gp = SparseGP(Descriptor([1, 6, 8]), sparse_tolerance=0.02)
+    for a, e, f in frames[:6]:
+        ref.add_frame(a, e, f)
+        gp.add_frame(a, e, f)
+    expected = ref.hyperparameter_fit(copy=False)()
+    fit = gp.hyperparameter_fit()
+    for a, e, f in frames[6:]:
+        gp.add_frame(a, e, f)
+    before = gp.hyp
+    got = fit()
+    assert got is not None and got != before and gp.hyp == before
+    np.testing.assert_allclose(got.as_array(), expected.as_array(), rtol=1e-10)

@@ -15,7 +15,7 @@ from ase.optimize import BFGS
 
 from otfml import EnergyCompensation, OTFCalculator
 from otfml.errors import ConfigError, FingerprintMismatch
-from otfml.learner import HyperparameterSchedule
+from otfml.learner import HyperparameterSchedule, Learner
 from otfml.policy import LearningPolicy
 from otfml.run import thermalize
 from otfml.store import Store
@@ -730,3 +730,84 @@ def test_predictions_shared_between_threads_leave_a_run_as_it_was(monkeypatch):
     np.testing.assert_allclose(runs[1][2], runs[0][2], atol=1e-5)
     with pytest.raises(ConfigError, match="predict_threads"):
         OTFCalculator(EMT(), model_settings={"predict_threads": 0})
+
+
+def _cluster_run(settings, steps=120):
+    a = Icosahedron("Cu", 2)
+    a.rattle(0.05, seed=3)
+    a.calc = OTFCalculator(EMT(), policy=LearningPolicy(force_tolerance=0.3),
+                           model_settings=settings, multiplicity=2)
+    sources = _md(a, steps, seed=1)
+    L = a.calc.learner
+    called = [h["step"] for h in L.history if h["called"]]
+    return a, L, sources, called
+
+
+def test_fits_on_another_thread_take_effect_a_fixed_number_of_calls_later(monkeypatch):
+    """With model.hyperparameter_lag the run does not depend on how long a fit takes: the
+    same run with fits slowed down makes the same calls along the same trajectory; each fit
+    after the first hyperparameter_first calls changed the hyperparameters exactly lag calls
+    after it started, and the run's end applied the last one."""
+    import time
+
+    from otfml.gp import SparseGP
+
+    settings = {"hyperparameter_lag": 3, "hyperparameter_first": 2, "hyperparameter_every": 5}
+    a1, L1, s1, c1 = _cluster_run(settings)
+    fit = SparseGP.hyperparameter_fit
+
+    def slow(self, *args, **kwargs):
+        run = fit(self, *args, **kwargs)
+        return lambda: (time.sleep(0.05), run())[1]
+
+    monkeypatch.setattr(SparseGP, "hyperparameter_fit", slow)
+    events = []
+
+    def watch(name):
+        real = getattr(Learner, name)
+
+        def watched(self):
+            events.append((name, self.n_calls))
+            return real(self)
+        monkeypatch.setattr(Learner, name, watched)
+
+    watch("_start_fit")
+    watch("_apply_fit")
+    a2, L2, s2, c2 = _cluster_run(settings)
+    assert len(c1) >= 10 and "model" in s1
+    assert c1 == c2 and s1 == s2
+    np.testing.assert_allclose(a2.positions, a1.positions, atol=1e-12)
+    starts = [n for e, n in events if e == "_start_fit"]
+    applied = [n for e, n in events if e == "_apply_fit"]
+    assert len(starts) >= 2 and starts[0] > 2  # the first two fits ran at once
+    assert applied == [n + 3 for n in starts[:len(applied)]]
+    assert len(starts) - len(applied) in (0, 1)
+    assert min(L2.timings["fits_apart"]) >= 0.05
+    a2.calc.close()  # applies a fit still running
+    assert L2._fit is None and L2._fit_pool is None
+    assert [e for e, _ in events].count("_apply_fit") == len(starts)
+
+
+def test_a_failing_fit_on_another_thread_leaves_the_run_going(monkeypatch, caplog):
+    """A fit that raises on its thread is reported when it would take effect; the run goes
+    on with the hyperparameters it had."""
+    from otfml.gp import SparseGP
+
+    def broken(self, *args, **kwargs):
+        def run():
+            raise np.linalg.LinAlgError("injected")
+        return run
+
+    settings = {"hyperparameter_lag": 2, "hyperparameter_first": 1, "hyperparameter_every": 3}
+    a, L, sources, called = _cluster_run(settings, steps=20)
+    L.finish_hyperparameter_fit()
+    before = L.model.hyp
+    monkeypatch.setattr(SparseGP, "hyperparameter_fit", broken)
+    L.request_reference = True
+    n = L.n_calls
+    more = _md(a, 60, seed=2)
+    assert len(more) >= 60 and L.n_calls > n + 6
+    assert "hyperparameter fit started at reference call" in caplog.text
+    assert L.model.hyp == before
+    with pytest.raises(ConfigError, match="hyperparameter_lag"):
+        OTFCalculator(EMT(), model_settings={"hyperparameter_lag": -1})
