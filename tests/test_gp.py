@@ -288,7 +288,7 @@ def test_incremental_equals_batch():
     np.testing.assert_allclose(pi.forces, pb.forces, atol=1e-8)
     # incrementally maintained factor, inverse and whitened accumulators equal fresh ones
     M = inc.n_sparse
-    K = inc._Kt + 1e-8 * np.eye(M)
+    K = inc._kernel(np.arange(M)) + 1e-8 * np.eye(M)
     L = np.linalg.cholesky(K)
     np.testing.assert_allclose(inc._Linv @ L, np.eye(M), atol=1e-8)
     A_F = inc._RF.view.T @ inc._RF.view
@@ -374,7 +374,7 @@ def test_uncertainties_match_the_dense_dtc_posterior(trained):
     same = p.env.species[:, None] == p.env.species[None, :]
     k_nn = np.where(same, (ph @ ph.T) ** 2, 0.0)
     k_nm = np.where(p.env.species[:, None] == gp.zs[None, :], (ph @ gp.Z.T) ** 2, 0.0)
-    Kmm = gp._Kt + 1e-8 * np.eye(gp.n_sparse)
+    Kmm = gp._kernel(np.arange(gp.n_sparse)) + 1e-8 * np.eye(gp.n_sparse)
     B = gp._LB @ gp._LB.T
     Sigma = gp._Linv.T @ np.linalg.solve(B, gp._Linv)  # L^-T B^-1 L^-1, normalized kernel
     cov = gp.hyp.sigma**2 * (k_nn - k_nm @ np.linalg.solve(Kmm, k_nm.T) + k_nm @ Sigma @ k_nm.T)
@@ -779,3 +779,50 @@ def test_a_fit_on_a_snapshot_ignores_later_frames_and_changes_nothing():
     got = fit()
     assert got is not None and got != before and gp.hyp == before
     np.testing.assert_allclose(got.as_array(), expected.as_array(), rtol=1e-10)
+
+
+def test_updates_shared_between_threads_match_one_thread(monkeypatch):
+    """With two threads an update's large products (the new columns' rows and their product
+    with every held row, the frames' rank updates, the prediction's pieces of L^-1) are cut
+    in two and shared: the model is that of one thread but for rounding."""
+    from otfml import gp as gp_module
+
+    monkeypatch.setattr(gp_module, "_MIN_SHARED", 4)  # cut even this small model's work
+    cut = []
+    in_two = gp_module._in_two
+    monkeypatch.setattr(gp_module, "_in_two",
+                        lambda spawn, fn, n: (cut.append(spawn is not None and n >= 4),
+                                              in_two(spawn, fn, n))[1])
+    frames = _emt_frames(10, seed=5)
+    models = []
+    for threads in (1, 2):
+        gp = SparseGP(Descriptor([1, 6, 8]), sparse_tolerance=0.01, threads=threads)
+        for a, e, f in frames[:8]:
+            gp.add_frame(a, e, f)
+        models.append(gp)
+    assert any(cut)
+    one, two = models
+    assert one.n_sparse == two.n_sparse > 0
+    np.testing.assert_allclose(two._AFw, one._AFw, rtol=1e-12, atol=1e-10)
+    np.testing.assert_allclose(two._AEw, one._AEw, rtol=1e-12, atol=1e-12)
+    for a, _, _f in frames[8:]:
+        p1, p2 = one.predict(a), two.predict(a)
+        assert p2.energy == pytest.approx(p1.energy, abs=1e-8)
+        np.testing.assert_allclose(p2.forces, p1.forces, atol=1e-8)
+        np.testing.assert_allclose(p2.local_std, p1.local_std, rtol=1e-8)
+
+
+def test_in_two_cuts_a_range_and_keeps_the_order():
+    from otfml.gp import _MIN_SHARED, _in_two, _Task
+
+    seen = []
+
+    def fn(i, j):
+        seen.append((i, j))
+        return np.arange(i, j)
+
+    n = 2 * _MIN_SHARED + 1
+    parts = _in_two(_Task, fn, n)
+    assert len(parts) == 2 and np.array_equal(np.concatenate(parts), np.arange(n))
+    assert sorted(seen) == [(0, n // 2), (n // 2, n)]
+    assert len(_in_two(None, fn, n)) == 1 and len(_in_two(_Task, fn, _MIN_SHARED - 1)) == 1
