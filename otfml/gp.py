@@ -1359,8 +1359,11 @@ class SparseGP:
             self._evict(len(self.frames) - self.max_frames + max(1, self.max_frames // 10))
         spawn = spawn or self._spawn_here() or _Task
         picked = self._select_sparse(env, candidates, max_new_sparse, sparse_tolerance, spawn)
+        # L^-1's species blocks before the new columns (cut out for the selection already)
+        blocks = [self._species_block(s)[:2] for s in range(len(self.descriptor.species))]
+        M0 = self.n_sparse
         basis = self._add_basis(ph[picked], env.species[picked]) if picked else None
-        own = spawn(functools.partial(self._frame_rows, env))  # needs the new basis only
+        own = spawn(functools.partial(self._frame_rows, env, M0, blocks))  # after the basis
         if basis is not None:
             self._add_column_data(basis, spawn)
         geom, row_e, rows_f, W, ew = own.join()
@@ -1369,12 +1372,25 @@ class SparseGP:
         return PreparedFrame(env=env, n_new=len(picked), geom=geom, row_e=row_e,
                              rows_f=rows_f, W=W, ew=ew, state=self._state())
 
-    def _frame_rows(self, env: Environments) -> tuple:
-        """A frame's geometry, energy and force rows and their whitened forms."""
+    def _frame_rows(self, env: Environments, M0: int, blocks: list) -> tuple:
+        """A frame's geometry, energy and force rows and their whitened forms.
+
+        ``L^-1`` is block diagonal over species in its first ``M0`` columns, whose
+        blocks (columns, ``L^-1`` block) ``blocks`` gives; the rows of the columns added
+        since are read from ``L^-1`` itself. A third of the product with the whole of
+        ``L^-1`` for three elements (aspirin at M = 1990: 7.4 ms of 29).
+        """
         geom = self._geometry(env)
-        row_e, rows_f = self._rows(env, np.arange(self.n_sparse), geom)
-        return (geom, row_e, rows_f, self._Linv @ rows_f.T,
-                self._Linv @ row_e / math.sqrt(len(env.species)))
+        M = self.n_sparse
+        row_e, rows_f = self._rows(env, np.arange(M), geom)
+        rows = np.vstack([rows_f, row_e / math.sqrt(len(env.species))])  # (3N + 1, M)
+        Wall = np.empty((M, len(rows)))
+        for cols, Li in blocks:
+            if len(cols):
+                Wall[cols] = Li @ rows[:, cols].T
+        if M > M0:
+            Wall[M0:] = self._Linv[M0:] @ rows.T
+        return geom, row_e, rows_f, Wall[:, :-1], np.ascontiguousarray(Wall[:, -1])
 
     def add_prepared(self, prep: PreparedFrame, energy: float, forces: np.ndarray,
                      solve: bool = True) -> None:
