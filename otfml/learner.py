@@ -359,7 +359,13 @@ class HyperparameterSchedule:
 
 
 def check_model_settings(settings: dict | None) -> dict:
-    """Merge user model settings over :data:`MODEL_DEFAULTS`, refusing unknown keys."""
+    """Merge user model settings over :data:`MODEL_DEFAULTS`.
+
+    Unknown keys and values of the wrong type or range are refused with the YAML
+    schema's own checks (``ConfigError`` naming ``model.<key>``), whether they come
+    from a workflow file or from Python; NumPy scalars count as the Python numbers
+    they hold.
+    """
     out = dict(MODEL_DEFAULTS)
     for key, val in (settings or {}).items():
         if key not in MODEL_DEFAULTS:
@@ -369,7 +375,9 @@ def check_model_settings(settings: dict | None) -> dict:
             hint = f" (did you mean {near[0]!r}?)" if near else ""
             raise ConfigError(
                 f"unknown model setting {key!r}{hint}; valid: {sorted(MODEL_DEFAULTS)}")
-        out[key] = val
+        if isinstance(val, np.generic):
+            val = val.item()
+        out[key] = _check(f"model.{key}", val, SCHEMA["model"][key], "model settings")
     return out
 
 
@@ -412,9 +420,6 @@ class Learner:
         self.reference = reference
         self.policy = policy or LearningPolicy()
         self.settings = check_model_settings(model_settings)
-        # the YAML schema's checks (e.g. a whole number >= 1, or null), naming the key
-        for key in ("predict_threads", "hyperparameter_lag"):
-            _check(f"model.{key}", self.settings[key], SCHEMA["model"][key], "model settings")
         self.charge = charge
         self.multiplicity = multiplicity
         self.walker = walker

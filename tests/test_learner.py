@@ -811,3 +811,28 @@ def test_a_failing_fit_on_another_thread_leaves_the_run_going(monkeypatch, caplo
     assert L.model.hyp == before
     with pytest.raises(ConfigError, match="hyperparameter_lag"):
         OTFCalculator(EMT(), model_settings={"hyperparameter_lag": -1})
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("max_sparse_per_species", 0, "must be >= 1"),
+    ("sparse_tolerance", "0.01", "is a str"),
+    ("evict_frames", "random", "choose one of"),
+    ("overlap_update", 1, "is a int"),
+    ("blas_threads", 1.5, "is a float"),
+])
+def test_python_model_settings_get_the_workflow_files_checks(tmp_path, key, value, says):
+    """A bad model setting from Python is refused as in a workflow file, naming the key, the
+    value and what it must be, before the store is opened (nothing is written)."""
+    path = tmp_path / "s.h5"
+    with pytest.raises(ConfigError, match=f"model.{key} = .*{says}"):
+        OTFCalculator(EMT(), store=str(path), model_settings={key: value})
+    assert not path.exists()
+
+
+def test_numpy_numbers_are_fine_model_settings():
+    calc = OTFCalculator(EMT(), model_settings={"max_sparse_per_species": np.int64(300),
+                                                "sparse_tolerance": np.float32(0.01),
+                                                "evict_frames": "OLDEST"})
+    s = calc.learner.settings
+    assert s["max_sparse_per_species"] == 300 and type(s["max_sparse_per_species"]) is int
+    assert s["sparse_tolerance"] == pytest.approx(0.01) and s["evict_frames"] == "oldest"
