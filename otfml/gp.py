@@ -504,8 +504,9 @@ def _in_two(spawn: Callable[[Callable], _Task] | None, fn: Callable[[int, int], 
             n: int) -> list:
     """``fn(0, n)`` done as ``fn(0, h)``, offered to another thread through ``spawn``, and
     ``fn(h, n)`` on this one; returns the results in order (one, without ``spawn`` or below
-    :data:`_MIN_SHARED`). ``fn`` must give the same numbers however its range is cut
-    (e.g. rows of a product)."""
+    :data:`_MIN_SHARED`). The parts must not depend on each other (e.g. rows of a product);
+    how the range is cut may change rounding (BLAS takes ``W @ W.T`` as one symmetric
+    product), never more, and the cut does not depend on which thread ran what."""
     if spawn is None or n < _MIN_SHARED:
         return [fn(0, n)]
     h = n // 2
