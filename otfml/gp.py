@@ -813,7 +813,7 @@ class SparseGP:
     def _kernel(self, cols: np.ndarray) -> np.ndarray:
         """Normalized K_mm of sparse columns ``cols`` (zero between species), (n, n).
 
-        Formed when needed (pruning, a rebuild) rather than kept: K_mm is read nowhere else.
+        Formed when needed (a rebuild, tests) rather than kept: K_mm is read nowhere else.
         """
         Zc = self.Z[cols]
         K = (Zc @ Zc.T) ** 2
@@ -1137,8 +1137,11 @@ class SparseGP:
         ks = cs[kept_local]
         keep = np.setdiff1d(np.arange(M), drop)
         Ls = scipy.linalg.solve_triangular(Li, np.eye(len(cs)), lower=True)
-        Lk = scipy.linalg.cholesky(self._kernel(ks) + _JITTER * np.eye(len(ks)), lower=True)
-        W = scipy.linalg.solve_triangular(Lk, Ls[kept_local], lower=True)  # (kept, M_s)
+        # the kept block of K_mm + jitter as the factor has it (L_s L_s^T), not formed anew
+        # from Z: then W's rows are orthonormal to rounding, however K_mm's entries rounded
+        Lkept = Ls[kept_local]
+        Lk = scipy.linalg.cholesky(Lkept @ Lkept.T, lower=True)
+        W = scipy.linalg.solve_triangular(Lk, Lkept, lower=True)  # (kept, M_s)
 
         def rewhiten(A: np.ndarray) -> np.ndarray:
             X = W @ A[cs]
