@@ -27,6 +27,16 @@ def _emt_frames(n, seed=0):
     return out
 
 
+def _twins(frames) -> tuple[SparseGP, SparseGP]:
+    """Two models given the same labelled frames the same way, one frame at a time."""
+    models = (SparseGP(Descriptor([1, 6, 8]), sparse_tolerance=0.02),
+              SparseGP(Descriptor([1, 6, 8]), sparse_tolerance=0.02))
+    for a, e, f in frames:
+        for gp in models:
+            gp.add_frame(a, e, f)
+    return models
+
+
 @pytest.fixture(scope="module")
 def trained():
     gp = SparseGP(Descriptor([1, 6, 8]), sparse_tolerance=0.02)
@@ -667,11 +677,7 @@ def test_a_prepared_frame_is_added_as_add_frame_adds_it_or_undone():
     reference failed leaves the model predicting as before; labels with NaN are refused and
     undone the same way; the model must not change between the two."""
     frames = _emt_frames(8, seed=5)
-    one = SparseGP(Descriptor([1, 6, 8]), sparse_tolerance=0.02)
-    two = SparseGP(Descriptor([1, 6, 8]), sparse_tolerance=0.02)
-    for a, e, f in frames[:4]:
-        one.add_frame(a, e, f)
-        two.add_frame(a, e, f)
+    one, two = _twins(frames[:4])
     x = frames[7][0]
     before = one.predict(x)
     M = one.n_sparse
@@ -766,11 +772,7 @@ def test_a_fit_on_a_snapshot_ignores_later_frames_and_changes_nothing():
     """hyperparameter_fit copies what the likelihood needs: frames added before the fit runs
     (the learner's hyperparameter_lag) change neither its result nor does it change the model."""
     frames = _emt_frames(10, seed=4)
-    ref = SparseGP(Descriptor([1, 6, 8]), sparse_tolerance=0.02)
-    gp = SparseGP(Descriptor([1, 6, 8]), sparse_tolerance=0.02)
-    for a, e, f in frames[:6]:
-        ref.add_frame(a, e, f)
-        gp.add_frame(a, e, f)
+    ref, gp = _twins(frames[:6])
     expected = ref.hyperparameter_fit(copy=False)()
     fit = gp.hyperparameter_fit()
     for a, e, f in frames[6:]:
