@@ -212,11 +212,12 @@ class _Posterior:
     """
 
     def __init__(self, LB: np.ndarray, Linv: np.ndarray, blocks: dict,
-                 C: np.ndarray | None = None, LB_F: np.ndarray | None = None) -> None:
-        # LAPACK's triangular solve on a Fortran-ordered factor: 40 us at M = 600, where
-        # scipy.linalg.solve_triangular on the C-ordered one took 100-250 us per prediction.
-        # A copy: the next solve may update LB in place
-        self.LB_F = np.asfortranarray(LB) if LB_F is None else LB_F
+                 C: np.ndarray | None = None) -> None:
+        # LB (lower, C-ordered) is never changed in place: each solve makes a new one.
+        # Its transpose is the upper factor in Fortran order, which LAPACK's triangular
+        # solve takes without a copy (40 us at M = 600, where scipy.linalg.solve_triangular
+        # on the C-ordered lower factor took 100-250 us per prediction)
+        self.U = np.ascontiguousarray(LB).T
         self.blocks = blocks
         self._Linv = Linv
         self._C = C
@@ -225,7 +226,8 @@ class _Posterior:
     @property
     def C(self) -> np.ndarray:
         if self._C is None:
-            self._C = scipy.linalg.solve_triangular(self.LB_F, self._Linv, lower=True)
+            self._C = scipy.linalg.solve_triangular(self.U, self._Linv, lower=False,
+                                                    trans="T")
         return self._C
 
     def ctc(self, s: int) -> np.ndarray:
@@ -319,6 +321,81 @@ def available_cpus() -> int:
     """CPUs this process may run on (its affinity, where the OS reports one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
         os.cpu_count() or 1)
+
+
+@functools.cache
+def _lapack_fn(module: str, name: str, *argtypes):
+    """A routine of SciPy's own BLAS/LAPACK (``scipy.linalg.cython_blas``/``cython_lapack``)
+    as a ctypes function: it takes strided blocks in place (a leading dimension), where
+    the f2py wrappers copy them, and it runs without the GIL."""
+    import ctypes
+
+    from numba.extending import get_cython_function_address
+
+    proto = ctypes.CFUNCTYPE(None, *argtypes)
+    return proto(get_cython_function_address(f"scipy.linalg.{module}", name))
+
+
+def _ptr(a: np.ndarray, offset: int = 0):
+    import ctypes
+
+    return ctypes.c_void_p(a.ctypes.data + 8 * offset)
+
+
+def _int(*values: int):
+    import ctypes
+
+    return [ctypes.byref(ctypes.c_int(int(v))) for v in values]
+
+
+def _update_factor_rows(L: np.ndarray, n: int, V: np.ndarray, block: int = 32) -> bool:
+    """``L[:n, :n] <- chol(L L^T + V V^T)`` in place, up to the signs of its columns.
+
+    ``L`` is C-ordered and at least n x n; its leading block is the lower factor
+    (its upper triangle is not read). LAPACK ``tpqrt`` on the upper factor
+    ``L^T`` (``L``'s memory read in Fortran order, leading dimension ``L.shape[1]``)
+    stacked on ``V^T``, O(k n^2) for ``V`` (n, k). The diagonal may come out
+    negative: ``L L^T`` does not change, nor anything solved with it.
+    Returns False where LAPACK reports an error.
+    """
+    import ctypes
+
+    k = V.shape[1]
+    if not (L.flags.c_contiguous and L.dtype == np.float64):
+        raise ValueError("L must be a C-contiguous float64 array")
+    Vt = np.asfortranarray(V.T)  # (k, n): V is C-ordered (n, k), so no copy
+    nb = max(1, min(block, n))
+    T = np.empty(nb * n)
+    work = np.empty(nb * n)
+    info = ctypes.c_int(0)
+    ip = ctypes.c_void_p
+    fn = _lapack_fn("cython_lapack", "dtpqrt", *[ip] * 12)
+    m_, n_, l_, nb_, lda, ldb, ldt = _int(k, n, 0, nb, L.shape[1], k, nb)
+    fn(m_, n_, l_, nb_, _ptr(L), lda, _ptr(Vt), ldb, _ptr(T), ldt, _ptr(work),
+       ctypes.byref(info))
+    return info.value == 0
+
+
+def _solve_below(L: np.ndarray, n: int) -> None:
+    """``L[n:, :n] <- L[n:, :n] L[:n, :n]^-T`` in place (BLAS ``trsm``, no copies).
+
+    ``L`` as in :func:`_update_factor_rows`: C-ordered, its leading n x n block lower
+    triangular. Rows ``n:`` hold ``B21`` on entry and the factor's ``L21`` on exit.
+    """
+    import ctypes
+
+    m = L.shape[0] - n
+    if m == 0 or n == 0:
+        return
+    ip = ctypes.c_void_p
+    fn = _lapack_fn("cython_blas", "dtrsm", *[ip] * 11)
+    # in Fortran order L's memory is U = L^T (upper, leading dimension L.shape[1]) and the
+    # rows n: are X^T = L21^T (n x m): solve U^T X^T = B21^T, i.e. L11 L21^T = B12
+    side, uplo, trans, diag = (ctypes.c_char_p(c) for c in (b"L", b"U", b"T", b"N"))
+    m_, n_, ld = _int(n, m, L.shape[1])
+    alpha = ctypes.c_double(1.0)
+    fn(side, uplo, trans, diag, m_, n_, ctypes.byref(alpha), _ptr(L), ld,
+       _ptr(L, n * L.shape[1]), ld)
 
 
 @functools.cache
@@ -1864,7 +1941,8 @@ class SparseGP:
             if LB is not None:
                 break
             try:
-                LB = scipy.linalg.cholesky(self._B(hyp), lower=True)
+                # the upper factor's transpose: the lower one, C-ordered (see _updated_factor)
+                LB = scipy.linalg.cholesky(self._B(hyp), lower=False).T
                 self._lb_state = self._factored(hyp, 0)
             except np.linalg.LinAlgError:
                 if attempt:
@@ -1875,8 +1953,6 @@ class SparseGP:
                             "(M = %d, %d frames); re-forming them from the stored rows", M,
                             len(self.frames))
                 self.rebuild_accumulators()
-        # the variances' copy of the factor in Fortran order (8.6 ms at M = 1850), meanwhile
-        LB_F = spawn(functools.partial(np.asfortranarray, LB))
         self.fit_baseline()  # free: the accumulators carry e0 linearly
         wh = self._whitened()
         u = wh["c"] / se**2 + wh["bF"] / sf**2
@@ -1886,7 +1962,7 @@ class SparseGP:
         self._beta = s2 * (self._Linv.T @ scipy.linalg.cho_solve((LB.T, False), u,
                                                                   check_finite=False))
         self._LB = LB
-        self._make_blocks(panels=panels.join(), LB_F=LB_F.join())
+        self._make_blocks(panels=panels.join())
         self._fitted = True
 
     def _updated_factor(self, hyp: np.ndarray) -> np.ndarray | None:
@@ -1900,7 +1976,10 @@ class SparseGP:
         (a QR of the triangle stacked on ``V^T``, LAPACK ``tpqrt``, O(k M0^2)),
         and the new rows follow by a triangular solve and a small Cholesky,
         O(M0^2 n_new): for aspirin's k = 64 at M = 1800, 15 ms against 84 ms
-        for a new factorization (one thread).  A new one is due after other changes (frames
+        for a new factorization (one thread).  Both work in place in one new
+        array (:func:`_update_factor_rows`, :func:`_solve_below`); the factor's
+        diagonal may come out negative, which changes neither ``LB LB^T`` nor any
+        solve with it.  A new one is due after other changes (frames
         dropped, columns removed, new hyperparameters), when the rank is large
         (k > ``_UPDATE_RANK`` M0, e.g. big structures: the update's 2 k M0^2
         flops would not beat the factorization's M0^3 / 3), and every 100
@@ -1912,31 +1991,24 @@ class SparseGP:
         M0, M = st["M"], self.n_sparse
         sigma, se, sf = hyp
         k = st["rank"]
-        LB = self._LB
+        # a new array: the last solve's posterior keeps reading the old factor
+        LB = np.empty((M, M))
+        LB[:M0, :M0] = self._LB
         if k:
             V = np.hstack([np.column_stack([W[:M0] * (sigma / sf), ew[:M0] * (sigma / se)])
                            for W, ew in st["rows"]])
-            R, _, _, info = scipy.linalg.lapack.dtpqrt(
-                0, min(32, M0), np.asfortranarray(LB.T), np.asfortranarray(V.T),
-                overwrite_a=True, overwrite_b=True)
-            if info != 0:
+            if not _update_factor_rows(LB, M0, V):
                 return None
-            # R's strictly lower triangle is LB.T's, zero; LAPACK's R may have a negative diagonal
-            if np.any(np.diag(R) < 0):
-                R *= np.where(np.diag(R) < 0, -1.0, 1.0)[:, None]
-            LB = R.T
         if M > M0:
             B_new = self._B(hyp, M0)  # the new rows: [B21, B22]
-            L21 = scipy.linalg.solve_triangular(LB, B_new[:, :M0].T, lower=True).T
+            LB[:M0, M0:] = 0.0
+            LB[M0:, :M0] = B_new[:, :M0]
+            _solve_below(LB, M0)  # L21 = B21 L11^-T
+            L21 = LB[M0:, :M0]
             try:
-                L22 = scipy.linalg.cholesky(B_new[:, M0:] - L21 @ L21.T, lower=True)
+                LB[M0:, M0:] = scipy.linalg.cholesky(B_new[:, M0:] - L21 @ L21.T, lower=True)
             except np.linalg.LinAlgError:
                 return None
-            full = np.zeros((M, M))
-            full[:M0, :M0] = LB
-            full[M0:, :M0] = L21
-            full[M0:, M0:] = L22
-            LB = full
         self._lb_state = self._factored(hyp, st["updates"] + 1)
         return LB
 
@@ -1954,14 +2026,13 @@ class SparseGP:
             out[s] = (cols, Zs, *_triangular_panels(Li))
         return out
 
-    def _make_blocks(self, C: np.ndarray | None = None, panels: dict | None = None,
-                     LB_F: np.ndarray | None = None) -> None:
+    def _make_blocks(self, C: np.ndarray | None = None, panels: dict | None = None) -> None:
         """Per-species slices used at every prediction (no copies in the hot path).
 
         Each species' block of ``L^-1`` is lower triangular (columns keep their order
         when added or removed; K_mm is block diagonal over species): ``predict``
         multiplies by it as a triangular matrix, kept as row panels. ``panels`` (from
-        :meth:`_species_panels`) and ``LB_F`` (``LB`` in Fortran order) where already made.
+        :meth:`_species_panels`) where already made.
         """
         if panels is None or panels["Linv"] is not self._Linv:
             panels = self._species_panels()
@@ -1975,7 +2046,7 @@ class SparseGP:
                 "panels": pan,
                 "offsets": offsets,
             }
-        self._posterior = _Posterior(self._LB, self._Linv, self._blocks, C, LB_F)
+        self._posterior = _Posterior(self._LB, self._Linv, self._blocks, C)
 
     # ------------------------------------------------------------------
     # prediction
@@ -2075,7 +2146,7 @@ class SparseGP:
             # var(eps_i) = sigma^2 (1 - |L^-1 kt_i|^2 + |LB^-1 L^-1 kt_i|^2)  (DTC);
             # LB^-1 L^-1 (= C) is not block diagonal: the energy needs all of it
             cc = np.zeros(N)
-            wE = np.zeros(len(post.LB_F))  # L^-1 sum_i kt_i
+            wE = np.zeros(len(post.U))  # L^-1 sum_i kt_i
             e_var_prior = 0.0
             for s in range(len(self._blocks)):
                 pa = ph[order[first[s]:first[s + 1]]]
@@ -2084,7 +2155,7 @@ class SparseGP:
                 cc[at] = np.einsum("ji,ji->i", post.ctc(s) @ kT, kT)
                 wE[post.blocks[s]["cols"]] += wsum
             var = sigma2 * (1.0 - ww + cc)
-            vE = scipy.linalg.lapack.dtrtrs(post.LB_F, wE, lower=1)[0]  # LB^-1 wE
+            vE = scipy.linalg.lapack.dtrtrs(post.U, wE, lower=0, trans=1)[0]  # LB^-1 wE
             e_var = sigma2 * (e_var_prior - wE @ wE + vE @ vE)
             return np.sqrt(np.clip(var, 0.0, None)), float(math.sqrt(max(e_var, 0.0)))
 
