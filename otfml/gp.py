@@ -34,6 +34,7 @@ import json
 import logging
 import math
 import os
+import sys
 import threading
 import weakref
 import zipfile
@@ -592,6 +593,38 @@ def _in_two(spawn: Callable[[Callable], _Task] | None, fn: Callable[[int, int], 
     return [first.join(), second]
 
 
+class _Spare:
+    """Large float arrays, each handed out again once nothing else refers to it.
+
+    Fresh memory costs page faults when it is first written: on the 2-core test
+    machine 2-5 ms for aspirin's 29 MB factor, at times 30-70 ms. An array that
+    no snapshot holds any more (a prediction keeps the factors of the solve it
+    was made at, as views) is written over instead.
+    """
+
+    def __init__(self, keep: int = 3) -> None:
+        self._arrays: list[np.ndarray] = []
+        self.keep = keep
+
+    def take(self, n: int, room: float = 0.0) -> np.ndarray:
+        """A flat float64 array of at least ``n`` elements, its values unset. A new one
+        gets ``room`` (a fraction) more, so that it fits the next, larger request."""
+        for a in self._arrays:
+            # held by the list, by ``a`` and by getrefcount's argument only: no array
+            # and no view of it is alive elsewhere
+            if len(a) >= n and sys.getrefcount(a) <= 3:
+                return a
+        a = np.empty(int(n * (1.0 + room)))
+        self._arrays.append(a)
+        if len(self._arrays) > self.keep:
+            del self._arrays[0]
+        return a
+
+    def square(self, M: int, room: float = 0.0) -> np.ndarray:
+        """A C-ordered (M, M) view of a spare array."""
+        return self.take(M * M, room)[:M * M].reshape(M, M)
+
+
 class _Grow:
     """Growable 2-D array: rows appended, columns appended.
 
@@ -832,6 +865,7 @@ class SparseGP:
         self._trainable = True
         self._reset_accumulators(0)
         self._square: dict[str, np.ndarray] = {}  # buffers of the growing M x M matrices
+        self._spare: dict[str, _Spare] = {}  # arrays to use again (:class:`_Spare`)
         # inverse of the Cholesky factor L of K_mm + jitter (maintained incrementally)
         self._Linv = np.zeros((0, 0))
         self._AFw = np.zeros((0, 0))  # L^-1 A_F L^-T
@@ -1249,15 +1283,19 @@ class SparseGP:
         only the new rows and columns; a new array would copy the old block
         and touch fresh memory (20 ms of a 126 ms column addition on aspirin at
         M = 1434).  A matrix that is not its buffer's top-left block (e.g.
-        after columns were removed) moves to a new buffer, so an array handed
-        out before (a prediction's snapshot of L^-1) never changes.
+        after columns were removed) moves to another buffer, so an array handed
+        out before (a prediction's snapshot of L^-1) never changes; buffers that
+        nothing refers to any more are used again (:class:`_Spare`).
         """
         cur = getattr(self, name)
         buf = self._square.get(name)
-        if (buf is not None and M <= len(buf) and cur.base is buf
+        if (buf is not None and M <= len(buf) and cur.base is buf.base
                 and cur.ctypes.data == buf.ctypes.data and cur.strides == buf.strides):
             return buf[:M, :M]
-        buf = np.empty((max(M, self.max_sparse_per_species * len(self.descriptor.species)),) * 2)
+        # a square no snapshot holds any more, or a new one
+        self._square.pop(name, None)
+        spare = self._spare.setdefault(name, _Spare())
+        buf = spare.square(max(M, self.max_sparse_per_species * len(self.descriptor.species)))
         self._square[name] = buf
         out = buf[:M, :M]
         out[:M0, :M0] = cur
@@ -1276,6 +1314,11 @@ class SparseGP:
         """
         M0 = self.n_sparse
         n_new = len(new_zs)
+        # K_mm and L^-1 are block diagonal over species: each species' old columns and
+        # block of L^-1 (taken before the new columns join), and its new columns
+        blocks = {s: self._species_block(s)[:2] for s in range(len(self.descriptor.species))}
+        groups = [(blocks[s][0], np.flatnonzero(new_zs == s), blocks[s][1])
+                  for s in np.unique(new_zs)]
         self.Z = np.vstack([self.Z, new_Z])
         self.zs = np.concatenate([self.zs, new_zs])
         cols = np.arange(M0, M0 + n_new)
@@ -1283,24 +1326,28 @@ class SparseGP:
         # the new columns of the kernel matrix and the inverse of its Cholesky factor
         block = (self.Z @ new_Z.T) ** 2
         block[self.zs[:, None] != new_zs[None, :]] = 0.0
-        I11 = self._Linv
-        L21 = (I11 @ block[:M0]).T  # (n_new, M0)
+        L21 = np.zeros((n_new, M0))  # L11^-1 K12, transposed: nonzero in its species' columns
+        L21I = np.zeros((n_new, M0))  # L21 L11^-1
+        for cs, js, Ls in groups:
+            part = (Ls @ block[np.ix_(cs, js)]).T
+            L21[np.ix_(js, cs)] = part
+            L21I[np.ix_(js, cs)] = part @ Ls
         S22 = block[M0:] + _JITTER * np.eye(n_new) - L21 @ L21.T
         L22 = scipy.linalg.cholesky(S22, lower=True)
         I22 = scipy.linalg.solve_triangular(L22, np.eye(n_new), lower=True)
         Linv = self._grown("_Linv", M0, M)
         Linv[:M0, M0:] = 0.0
-        Linv[M0:, :M0] = -I22 @ L21 @ I11
+        Linv[M0:, :M0] = -I22 @ L21I
         Linv[M0:, M0:] = I22
         self._Linv = Linv
-        return {"M0": M0, "cols": cols, "I11": I11, "I22": I22, "L21": L21}
+        return {"M0": M0, "cols": cols, "I22": I22, "L21": L21, "blocks": blocks}
 
     def _add_column_data(self, basis: dict,
                          spawn: Callable[[Callable], _Task] | None = None) -> None:
         """Append sparse environments, second part: their rows against every held frame and
         the new blocks of every accumulator (``basis`` from :meth:`_add_basis`). The large
         products are shared with another thread through ``spawn`` (:func:`_in_two`)."""
-        M0, cols, I11, I22, L21 = (basis[k] for k in ("M0", "cols", "I11", "I22", "L21"))
+        M0, cols, I22, L21 = (basis[k] for k in ("M0", "cols", "I22", "L21"))
         n_new = len(cols)
         M = M0 + n_new
         # rows of every stored frame against the new columns
@@ -1319,8 +1366,11 @@ class SparseGP:
         self.b_F = np.concatenate([self.b_F, sums["b_F"]])
         self._RF.add_columns(R_new)
         self._RE.add_columns(E_rows)
-        # whitened force accumulator: new blocks from the old ones (see docstring)
-        Y = I11 @ A12
+        # whitened force accumulator: new blocks from the old ones (see docstring); L11^-1
+        # by its species blocks (its zeros are most of it)
+        Y = np.empty_like(A12)
+        for cs, Ls in basis["blocks"].values():
+            Y[cs] = Ls @ A12[cs]
         LW = L21 @ self._AFw  # (n_new, M0), 2.7 ms at M0 = 1900: formed once
         b21 = I22 @ (Y.T - LW)
         LY = L21 @ Y
@@ -1991,8 +2041,8 @@ class SparseGP:
         M0, M = st["M"], self.n_sparse
         sigma, se, sf = hyp
         k = st["rank"]
-        # a new array: the last solve's posterior keeps reading the old factor
-        LB = np.empty((M, M))
+        # another array: the last solve's posterior keeps reading the old factor
+        LB = self._spare.setdefault("LB", _Spare()).square(M, room=0.1)
         LB[:M0, :M0] = self._LB
         if k:
             V = np.hstack([np.column_stack([W[:M0] * (sigma / sf), ew[:M0] * (sigma / se)])

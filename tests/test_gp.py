@@ -844,3 +844,22 @@ def test_in_two_cuts_a_range_and_keeps_the_order():
     assert len(parts) == 2 and np.array_equal(np.concatenate(parts), np.arange(n))
     assert sorted(seen) == [(0, n // 2), (n // 2, n)]
     assert len(_in_two(None, fn, n)) == 1 and len(_in_two(_Task, fn, _MIN_SHARED - 1)) == 1
+
+
+def test_spare_arrays_are_used_again_only_when_nothing_refers_to_them():
+    from otfml.gp import _Spare
+
+    spare = _Spare(keep=3)
+    a = spare.square(10, room=0.5)  # made with room for 150 elements
+    assert a.shape == (10, 10) and a.flags.c_contiguous
+    b = spare.square(10)
+    assert not np.shares_memory(a, b)  # a is alive: b is another array
+    snapshot = b[:5].T  # a view keeps b's memory in use
+    del b
+    c = spare.square(8)
+    assert not np.shares_memory(c, snapshot) and not np.shares_memory(c, a)
+    del a  # nothing but the spares refers to the first array now: it serves again
+    d = spare.square(11)
+    assert d.base is spare._arrays[0] and not np.shares_memory(d, snapshot)
+    e = spare.square(12)  # 144 elements: the first is taken, the others too small
+    assert not np.shares_memory(e, d) and len(spare._arrays) == 3  # at most keep
