@@ -102,6 +102,12 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "predict_threads": _f(int, None, "Threads that share each prediction's work, species "
                               "by species (null: 2 where this process may use 2 CPUs, else 1; "
                               "small molecules stay on one)", nullable=True, minimum=1),
+        "coulomb_charges": _f(dict, None, "Charges (e) per element, e.g. {O: -0.834, H: 0.417}, "
+                              "of a screened Coulomb term erf(r/w)/r the model learns on top of "
+                              "(electrostatics beyond the cutoff, e.g. in clusters of polar "
+                              "molecules; not for periodic cells); null: none", nullable=True),
+        "coulomb_width": _f(NUM, 1.5, "Screening length w of model.coulomb_charges, Å",
+                            positive=True),
         "overlap_update": _f(bool, True, "While the reference runs in its own process (MOPAC), "
                              "prepare the model's update on a second CPU: the new sparse "
                              "environments and their rows need only the geometry (false: one "

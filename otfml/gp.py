@@ -53,6 +53,7 @@ from ase import Atoms
 from ase.data import chemical_symbols
 from numba import njit
 
+from .baseline import ScreenedCoulomb
 from .descriptor import Descriptor, Environments
 from .errors import ConfigError, IsolatedAtoms
 
@@ -117,7 +118,8 @@ class Prediction:
     forces : ndarray, shape (n_atoms, 3)
         Forces, eV/Å (exact negative gradient of ``energy``).
     local_energies : ndarray, shape (n_atoms,)
-        Local energies including the species baseline, eV.
+        Local energies including the species baseline (and half of each pair's
+        energy of ``SparseGP.baseline``, if any), eV.
     novelty : ndarray, shape (n_atoms,)
         ``sigma * sqrt(1 - kt^T Kt_mm^-1 kt)``: the prior std of each local
         energy that the sparse set leaves unexplained, eV.  Unlike
@@ -182,6 +184,9 @@ class PreparedFrame:
         Force rows.
     W, ew : ndarray, shapes (M, 3 n_atoms) and (M,)
         The rows whitened by ``L^-1`` (``ew`` divided by sqrt(n_atoms)).
+    base : (float, ndarray (n_atoms, 3)) or None
+        The model's baseline energy (eV) and forces (eV/Å) at the frame, which
+        its labels lose (see ``SparseGP.baseline``).
     """
 
     env: Environments
@@ -192,6 +197,7 @@ class PreparedFrame:
     W: np.ndarray = field(repr=False)
     ew: np.ndarray = field(repr=False)
     state: tuple | None = field(repr=False, default=None)
+    base: tuple[float, np.ndarray] | None = field(repr=False, default=None)
 
 
 def _normalize(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -824,6 +830,9 @@ class SparseGP:
         Threads that share each prediction's work, species by species (atoms of a
         species split between them where that balances it). None: two where this
         process may use two CPUs, else one. A runtime setting, not saved.
+    baseline : otfml.baseline.ScreenedCoulomb, optional
+        A fixed long-range term: the model learns the labels less it and
+        predicts with it added (saved with the model).
     """
 
     def __init__(
@@ -839,6 +848,7 @@ class SparseGP:
         evict: str = "thin",
         cache_dtype=np.float32,
         threads: int | None = None,
+        baseline: ScreenedCoulomb | None = None,
     ) -> None:
         if threads is not None and threads < 1:
             raise ValueError(f"threads = {threads}: give at least 1, or None for automatic")
@@ -847,6 +857,8 @@ class SparseGP:
         if evict not in EVICTIONS:
             raise ValueError(f"evict = {evict!r}: give one of {', '.join(EVICTIONS)}")
         self.descriptor = descriptor
+        #: a fixed term the model learns on top of (labels minus it; predictions plus it)
+        self.baseline = baseline
         self.hyp = hyperparameters or Hyperparameters()
         self.bounds = tuple(tuple(map(float, b)) for b in bounds)
         self.max_sparse_per_species = int(max_sparse_per_species)
@@ -1516,8 +1528,12 @@ class SparseGP:
         geom, row_e, rows_f, W, ew = own.join()
         # the force rows' buffer grows (a copy of every held frame's rows) here, not later
         self._RF.reserve(self._RF.n + 3 * len(atoms))
+        base = None
+        if self.baseline is not None:
+            atom_e, base_f = self.baseline.energies_forces(atoms)
+            base = (float(atom_e.sum()), base_f)
         return PreparedFrame(env=env, n_new=len(picked), geom=geom, row_e=row_e,
-                             rows_f=rows_f, W=W, ew=ew, state=self._state())
+                             rows_f=rows_f, W=W, ew=ew, state=self._state(), base=base)
 
     def _frame_rows(self, env: Environments, M0: int, blocks: list) -> tuple:
         """A frame's geometry, energy and force rows and their whitened forms.
@@ -1567,6 +1583,9 @@ class SparseGP:
             self.discard_prepared(prep)
             raise
         prep.state = None  # used up
+        if prep.base is not None:  # the model learns the labels less its baseline
+            energy = energy - prep.base[0]
+            forces = forces - prep.base[1]
         N = len(env.numbers)
         row_e, rows_f, W, ew, geom = prep.row_e, prep.rows_f, prep.W, prep.ew, prep.geom
         counts = np.bincount(env.species, minlength=len(self.descriptor.species)).astype(float)
@@ -2214,6 +2233,10 @@ class SparseGP:
             ww[at] = w2
             kept.append((s, at, kT, wsum))
         forces = self.descriptor.backprop(env, dE_dp)
+        if self.baseline is not None:
+            atom_e, base_f = self.baseline.energies_forces(atoms)
+            eps += atom_e
+            forces += base_f
         post = self._posterior  # this solve's factors, even if the model is updated meanwhile
 
         def posterior() -> tuple[np.ndarray, float]:
@@ -2261,6 +2284,7 @@ class SparseGP:
             "max_sparse_per_species": self.max_sparse_per_species,
             "sparse_tolerance": self.sparse_tolerance,
             "n_frames": self._n_e,
+            "baseline": None if self.baseline is None else self.baseline.to_dict(),
         }
         with open(path, "wb") as fh:
             np.savez(fh, meta=np.array(json.dumps(meta)), Z=self.Z, zs=self.zs,
@@ -2294,7 +2318,9 @@ class SparseGP:
         gp = cls(Descriptor.from_dict(meta["descriptor"]),
                  Hyperparameters(*meta["hyperparameters"]), bounds=meta["bounds"],
                  max_sparse_per_species=meta["max_sparse_per_species"],
-                 sparse_tolerance=meta["sparse_tolerance"])
+                 sparse_tolerance=meta["sparse_tolerance"],
+                 baseline=(None if meta.get("baseline") is None
+                           else ScreenedCoulomb.from_dict(meta["baseline"])))
         gp.Z, gp.zs, gp.e0 = arrays["Z"], arrays["zs"].astype(np.int64), arrays["e0"]
         gp._beta, gp._LB, gp._Linv = arrays["beta"], arrays["LB"], arrays["Linv"]
         gp._make_blocks(arrays["C"])

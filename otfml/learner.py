@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from ase import Atoms
 
+from .baseline import ScreenedCoulomb
 from .config import SCHEMA, _check
 from .descriptor import Descriptor
 from .errors import (
@@ -56,6 +57,8 @@ MODEL_DEFAULTS = {
     "blas_threads": 1,
     "predict_threads": None,
     "overlap_update": True,
+    "coulomb_charges": None,
+    "coulomb_width": 1.5,
 }
 
 
@@ -215,10 +218,14 @@ def _model_from_settings(species, settings: dict) -> SparseGP:
                       radial_scaling=settings["radial_scaling"],
                       radial_power=settings["radial_power"],
                       centre_weight=settings["centre_weight"])
+    baseline = (None if settings["coulomb_charges"] is None else
+                ScreenedCoulomb(settings["coulomb_charges"], settings["coulomb_width"],
+                                species=list(species)))
     return SparseGP(desc, max_sparse_per_species=settings["max_sparse_per_species"],
                     sparse_tolerance=settings["sparse_tolerance"],
                     prune=settings["prune_sparse"], max_frames=settings["max_frames"],
-                    evict=settings["evict_frames"], threads=settings["predict_threads"])
+                    evict=settings["evict_frames"], threads=settings["predict_threads"],
+                    baseline=baseline)
 
 
 def train_from_frames(frames, settings: dict | None = None,
@@ -378,6 +385,8 @@ def check_model_settings(settings: dict | None) -> dict:
         if isinstance(val, np.generic):
             val = val.item()
         out[key] = _check(f"model.{key}", val, SCHEMA["model"][key], "model settings")
+    if out["coulomb_charges"] is not None:  # element names and charges (species come later)
+        ScreenedCoulomb(out["coulomb_charges"], out["coulomb_width"])
     return out
 
 
