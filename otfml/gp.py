@@ -599,6 +599,16 @@ def _in_two(spawn: Callable[[Callable], _Task] | None, fn: Callable[[int, int], 
     return [first.join(), second]
 
 
+def _refcounts(arrays: list) -> list[int]:
+    return [sys.getrefcount(a) for a in arrays]
+
+
+@functools.cache
+def _unheld_refcount() -> int:
+    """What :func:`_refcounts` counts for an array only its list holds (interpreters differ)."""
+    return _refcounts([np.empty(0)])[0]
+
+
 class _Spare:
     """Large float arrays, each handed out again once nothing else refers to it.
 
@@ -615,10 +625,9 @@ class _Spare:
     def take(self, n: int, room: float = 0.0) -> np.ndarray:
         """A flat float64 array of at least ``n`` elements, its values unset. A new one
         gets ``room`` (a fraction) more, so that it fits the next, larger request."""
-        for a in self._arrays:
-            # held by the list, by ``a`` and by getrefcount's argument only: no array
-            # and no view of it is alive elsewhere
-            if len(a) >= n and sys.getrefcount(a) <= 3:
+        for a, refs in zip(self._arrays, _refcounts(self._arrays)):
+            # held by the list only: no array and no view of it is alive elsewhere
+            if len(a) >= n and refs <= _unheld_refcount():
                 return a
         a = np.empty(int(n * (1.0 + room)))
         self._arrays.append(a)
