@@ -731,6 +731,20 @@ class _Grow:
         self.m += j
 
 
+def _times_blocks(blocks: list, x: np.ndarray, out: np.ndarray | None = None,
+                  transpose: bool = False) -> np.ndarray:
+    """``L^-1 x`` (``L^-T x`` with ``transpose``) for ``x`` (M, ...), ``L^-1`` block diagonal
+    over species: ``blocks`` lists each species' (columns, block of ``L^-1``), as
+    :meth:`SparseGP._species_blocks` gives them. Rows of ``out`` no block covers are left
+    as they are."""
+    if out is None:
+        out = np.empty_like(x)
+    for cols, Li in blocks:
+        if len(cols):
+            out[cols] = (Li.T if transpose else Li) @ x[cols]
+    return out
+
+
 def _take_square(A: np.ndarray, keep: np.ndarray, out: np.ndarray, rows: int = 256
                  ) -> np.ndarray:
     """``out[:] = A[np.ix_(keep, keep)]`` in row chunks (no full-size temporary); ``out``."""
@@ -975,6 +989,10 @@ class SparseGP:
             cols = self._cols(s)
             cache[1][s] = (cols, self._Linv[np.ix_(cols, cols)], np.ascontiguousarray(self.Z[cols]))
         return cache[1][s]
+
+    def _species_blocks(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each species' columns and block of ``L^-1`` (:meth:`_species_block`), by index."""
+        return [self._species_block(s)[:2] for s in range(len(self.descriptor.species))]
 
     def _reset_accumulators(self, M: int) -> None:
         S = len(self.descriptor.species)
@@ -1341,7 +1359,8 @@ class SparseGP:
         """Append sparse environments (both parts) to a model."""
         self._add_column_data(self._add_basis(new_Z, new_zs))
 
-    def _add_basis(self, new_Z: np.ndarray, new_zs: np.ndarray) -> dict:
+    def _add_basis(self, new_Z: np.ndarray, new_zs: np.ndarray,
+                   blocks: list | None = None) -> dict:
         """Append sparse environments, first part: Z, K_mm and L^-1 (what a frame's rows need).
 
         With ``L = [[L11, 0], [L21, L22]]`` the whitened blocks of the old columns
@@ -1351,8 +1370,10 @@ class SparseGP:
         M0 = self.n_sparse
         n_new = len(new_zs)
         # K_mm and L^-1 are block diagonal over species: each species' old columns and
-        # block of L^-1 (taken before the new columns join), and its new columns
-        blocks = {s: self._species_block(s)[:2] for s in range(len(self.descriptor.species))}
+        # block of L^-1 (taken before the new columns join; ``blocks`` where the caller has
+        # them), and its new columns
+        if blocks is None:
+            blocks = self._species_blocks()
         groups = [(blocks[s][0], np.flatnonzero(new_zs == s), blocks[s][1])
                   for s in np.unique(new_zs)]
         self.Z = np.vstack([self.Z, new_Z])
@@ -1404,9 +1425,7 @@ class SparseGP:
         self._RE.add_columns(E_rows)
         # whitened force accumulator: new blocks from the old ones (see docstring); L11^-1
         # by its species blocks (its zeros are most of it)
-        Y = np.empty_like(A12)
-        for cs, Ls in basis["blocks"].values():
-            Y[cs] = Ls @ A12[cs]
+        Y = _times_blocks(basis["blocks"], A12)
         LW = L21 @ self._AFw  # (n_new, M0), 2.7 ms at M0 = 1900: formed once
         b21 = I22 @ (Y.T - LW)
         LY = L21 @ Y
@@ -1528,9 +1547,9 @@ class SparseGP:
         spawn = spawn or self._spawn_here() or _Task
         picked = self._select_sparse(env, candidates, max_new_sparse, sparse_tolerance, spawn)
         # L^-1's species blocks before the new columns (cut out for the selection already)
-        blocks = [self._species_block(s)[:2] for s in range(len(self.descriptor.species))]
+        blocks = self._species_blocks()
         M0 = self.n_sparse
-        basis = self._add_basis(ph[picked], env.species[picked]) if picked else None
+        basis = self._add_basis(ph[picked], env.species[picked], blocks) if picked else None
         own = spawn(functools.partial(self._frame_rows, env, M0, blocks))  # after the basis
         if basis is not None:
             self._add_column_data(basis, spawn)
@@ -1556,10 +1575,7 @@ class SparseGP:
         M = self.n_sparse
         row_e, rows_f = self._rows(env, np.arange(M), geom)
         rows = np.vstack([rows_f, row_e / math.sqrt(len(env.species))])  # (3N + 1, M)
-        Wall = np.empty((M, len(rows)))
-        for cols, Li in blocks:
-            if len(cols):
-                Wall[cols] = Li @ rows[:, cols].T
+        Wall = _times_blocks(blocks, rows.T, out=np.empty((M, len(rows))))
         if M > M0:
             Wall[M0:] = self._Linv[M0:] @ rows.T
         return geom, row_e, rows_f, Wall[:, :-1], np.ascontiguousarray(Wall[:, -1])
@@ -1905,21 +1921,13 @@ class SparseGP:
         date as frames and sparse columns arrive, so a solve costs no O(frames M^2).
         """
         c = self.c_E - self.C_E @ self.e0
+        blocks = self._species_blocks()  # L^-1 by them: a third of the memory traffic (aspirin)
         return {
             "AE": self._AEw,
             "AF": self._AFw,
-            "c": self._Linv_times(c),
-            "bF": self._Linv_times(self.b_F),
+            "c": _times_blocks(blocks, c),
+            "bF": _times_blocks(blocks, self.b_F),
         }
-
-    def _Linv_times(self, x: np.ndarray, transpose: bool = False) -> np.ndarray:
-        """``L^-1 x`` (or ``L^-T x``) for a vector ``x`` (M,), by the species blocks of
-        ``L^-1`` (K_mm is block diagonal): a third of the memory traffic on aspirin."""
-        out = np.empty_like(x)
-        for s in range(len(self.descriptor.species)):
-            cols, Li, _ = self._species_block(s)
-            out[cols] = (Li.T if transpose else Li) @ x[cols]
-        return out
 
     def _B(self, theta: np.ndarray, start: int = 0) -> np.ndarray:
         """Rows ``start:`` of ``B = I + sigma^2 (AEw/se^2 + AFw/sf^2)``, (M - start, M).
@@ -2064,8 +2072,9 @@ class SparseGP:
         # weights alpha = P^-1 b = L^-T B^-1 u; local energy eps = kt^T (s2 alpha);
         # LB.T is the upper factor in Fortran order, which LAPACK takes without a copy
         # (s2 times the vector: s2 * Linv.T first formed an M x M product, 16 ms at M = 1900)
-        self._beta = s2 * self._Linv_times(
-            scipy.linalg.cho_solve((LB.T, False), u, check_finite=False), transpose=True)
+        self._beta = s2 * _times_blocks(
+            self._species_blocks(), scipy.linalg.cho_solve((LB.T, False), u, check_finite=False),
+            transpose=True)
         self._LB = LB
         self._make_blocks(panels=panels.join())
         self._fitted = True
