@@ -17,6 +17,14 @@ def _have_mopac() -> bool:
 mopac = pytest.mark.skipif(not _have_mopac(), reason="MOPAC is not installed")
 
 
+def numeric_force(energy, atoms, i: int, c: int, h: float = 1e-5) -> float:
+    """-dE/dr[i, c] by central differences of ``energy(atoms)`` (eV) with step ``h`` (Å)."""
+    plus, minus = atoms.copy(), atoms.copy()
+    plus.positions[i, c] += h
+    minus.positions[i, c] -= h
+    return -(energy(plus) - energy(minus)) / (2 * h)
+
+
 @pytest.fixture
 def ethanol():
     a = molecule("CH3CH2OH")

@@ -16,7 +16,7 @@ from otfml.gp import SparseGP
 from otfml.learner import check_model_settings, train_from_frames
 from otfml.store import Store
 
-from .conftest import mopac
+from .conftest import mopac, numeric_force
 
 TIP3P = {"O": -0.834, "H": 0.417}
 
@@ -35,14 +35,8 @@ def test_forces_are_the_negative_gradient_and_energies_add_up():
     a = _dimer()
     c = ScreenedCoulomb(TIP3P, width=1.5)
     e, f = c.energies_forces(a)
-    h = 1e-5
-    num = np.zeros_like(f)
-    for i in range(len(a)):
-        for k in range(3):
-            p, m = a.copy(), a.copy()
-            p.positions[i, k] += h
-            m.positions[i, k] -= h
-            num[i, k] = -(c.energies_forces(p)[0].sum() - c.energies_forces(m)[0].sum()) / (2 * h)
+    num = np.array([[numeric_force(lambda x: c.energies_forces(x)[0].sum(), a, i, k)
+                     for k in range(3)] for i in range(len(a))])
     np.testing.assert_allclose(f, num, atol=1e-8)
     np.testing.assert_allclose(f.sum(axis=0), 0.0, atol=1e-12)  # no net force
     # far apart, two point charges: k q1 q2 / r (erf(r / w) is 1)

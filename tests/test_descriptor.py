@@ -6,6 +6,8 @@ from scipy.special import eval_legendre
 
 from otfml.descriptor import Descriptor, _solid_harmonics
 
+from .conftest import numeric_force
+
 
 def test_spherical_harmonics_addition_theorem():
     """sum_m Y_lm(a) Y_lm(b) = (2l+1)/(4 pi) P_l(a.b): orthonormal real harmonics."""
@@ -54,16 +56,8 @@ def test_adjoint_and_full_gradient_match_finite_differences(ethanol, pbc, r0, ce
     env = d.environments(a)
     W = np.random.default_rng(1).normal(size=env.p.shape)
     F = d.backprop(env, W)
-    h = 1e-5
-    Ffd = np.zeros_like(F)
-    for i in range(len(a)):
-        for c in range(3):
-            ap, am = a.copy(), a.copy()
-            ap.positions[i, c] += h
-            am.positions[i, c] -= h
-            e_p = (d.environments(ap).p * W).sum()
-            e_m = (d.environments(am).p * W).sum()
-            Ffd[i, c] = -(e_p - e_m) / (2 * h)
+    Ffd = np.array([[numeric_force(lambda x: (d.environments(x).p * W).sum(), a, i, c)
+                     for c in range(3)] for i in range(len(a))])
     assert np.abs(F - Ffd).max() < 1e-6 * max(1.0, np.abs(F).max())
     G = d.gradient(env)
     F2 = np.zeros_like(F)

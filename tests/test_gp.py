@@ -9,6 +9,8 @@ import otfml.gp as gp_module
 from otfml.descriptor import Descriptor
 from otfml.gp import SparseGP
 
+from .conftest import numeric_force
+
 #: double-precision cache: models built along different paths agree to rounding, so the
 #: tests of the incremental algebra can be tight (the default single-precision cache
 #: leaves relative differences of about 1e-6 in the rows; see the test of it below)
@@ -53,13 +55,9 @@ def _assert_forces_are_negative_energy_gradient(gp, atoms):
     a = atoms.copy()
     a.positions += 0.02
     F = gp.predict(a).forces
-    h = 1e-5
     for i in (0, 3, 8):
         for c in range(3):
-            ap, am = a.copy(), a.copy()
-            ap.positions[i, c] += h
-            am.positions[i, c] -= h
-            fd = -(gp.predict(ap).energy - gp.predict(am).energy) / (2 * h)
+            fd = numeric_force(lambda x: gp.predict(x).energy, a, i, c)
             assert F[i, c] == pytest.approx(fd, abs=1e-6)
 
 

@@ -14,6 +14,8 @@ from scipy.spatial.transform import Rotation
 from otfml.learner import train_from_frames
 from otfml.store import Frame
 
+from .conftest import numeric_force
+
 SPECIES = [1, 6, 8]
 
 
@@ -66,10 +68,6 @@ def test_forces_are_the_negative_energy_gradient(atoms, seed):
     model = _model()
     rng = np.random.default_rng(seed)
     forces = model.predict(atoms).forces
-    h = 1e-5
     for i, c in zip(rng.integers(len(atoms), size=3), rng.integers(3, size=3)):
-        plus, minus = atoms.copy(), atoms.copy()
-        plus.positions[i, c] += h
-        minus.positions[i, c] -= h
-        numeric = -(model.predict(plus).energy - model.predict(minus).energy) / (2 * h)
+        numeric = numeric_force(lambda x: model.predict(x).energy, atoms, i, c)
         assert abs(numeric - forces[i, c]) < 1e-5 + 1e-4 * abs(forces[i, c])
