@@ -66,8 +66,8 @@ def nve(atoms, steps: int, check, compensation=None) -> dict:
 
 
 def run(mode: str, ensemble: str, molecule: str, steps: int, seed: int, work: str,
-        compensate: bool = False, calibration: str = "atom", settings: dict | None = None
-        ) -> dict:
+        compensate: bool = False, calibration: str = "atom", settings: dict | None = None,
+        force_tolerance: float | None = None) -> dict:
     from otfml.reference import MopacReference
 
     command = MopacReference().command
@@ -81,7 +81,10 @@ def run(mode: str, ensemble: str, molecule: str, steps: int, seed: int, work: st
 
         atoms.calc = OTFCalculator(reference=MOPAC(method="PM7"),
                                    store=os.path.join(work, "otf.h5"),
-                                   policy=LearningPolicy(calibration=calibration),
+                                   policy=LearningPolicy(
+                                       calibration=calibration,
+                                       **({} if force_tolerance is None
+                                          else {"force_tolerance": force_tolerance})),
                                    model_settings=settings or {})
     out = {"mode": mode, "ensemble": ensemble, "molecule": molecule, "steps": steps,
            "seed": seed}
@@ -94,6 +97,7 @@ def run(mode: str, ensemble: str, molecule: str, steps: int, seed: int, work: st
                                                     else {"min_frames": sys.maxsize}))
         out["energy_compensation"] = compensate
         out["calibration"] = calibration
+        out["force_tolerance_eV_A"] = atoms.calc.learner.policy.force_tolerance
         out["model_settings"] = atoms.calc.learner.settings
 
     if ensemble == "nvt":
@@ -134,13 +138,16 @@ def main(argv=None) -> int:
                     help="otfml run with otfml.compensation.EnergyCompensation attached")
     ap.add_argument("--calibration", choices=CALIBRATIONS, default="atom",
                     help="the otfml run's learning.calibration")
+    ap.add_argument("--force-tolerance", type=float, default=None,
+                    help="the otfml run's learning.force_tolerance, eV/Å (default: the policy's)")
     ap.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="the otfml run's model setting, e.g. --set centre_weight=0")
     args = ap.parse_args(argv)
     work = tempfile.mkdtemp(prefix="otfml-temperature-")
     for mode in ("plain", "otfml") if args.mode == "both" else (args.mode,):
         print(json.dumps(run(mode, args.ensemble, args.molecule, args.steps, args.seed, work,
-                             args.compensate, args.calibration, parse_settings(args.set))))
+                             args.compensate, args.calibration, parse_settings(args.set),
+                             args.force_tolerance)))
         sys.stdout.flush()
     return 0
 
