@@ -9,10 +9,10 @@ plain MOPAC runs of several seeds with the otfml run.
 ``--ensemble nve``: velocity Verlet, 0.5 fs.  Every 10th step the kinetic
 energy plus MOPAC's energy of that geometry (one extra MOPAC call, also for the
 otfml run) gives the total energy on MOPAC's surface; printed is its drift
-(linear fit, eV/ps).  For the otfml run also printed: the sum over the
-reference calls of how much each update moved the model's energy at the
-geometry it was called for (updated model minus the prediction before, eV),
-and the mean of the model's energy error at the calls before the update.
+(linear fit, eV/ps).  For the otfml run also printed: the sum of the changes
+of the force surface that ``EnergyCompensation`` measured (eV; what it takes out
+of the kinetic energy with ``--compensate``), and the mean of the model's energy
+error at the calls before the update.
 
 Both runs start alike (same seed); they part within a few hundred steps.
 
@@ -92,7 +92,7 @@ def run(mode: str, ensemble: str, molecule: str, steps: int, seed: int, work: st
     if mode == "otfml":
         from otfml.compensation import EnergyCompensation
 
-        # without --compensate it only measures the updates' shifts (min_frames never reached)
+        # without --compensate it only measures the changes (min_frames never reached)
         compensation = EnergyCompensation(atoms, **({} if compensate
                                                     else {"min_frames": sys.maxsize}))
         out["energy_compensation"] = compensate
@@ -114,12 +114,12 @@ def run(mode: str, ensemble: str, molecule: str, steps: int, seed: int, work: st
     if mode == "otfml":
         out["reference_calls"] = atoms.calc.learner.n_calls
         out["taken_from_kinetic_energy_eV"] = compensation.total
-        shifts = np.array([shift for _step, shift in compensation.shifts])
+        changes = np.array([change for _step, change in compensation.shifts])
         off = [h["model_energy"] - h["energy"] for h in atoms.calc.learner.history
                if h["called"] and h["model_energy"] is not None]
-        if len(shifts):
-            out["sum_of_update_shifts_eV"] = float(shifts.sum())
-            out["mean_update_shift_meV"] = 1e3 * float(shifts.mean())
+        if len(changes):
+            out["sum_of_surface_changes_eV"] = float(changes.sum())
+            out["mean_surface_change_meV"] = 1e3 * float(changes.mean())
             out["mean_model_minus_reference_at_calls_meV"] = 1e3 * float(np.mean(off))
         atoms.calc.close()
     return out

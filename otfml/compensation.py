@@ -5,23 +5,33 @@ the model puts too low, the model's forces speed the atoms up; the update at
 the reference call then lifts the model's energy at that geometry, but the
 kinetic energy gained stays. On aspirin/PM7 (velocity Verlet, 3000 steps) the
 total energy on MOPAC's surface rose by 0.43 eV/ps this way (plain MOPAC MD:
-0.001 eV/ps), about as much as the sum of the energy shifts of the updates at
-their geometries. In that NVE test, using the updated model's forces instead
-of MOPAC's at the call steps did not help (0.49 eV/ps): the updates feed
-energy in.  In Langevin MD at 500 K with this compensation, the switch of
-surfaces did matter: over 10,000 aspirin steps the runs that took MOPAC's
-values at the calls heated to about 600 K while MOPAC was asked at every
-third step; the first two with the updated model's values
-(``learning.call_step_result: updated_model``) stayed near 500 K with
-7-10 % calls.  Later runs of both kinds spread widely (benchmarks/README.md).
+0.001 eV/ps).
 
-:class:`EnergyCompensation` is an ASE dynamics observer that, after each step
-the reference labelled, takes the update's energy shift at that geometry out of
-the kinetic energy (scaling the momenta), so the model's total energy does not
-jump at updates.  Updates of a young model are left alone: they also move its
-energy as a whole (the per-element baseline, the hyperparameters), which heats
-nothing, and taking those moves out cooled aspirin NVE by 0.31 eV in its first
-600 steps; starting at 100 frames, by 0.08 eV (``benchmarks/temperature.py``).
+:class:`EnergyCompensation` is an ASE dynamics observer that keeps ``K + U``
+constant, ``U`` being the surface that gave the forces at the step (the model
+as it is, or the reference at a call), by scaling the momenta whenever ``U``
+changes.  A velocity Verlet step from ``x`` to ``x'`` takes its force at ``x``
+from the step before's surface ``U_a`` and at ``x'`` from the new one ``U_b``,
+so ``K + U`` moves by the mean of ``U_b - U_a`` at the two ends; that is the
+energy taken out.  The ends it cannot know are taken equal to the one it knows:
+
+* model, then a call returning the reference's values: ``E_ref - V_old`` at the
+  call (MOPAC's energy there less the prediction before the update);
+* that call, then the model that learned it: ``V_new - E_ref`` at the call;
+* two calls in a row returning the reference's values: nothing (the step ran on
+  the reference alone);
+* model, then a call returning the updated model's values
+  (``call_step_result: updated_model``): ``V_new - V_old``, both ends known
+  (one more prediction, at the step before's geometry).
+
+So ``K + U`` is conserved, and the total energy on the reference's surface,
+``K + E_ref = K + U - (U - E_ref)``, differs from it by the model's present
+error alone: nothing builds up.  Measured (``benchmarks/README.md``,
+"Temperature and energy drift"): aspirin NVE, 3000 steps, four seeds, total
+energy on MOPAC's surface at the end -0.03 to -0.07 eV, where compensating
+each update's shift at its geometry from the 100th frame on (the rule until
+2026-11-30) ended +0.23 to +0.79 eV, and from the first -0.09 to -0.20 eV (two
+calls in a row took the old model's error at the second out again).
 """
 
 from __future__ import annotations
@@ -38,13 +48,13 @@ log = logging.getLogger(__name__)
 
 
 class EnergyCompensation:
-    """ASE dynamics observer that takes each model update's energy shift out of the kinetic energy.
+    """ASE dynamics observer that takes each change of the force surface out of the kinetic energy.
 
-    After a step that called the reference, the updated model's energy at
-    that geometry minus the model's prediction before the update (eV) is
-    the shift; the momenta are scaled so that the kinetic energy changes by
-    minus the shift.  At most ``max_fraction`` of the kinetic energy is taken
-    at once; what is left over is taken at the following steps.
+    Attach it to the dynamics with ``interval=1``: each step is compared with
+    the one before (module notes).  When the surface that gives the forces
+    changed between them, the momenta are scaled so that the kinetic energy
+    drops by that change (eV).  At most ``max_fraction`` of the kinetic energy
+    is taken at once; what is left over is taken at the following steps.
 
     Parameters
     ----------
@@ -53,19 +63,20 @@ class EnergyCompensation:
         :class:`otfml.OTFCalculator`.
     max_fraction : float, default 0.5
         Largest fraction of the kinetic energy taken (or added) at one step.
-    min_frames : int, default 100
-        Updates of a model with fewer frames than this are not compensated
-        (their shifts are still measured and kept in ``shifts``).
+    min_frames : int, default 0
+        Changes at steps where the model held fewer frames than this are not
+        compensated (they are still measured and kept in ``shifts``).  Any
+        value above 0 lets the run keep the energy those updates add.
 
     Attributes
     ----------
     total : float
         Energy taken out of the kinetic energy so far, eV (negative: given).
     pending : float
-        Shift not yet applied (the cap), eV.
+        Energy not yet taken (the cap), eV.
     shifts : list of (int, float)
-        Every update seen: the learner's step and the shift there, eV, applied
-        or not.
+        Every change of surface seen: the learner's step and the energy, eV,
+        applied or not.
 
     Examples
     --------
@@ -74,7 +85,7 @@ class EnergyCompensation:
     >>> dyn.attach(EnergyCompensation(atoms), interval=1)
     """
 
-    def __init__(self, atoms: Atoms, max_fraction: float = 0.5, min_frames: int = 100) -> None:
+    def __init__(self, atoms: Atoms, max_fraction: float = 0.5, min_frames: int = 0) -> None:
         if not 0 < max_fraction < 1:
             raise ValueError(f"max_fraction={max_fraction}; it must be between 0 and 1")
         if min_frames < 0:
@@ -85,20 +96,23 @@ class EnergyCompensation:
         self.total = 0.0
         self.pending = 0.0
         self.shifts: list[tuple[int, float]] = []
+        # the step before: (learner step, on the reference, positions (N, 3), energy eV)
+        self._before: tuple[int, bool, np.ndarray, float] | None = None
 
     def __call__(self) -> None:
         calc = self.atoms.calc
         learner = calc.learner
         last = learner.history[-1] if learner.history else None
-        if (last is not None and last["called"]
-                and last["model_energy"] is not None
-                and (not self.shifts or self.shifts[-1][0] != last["step"])
+        if (last is not None and (self._before is None or self._before[0] != last["step"])
                 and calc.atoms is not None
                 and np.array_equal(calc.atoms.positions, self.atoms.positions)):
-            shift = learner.predict(self.atoms).energy - last["model_energy"]
-            self.shifts.append((last["step"], shift))
-            if last["frames"] >= self.min_frames:  # frames before this update
-                self.pending += shift
+            change = self._change(learner, last)
+            self._before = (last["step"], last["source"] == "reference",
+                            self.atoms.positions.copy(), last["energy"])
+            if change is not None:
+                self.shifts.append((last["step"], change))
+                if last["frames"] >= self.min_frames:  # frames before this step's update
+                    self.pending += change
         if self.pending == 0.0:
             return
         ke = self.atoms.get_kinetic_energy()
@@ -111,3 +125,33 @@ class EnergyCompensation:
         self.total += take
         log.debug("%.4f eV taken from the kinetic energy (%.4f eV pending)", take,
                   self.pending)
+
+    def _energy_at(self, learner, positions: np.ndarray) -> float:
+        """The model's energy (eV) at other positions of these atoms."""
+        x = self.atoms.copy()
+        x.calc = None
+        x.positions = positions
+        return learner.predict(x).energy
+
+    def _change(self, learner, last: dict) -> float | None:
+        """How much the force surface changed from the step before to this one, eV
+        (the mean over the step's two ends); None where it did not change."""
+        before = self._before
+        called = last["called"]
+        if before is None or before[0] != last["step"] - 1:
+            # the step before was not seen: the update's shift at this geometry
+            if called and last["model_energy"] is not None:
+                return self._energy_at(learner, self.atoms.positions) - last["model_energy"]
+            return None
+        _, was_reference, x_before, e_before = before
+        if not called:  # the model (a failed call leaves it as it was)
+            if not was_reference:
+                return None
+            # off the reference onto the model that learned its label there
+            return self._energy_at(learner, x_before) - e_before
+        old = last["model_energy"]  # the model before this step's update, here
+        if last["source"] == "reference":
+            return None if was_reference or old is None else last["energy"] - old
+        here = None if was_reference or old is None else last["energy"] - old
+        there = self._energy_at(learner, x_before) - e_before
+        return there if here is None else 0.5 * (here + there)

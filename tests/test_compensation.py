@@ -29,41 +29,127 @@ def _step(a, dx=0.01):
     a.get_forces()
 
 
-def test_the_update_shift_is_taken_from_the_kinetic_energy(cluster):
-    a = cluster
-    comp = EnergyCompensation(a, min_frames=0)
-    for _ in range(3):  # a model exists from the second step on
-        _step(a)
-        comp()
-    a.calc.learner.request_reference = True
-    _step(a)
-    last = a.calc.learner.history[-1]
-    assert last["source"] == "reference" and last["model_energy"] is not None
-    shift = a.calc.model.predict(a).energy - last["model_energy"]
-    assert shift != 0.0
+def _observe(a, comp):
+    """Run the observer; the kinetic energy it took (eV) and the learner's last step."""
     ke = a.get_kinetic_energy()
-    total = comp.total
     comp()
-    assert a.get_kinetic_energy() == pytest.approx(ke - shift, abs=1e-10)
-    assert comp.total - total == pytest.approx(shift, abs=1e-12)
-    assert comp.shifts[-1] == (last["step"], pytest.approx(shift, abs=1e-12))
+    return ke - a.get_kinetic_energy(), a.calc.learner.history[-1]
+
+
+def _energy_at(a, positions):
+    x = a.copy()
+    x.positions = positions
+    return a.calc.model.predict(x).energy
+
+
+def test_each_change_of_surface_is_taken_from_the_kinetic_energy(cluster):
+    """Calls returning the reference's values: model -> reference takes E_ref - V_old at
+    the call, reference -> model V_new - E_ref there, reference -> reference nothing."""
+    a = cluster
+    learner = a.calc.learner
+    comp = EnergyCompensation(a)  # the default: from the first update
+    while learner.n_calls < learner.policy.initial_calls:  # calls in a row: nothing
+        _step(a)
+        taken, last = _observe(a, comp)
+        assert last["source"] == "reference" and taken == 0.0
+    learner.policy.force_tolerance = 1e6  # model steps unless a call is requested
+    x_call, e_call = a.positions.copy(), last["energy"]
+    _step(a)
+    taken, last = _observe(a, comp)  # onto the model that learned the first label
+    assert last["source"] == "model"
+    assert taken == pytest.approx(_energy_at(a, x_call) - e_call, abs=1e-10)
+    p = a.get_momenta()
+    _step(a, 1e-3)
+    taken, last = _observe(a, comp)  # the same model: nothing
+    assert last["source"] == "model"
+    np.testing.assert_array_equal(a.get_momenta(), p)
+    learner.request_reference = True
+    _step(a)
+    taken, last = _observe(a, comp)  # model -> reference
+    assert last["source"] == "reference" and last["model_energy"] is not None
+    shift_here = _energy_at(a, a.positions) - last["model_energy"]  # the update's, here
+    assert taken == pytest.approx(last["energy"] - last["model_energy"], abs=1e-10)
     p = a.get_momenta()
     comp()  # the same step again: nothing more
     np.testing.assert_array_equal(a.get_momenta(), p)
-    # a model step leaves the momenta alone
-    a.calc.learner.policy.force_tolerance = 1e6
-    _step(a, 1e-4)
-    assert a.calc.learner.history[-1]["source"] == "model"
-    comp()
-    np.testing.assert_array_equal(a.get_momenta(), p)
+    first_part = taken
+    x_call, e_call = a.positions.copy(), last["energy"]
+    _step(a, 1e-3)
+    taken, last = _observe(a, comp)  # reference -> the model that learned it
+    assert last["source"] == "model"
+    assert taken == pytest.approx(_energy_at(a, x_call) - e_call, abs=1e-10)
+    # a call between model steps: the update's shift at its geometry, in two parts
+    assert first_part + taken == pytest.approx(shift_here, abs=1e-10)
+    for _ in range(2):  # two calls in a row: the step between ran on the reference alone
+        learner.request_reference = True
+        _step(a)
+        taken, last = _observe(a, comp)
+    assert last["source"] == "reference" and taken == 0.0
+    steps = [step for step, _ in comp.shifts]
+    assert len(steps) == 4 and steps[-1] == last["step"] - 1
+    assert comp.total == pytest.approx(sum(c for _, c in comp.shifts), abs=1e-12)
     a.calc.close()
+
+
+def test_a_call_on_the_updated_model_takes_the_mean_change_of_the_step_ends(cluster):
+    a = cluster
+    a.calc.learner.policy.call_step_result = "updated_model"
+    comp = EnergyCompensation(a)
+    for _ in range(3):
+        _step(a)
+        comp()
+    a.calc.learner.policy.force_tolerance = 1e6
+    _step(a, 1e-3)
+    taken, last = _observe(a, comp)
+    assert last["source"] == "model"
+    x_before, e_before = a.positions.copy(), last["energy"]
+    a.calc.learner.policy.force_tolerance = 1e-9  # uncertain: a call
+    _step(a, 1e-3)
+    taken, last = _observe(a, comp)
+    assert last["source"] == "updated_model"
+    here = last["energy"] - last["model_energy"]
+    there = _energy_at(a, x_before) - e_before
+    assert taken == pytest.approx(0.5 * (here + there), abs=1e-10)
+    a.calc.close()
+
+
+@pytest.mark.parametrize("call_step_result", ["reference", "updated_model"])
+def test_nve_keeps_the_kinetic_plus_the_used_surface_s_energy(call_step_result):
+    """K + U (U: the surface that gave the step's forces) stays put through the updates."""
+    runs = {}
+    for min_frames in (0, 10**9):  # compensated, and never
+        a = Icosahedron("Cu", 2)
+        a.rattle(0.05, seed=1)
+        thermalize(a, 300, np.random.default_rng(0), zero_drift=False)
+        Stationary(a)
+        a.calc = OTFCalculator(EMT(), policy=LearningPolicy(
+            force_tolerance=0.2, call_step_result=call_step_result), multiplicity=2)
+        comp = EnergyCompensation(a, min_frames=min_frames)
+        dyn = VelocityVerlet(a, 1.0 * units.fs)
+        dyn.attach(comp, interval=1)
+        total = []
+
+        def record(a=a, total=total):
+            total.append(a.get_kinetic_energy() + a.calc.results["energy"])
+
+        dyn.attach(record, interval=1)
+        dyn.run(200)
+        calls = a.calc.learner.n_calls
+        assert 20 < calls < 180  # both model steps and calls
+        changes = sum(abs(c) for _, c in comp.shifts)
+        runs[min_frames] = (np.max(np.abs(np.array(total) - total[0])), changes)
+        a.calc.close()
+    (drift, changes), (drift_without, _) = runs[0], runs[10**9]
+    assert changes > 0.05  # updates that would move K + U by this much
+    assert drift < 0.1 * changes and drift < 0.2 * drift_without
 
 
 def test_a_large_shift_is_spread_over_steps_within_the_cap(cluster):
     a = cluster
-    comp = EnergyCompensation(a, max_fraction=0.01, min_frames=0)
-    for _ in range(4):
-        a.calc.learner.request_reference = True
+    comp = EnergyCompensation(a, max_fraction=0.01)
+    a.calc.learner.policy.force_tolerance = 1e6
+    for i in range(8):  # calls and model steps in turn
+        a.calc.learner.request_reference = i % 2 == 0
         _step(a)
         ke = a.get_kinetic_energy()
         comp()
@@ -91,19 +177,19 @@ def test_nve_with_compensation_runs_and_keeps_the_momentum(cluster):
 def test_a_young_model_is_not_compensated(cluster):
     a = cluster
     comp = EnergyCompensation(a, min_frames=5)
-    for _ in range(8):
-        a.calc.learner.request_reference = True
+    took = []
+    for i in range(16):  # calls and model steps in turn
+        a.calc.learner.request_reference = i % 2 == 0
+        a.calc.learner.policy.force_tolerance = 1e6
         _step(a)
-        before = a.get_kinetic_energy()
-        comp()
-        young = a.calc.learner.history[-1]["frames"] < 5
-        assert (a.get_kinetic_energy() == before) == young
-    # the shifts of young updates are measured all the same
-    updates = [h["step"] for h in a.calc.learner.history
-               if h["called"] and h["model_energy"] is not None]
-    assert [step for step, _shift in comp.shifts] == updates
-    assert comp.total == pytest.approx(sum(sh for step, sh in comp.shifts
-                                           if a.calc.learner.history[step - 1]["frames"] >= 5),
+        taken, last = _observe(a, comp)
+        took.append((last["step"], taken, last["frames"], last["source"]))
+    # every change of surface is measured, a young model's too
+    changed = [now[0] for before, now in zip(took, took[1:]) if now[3] != before[3]]
+    assert len(changed) > 10 and [step for step, _ in comp.shifts] == changed
+    young = {step for step, _, frames, _ in took if frames < 5}
+    assert young and all(t == 0.0 for step, t, _, _ in took if step in young)
+    assert comp.total == pytest.approx(sum(c for step, c in comp.shifts if step not in young),
                                        abs=1e-12)
     a.calc.close()
 
