@@ -197,7 +197,9 @@ def label(r: dict) -> str:
     if r.get("adaptive"):
         parts.append(", adaptive")
     if r.get("energy_compensation"):
-        parts.append(", compensated")
+        # results from before 2026-11-30 took each update's shift at its geometry
+        parts.append(", compensated" if r.get("compensation_rule") == "surface changes"
+                     else ", compensated (update shifts)")
         n = r.get("compensation_min_frames", compensation_min_frames_default())
         if n != compensation_min_frames_default():
             parts.append(f" from {n} frames")
@@ -383,6 +385,7 @@ def main(argv=None) -> int:
         "min_steps_between_calls": policy.min_steps_between_calls,
         "energy_compensation": comp is not None,
         "compensation_min_frames": None if comp is None else comp.min_frames,
+        "compensation_rule": None if comp is None else "surface changes",
         "plain_mopac": {
             "seed": args.seed + 1,
             "steps_timed": plain_steps,
