@@ -13,25 +13,28 @@ as it is, or the reference at a call), by scaling the momenta whenever ``U``
 changes.  A velocity Verlet step from ``x`` to ``x'`` takes its force at ``x``
 from the step before's surface ``U_a`` and at ``x'`` from the new one ``U_b``,
 so ``K + U`` moves by the mean of ``U_b - U_a`` at the two ends; that is the
-energy taken out.  The ends it cannot know are taken equal to the one it knows:
+energy taken out.  Where an end needs the reference's energy at a geometry the
+reference did not see, it is extrapolated from the other end with the
+reference's forces there (first order in the step):
 
-* model, then a call returning the reference's values: ``E_ref - V_old`` at the
-  call (MOPAC's energy there less the prediction before the update);
-* that call, then the model that learned it: ``V_new - E_ref`` at the call;
+* model, then a call returning the reference's values: at the call, the
+  reference's energy less the prediction before the update; at the step
+  before, the reference's energy extrapolated there less the model's;
+* that call, then the model that learned it: the updated model less the
+  reference at both ends, the reference extrapolated to the new geometry;
 * two calls in a row returning the reference's values: nothing (the step ran on
   the reference alone);
 * model, then a call returning the updated model's values
-  (``call_step_result: updated_model``): ``V_new - V_old``, both ends known
-  (one more prediction, at the step before's geometry).
+  (``call_step_result: updated_model``): ``V_new - V_old`` at both ends.
 
-So ``K + U`` is conserved, and the total energy on the reference's surface,
-``K + E_ref = K + U - (U - E_ref)``, differs from it by the model's present
-error alone: nothing builds up.  Measured (``benchmarks/README.md``,
-"Temperature and energy drift"): aspirin NVE, 3000 steps, four seeds, total
-energy on MOPAC's surface at the end -0.03 to -0.07 eV, where compensating
-each update's shift at its geometry from the 100th frame on (the rule until
-2026-11-30) ended +0.23 to +0.79 eV, and from the first -0.09 to -0.20 eV (two
-calls in a row took the old model's error at the second out again).
+Each change costs one more prediction, at the step before's geometry, where the
+new surface is a model.  So ``K + U`` is conserved, and the total energy on the
+reference's surface, ``K + E_ref = K + U - (U - E_ref)``, differs from it by the
+model's present error alone: nothing builds up.  Measured
+(``benchmarks/README.md``, "Temperature and energy drift"): aspirin NVE, 3000
+steps, four seeds, total energy on MOPAC's surface at the end within 0.01 eV of
+its start, where compensating each update's shift at its geometry from the
+100th frame on (the rule until 2026-11-30) ended +0.23 to +0.79 eV above it.
 """
 
 from __future__ import annotations
@@ -96,8 +99,9 @@ class EnergyCompensation:
         self.total = 0.0
         self.pending = 0.0
         self.shifts: list[tuple[int, float]] = []
-        # the step before: (learner step, on the reference, positions (N, 3), energy eV)
-        self._before: tuple[int, bool, np.ndarray, float] | None = None
+        # the step before: learner step, on the reference?, positions (N, 3) Å, energy eV,
+        # forces (N, 3) eV/Å
+        self._before: tuple[int, bool, np.ndarray, float, np.ndarray] | None = None
 
     def __call__(self) -> None:
         calc = self.atoms.calc
@@ -106,9 +110,10 @@ class EnergyCompensation:
         if (last is not None and (self._before is None or self._before[0] != last["step"])
                 and calc.atoms is not None
                 and np.array_equal(calc.atoms.positions, self.atoms.positions)):
-            change = self._change(learner, last)
+            forces = np.array(calc.results["forces"], dtype=float)
+            change = self._change(learner, last, forces)
             self._before = (last["step"], last["source"] == "reference",
-                            self.atoms.positions.copy(), last["energy"])
+                            self.atoms.positions.copy(), last["energy"], forces)
             if change is not None:
                 self.shifts.append((last["step"], change))
                 if last["frames"] >= self.min_frames:  # frames before this step's update
@@ -133,25 +138,34 @@ class EnergyCompensation:
         x.positions = positions
         return learner.predict(x).energy
 
-    def _change(self, learner, last: dict) -> float | None:
+    def _change(self, learner, last: dict, forces: np.ndarray) -> float | None:
         """How much the force surface changed from the step before to this one, eV
-        (the mean over the step's two ends); None where it did not change."""
+        (the mean over the step's two ends); None where it did not change.
+
+        ``forces`` (N, 3), eV/Å: this step's, from the surface that gave them.
+        """
         before = self._before
         called = last["called"]
+        old = last["model_energy"]  # the model before this step's update, here
         if before is None or before[0] != last["step"] - 1:
             # the step before was not seen: the update's shift at this geometry
-            if called and last["model_energy"] is not None:
-                return self._energy_at(learner, self.atoms.positions) - last["model_energy"]
+            if called and old is not None:
+                return self._energy_at(learner, self.atoms.positions) - old
             return None
-        _, was_reference, x_before, e_before = before
-        if not called:  # the model (a failed call leaves it as it was)
-            if not was_reference:
+        _, was_reference, x_before, e_before, f_before = before
+        on_reference = last["source"] == "reference"
+        if (not called and not was_reference) or (on_reference and was_reference):
+            return None  # the same model, or the reference at both ends
+        dx = self.atoms.positions - x_before  # (N, 3), Å
+        if on_reference:  # the model as it was before this update -> the reference
+            if old is None:
                 return None
-            # off the reference onto the model that learned its label there
-            return self._energy_at(learner, x_before) - e_before
-        old = last["model_energy"]  # the model before this step's update, here
-        if last["source"] == "reference":
-            return None if was_reference or old is None else last["energy"] - old
-        here = None if was_reference or old is None else last["energy"] - old
-        there = self._energy_at(learner, x_before) - e_before
-        return there if here is None else 0.5 * (here + there)
+            here = last["energy"] - old
+            there = last["energy"] + float(np.vdot(forces, dx)) - e_before
+        else:  # -> the model as it is now (updated at this step if called)
+            there = self._energy_at(learner, x_before) - e_before
+            if was_reference:
+                here = last["energy"] - (e_before - float(np.vdot(f_before, dx)))
+            else:
+                here = last["energy"] - old
+        return 0.5 * (here + there)
