@@ -31,9 +31,9 @@ Each change costs one more prediction, at the step before's geometry, where the
 new surface is a model.  So ``K + U`` is conserved, and the total energy on the
 reference's surface, ``K + E_ref = K + U - (U - E_ref)``, differs from it by the
 model's present error alone: nothing builds up.  Measured
-(``benchmarks/README.md``, "Temperature and energy drift"): aspirin NVE, 3000
-steps, four seeds, total energy on MOPAC's surface at the end within 0.01 eV of
-its start, where compensating each update's shift at its geometry from the
+(``benchmarks/README.md``, seventeenth session): aspirin NVE, 3000 steps, four
+seeds, total energy on MOPAC's surface at the end within 0.02 eV of its start,
+where compensating each update's shift at its geometry from the
 100th frame on (the rule until 2026-11-30) ended +0.23 to +0.79 eV above it.
 """
 
