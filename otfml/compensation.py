@@ -102,6 +102,7 @@ class EnergyCompensation:
         # the step before: learner step, on the reference?, positions (N, 3) Å, energy eV,
         # forces (N, 3) eV/Å
         self._before: tuple[int, bool, np.ndarray, float, np.ndarray] | None = None
+        self._warned = False  # about steps it did not see
 
     def __call__(self) -> None:
         calc = self.atoms.calc
@@ -148,6 +149,12 @@ class EnergyCompensation:
         called = last["called"]
         old = last["model_energy"]  # the model before this step's update, here
         if before is None or before[0] != last["step"] - 1:
+            if before is not None and not self._warned:
+                log.warning("EnergyCompensation saw learner step %d after step %d: attach it "
+                            "to the dynamics with interval=1, or it compensates only the "
+                            "updates it sees, by their shift at the call", last["step"],
+                            before[0])
+                self._warned = True
             # the step before was not seen: the update's shift at this geometry
             if called and old is not None:
                 return self._energy_at(learner, self.atoms.positions) - old

@@ -198,6 +198,18 @@ def test_a_young_model_is_not_compensated(cluster):
     a.calc.close()
 
 
+def test_steps_it_does_not_see_are_named_once(cluster, caplog):
+    a = cluster
+    comp = EnergyCompensation(a)
+    dyn = VelocityVerlet(a, 1.0 * units.fs)
+    dyn.attach(comp, interval=3)
+    with caplog.at_level("WARNING", logger="otfml.compensation"):
+        dyn.run(12)
+    warned = [r for r in caplog.records if "interval=1" in r.getMessage()]
+    assert len(warned) == 1 and "after step" in warned[0].getMessage()
+    a.calc.close()
+
+
 def test_bad_settings_are_refused(cluster):
     with pytest.raises(ValueError, match="max_fraction"):
         EnergyCompensation(cluster, max_fraction=1.5)
