@@ -100,8 +100,8 @@ class EnergyCompensation:
         self.pending = 0.0
         self.shifts: list[tuple[int, float]] = []
         # the step before: learner step, on the reference?, positions (N, 3) Å, energy eV,
-        # forces (N, 3) eV/Å
-        self._before: tuple[int, bool, np.ndarray, float, np.ndarray] | None = None
+        # the reference's forces (N, 3) eV/Å (None on a model step)
+        self._before: tuple[int, bool, np.ndarray, float, np.ndarray | None] | None = None
         self._warned = False  # about steps it did not see
 
     def __call__(self) -> None:
@@ -111,10 +111,13 @@ class EnergyCompensation:
         if (last is not None and (self._before is None or self._before[0] != last["step"])
                 and calc.atoms is not None
                 and np.array_equal(calc.atoms.positions, self.atoms.positions)):
-            forces = np.array(calc.results["forces"], dtype=float)
+            on_reference = last["source"] == "reference"
+            # the reference's forces extrapolate its energy to a step's other end; the
+            # model's are never needed
+            forces = np.array(calc.results["forces"], dtype=float) if on_reference else None
             change = self._change(learner, last, forces)
-            self._before = (last["step"], last["source"] == "reference",
-                            self.atoms.positions.copy(), last["energy"], forces)
+            self._before = (last["step"], on_reference, self.atoms.positions.copy(),
+                            last["energy"], forces)
             if change is not None:
                 self.shifts.append((last["step"], change))
                 if last["frames"] >= self.min_frames:  # frames before this step's update
@@ -139,11 +142,11 @@ class EnergyCompensation:
         x.positions = positions
         return learner.predict(x).energy
 
-    def _change(self, learner, last: dict, forces: np.ndarray) -> float | None:
+    def _change(self, learner, last: dict, forces: np.ndarray | None) -> float | None:
         """How much the force surface changed from the step before to this one, eV
         (the mean over the step's two ends); None where it did not change.
 
-        ``forces`` (N, 3), eV/Å: this step's, from the surface that gave them.
+        ``forces`` (N, 3), eV/Å: this step's reference forces (None on a model step).
         """
         before = self._before
         called = last["called"]
@@ -160,7 +163,7 @@ class EnergyCompensation:
                 return self._energy_at(learner, self.atoms.positions) - old
             return None
         _, was_reference, x_before, e_before, f_before = before
-        on_reference = last["source"] == "reference"
+        on_reference = forces is not None
         if (not called and not was_reference) or (on_reference and was_reference):
             return None  # the same model, or the reference at both ends
         dx = self.atoms.positions - x_before  # (N, 3), Å
