@@ -13,6 +13,8 @@ from otfml.compensation import EnergyCompensation
 from otfml.policy import LearningPolicy
 from otfml.run import thermalize
 
+from .conftest import mopac
+
 
 @pytest.fixture
 def cluster():
@@ -146,6 +148,37 @@ def test_nve_keeps_the_kinetic_plus_the_used_surface_s_energy(call_step_result):
     (drift, changes), (drift_without, _) = runs[0], runs[10**9]
     assert changes > 0.05  # updates that would move K + U by this much
     assert drift < 0.1 * changes and drift < 0.2 * drift_without
+
+
+@mopac
+def test_nve_with_mopac_keeps_the_kinetic_plus_the_used_surface_s_energy(tmp_path):
+    """The same with real MOPAC (ethanol, 300 steps): MOPAC's energy at the steps' other ends
+    is extrapolated with its forces."""
+    from ase.build import molecule
+    from ase.calculators.mopac import MOPAC
+
+    runs = {}
+    for min_frames in (0, 10**9):  # compensated, and never
+        a = molecule("CH3CH2OH")
+        thermalize(a, 500, np.random.default_rng(0))
+        a.calc = OTFCalculator(reference=MOPAC(method="PM7", label=str(tmp_path / "m" / "m")))
+        comp = EnergyCompensation(a, min_frames=min_frames)
+        dyn = VelocityVerlet(a, 0.5 * units.fs)
+        dyn.attach(comp, interval=1)
+        total = []
+
+        def record(a=a, total=total):
+            total.append(a.get_kinetic_energy() + a.calc.results["energy"])
+
+        dyn.attach(record, interval=1)
+        dyn.run(300)
+        assert 20 < a.calc.learner.n_calls < 200
+        runs[min_frames] = (np.max(np.abs(np.array(total) - total[0])),
+                            sum(abs(c) for _, c in comp.shifts))
+        a.calc.close()
+    (drift, changes), (drift_without, _) = runs[0], runs[10**9]
+    assert changes > 0.1
+    assert drift < 0.15 * changes and drift < 0.2 * drift_without
 
 
 def test_a_large_shift_is_spread_over_steps_within_the_cap(cluster):
