@@ -361,6 +361,8 @@ def main(argv=None) -> int:
         x = atoms.copy()
         x.calc = chk
         used_err.append(np.abs(used_f - x.get_forces()).ravel())
+    # by quarter of the run: a young model's share of the error
+    used_quarters = [float(q.mean()) for q in np.array_split(np.stack(used_err), 4)]
     used_err = np.concatenate(used_err)
     # the final model on the independent trajectory
     L.model.extra.update(L.policy.model_calibration())
@@ -424,6 +426,7 @@ def main(argv=None) -> int:
         "model_step_over_mopac_call": float(np.median(t["model"]) / np.median(t["reference"])),
         "used_forces_mae_eV_A": float(used_err.mean()),
         "used_forces_frames": len(frames),
+        "used_forces_mae_per_quarter_eV_A": used_quarters,
         "final_model_on_independent_trajectory": ev,
         "growth_with_stored_frames": growth(L.history, rss),
         # the run's labelled frames (offline_fit.py --store re-fits models on them)
