@@ -119,6 +119,21 @@ def test_a_call_on_the_updated_model_takes_the_mean_change_of_the_step_ends(clus
     a.calc.close()
 
 
+def _nve_drift(a, min_frames: int, timestep_fs: float, steps: int) -> tuple[float, float]:
+    """Velocity Verlet with ``EnergyCompensation(min_frames)`` attached: the largest move
+    of ``K + U`` (U: the energy the step's forces came from) from its start, eV, and the
+    sum of the sizes of the changes of surface the observer measured, eV."""
+    comp = EnergyCompensation(a, min_frames=min_frames)
+    dyn = VelocityVerlet(a, timestep_fs * units.fs)
+    dyn.attach(comp, interval=1)
+    total = []
+    dyn.attach(lambda: total.append(a.get_kinetic_energy() + a.calc.results["energy"]),
+               interval=1)
+    dyn.run(steps)
+    return (float(np.max(np.abs(np.array(total) - total[0]))),
+            sum(abs(c) for _, c in comp.shifts))
+
+
 @pytest.mark.parametrize("call_step_result", ["reference", "updated_model"])
 def test_nve_keeps_the_kinetic_plus_the_used_surface_s_energy(call_step_result):
     """K + U (U: the surface that gave the step's forces) stays put through the updates."""
@@ -130,20 +145,8 @@ def test_nve_keeps_the_kinetic_plus_the_used_surface_s_energy(call_step_result):
         Stationary(a)
         a.calc = OTFCalculator(EMT(), policy=LearningPolicy(
             force_tolerance=0.2, call_step_result=call_step_result), multiplicity=2)
-        comp = EnergyCompensation(a, min_frames=min_frames)
-        dyn = VelocityVerlet(a, 1.0 * units.fs)
-        dyn.attach(comp, interval=1)
-        total = []
-
-        def record(a=a, total=total):
-            total.append(a.get_kinetic_energy() + a.calc.results["energy"])
-
-        dyn.attach(record, interval=1)
-        dyn.run(200)
-        calls = a.calc.learner.n_calls
-        assert 20 < calls < 180  # both model steps and calls
-        changes = sum(abs(c) for _, c in comp.shifts)
-        runs[min_frames] = (np.max(np.abs(np.array(total) - total[0])), changes)
+        runs[min_frames] = _nve_drift(a, min_frames, 1.0, 200)
+        assert 20 < a.calc.learner.n_calls < 180  # both model steps and calls
         a.calc.close()
     (drift, changes), (drift_without, _) = runs[0], runs[10**9]
     assert changes > 0.05  # updates that would move K + U by this much
@@ -162,19 +165,8 @@ def test_nve_with_mopac_keeps_the_kinetic_plus_the_used_surface_s_energy(tmp_pat
         a = molecule("CH3CH2OH")
         thermalize(a, 500, np.random.default_rng(0))
         a.calc = OTFCalculator(reference=MOPAC(method="PM7", label=str(tmp_path / "m" / "m")))
-        comp = EnergyCompensation(a, min_frames=min_frames)
-        dyn = VelocityVerlet(a, 0.5 * units.fs)
-        dyn.attach(comp, interval=1)
-        total = []
-
-        def record(a=a, total=total):
-            total.append(a.get_kinetic_energy() + a.calc.results["energy"])
-
-        dyn.attach(record, interval=1)
-        dyn.run(300)
+        runs[min_frames] = _nve_drift(a, min_frames, 0.5, 300)
         assert 20 < a.calc.learner.n_calls < 200
-        runs[min_frames] = (np.max(np.abs(np.array(total) - total[0])),
-                            sum(abs(c) for _, c in comp.shifts))
         a.calc.close()
     (drift, changes), (drift_without, _) = runs[0], runs[10**9]
     assert changes > 0.1
