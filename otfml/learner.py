@@ -27,7 +27,8 @@ from .errors import (
     ReferenceFailed,
     UnphysicalGeometry,
 )
-from .gp import Prediction, SparseGP, _Task, available_cpus
+from .gp import Prediction, SparseGP, available_cpus
+from .gp._threads import _Task
 from .policy import Decision, LearningPolicy
 from .reference import Reference, charge_and_multiplicity, closest_pair
 from .store import Store, fingerprint_key

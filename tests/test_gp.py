@@ -87,7 +87,7 @@ def test_chunked_kernel_products_give_the_same_prediction(trained, monkeypatch):
     a.positions += 0.02
     whole = gp.predict(a)
     F = gp.descriptor.n_features
-    monkeypatch.setattr(gp_module, "_CHUNK_BYTES", 16 * 8 * F)  # 16 rows per chunk
+    monkeypatch.setattr(gp_module.posterior, "_CHUNK_BYTES", 16 * 8 * F)  # 16 rows per chunk
     assert max(len(b["cols"]) for b in gp._blocks.values()) > 2 * 16
     chunked = gp.predict(a)
     assert chunked.energy == pytest.approx(whole.energy, rel=1e-12, abs=1e-12)
@@ -104,12 +104,12 @@ def test_a_prediction_shared_between_threads_equals_one_on_one_thread(trained, m
     a.positions += 0.03
     gp.threads = 1
     one = gp.predict(a)
-    monkeypatch.setattr(gp_module, "_MIN_SPLIT_WORK", 0.0)
-    monkeypatch.setattr(gp_module, "_MIN_SPLIT_ATOMS", 1)
+    monkeypatch.setattr(gp_module._threads, "_MIN_SPLIT_WORK", 0.0)
+    monkeypatch.setattr(gp_module._kernels, "_MIN_SPLIT_ATOMS", 1)
     for n in (2, 3):
         gp.threads = n
         env = gp.descriptor.environments(a)
-        lanes = gp_module._split_work(
+        lanes = gp_module._kernels._split_work(
             [(s, int(np.sum(env.species == s)), len(b["cols"]) * gp.descriptor.n_features)
              for s, b in gp._blocks.items()], n)
         assert sum(len(x) > 0 for x in lanes) > 1
@@ -127,17 +127,17 @@ def test_a_prediction_shared_between_threads_equals_one_on_one_thread(trained, m
 @pytest.mark.parametrize("lanes", [1, 2, 3])
 def test_work_is_split_into_whole_species_or_large_parts(lanes):
     work = [(0, 128, 5.0), (1, 64, 5.0), (2, 3, 1.0), (3, 20, 0.5)]
-    out = gp_module._split_work(work, lanes)
+    out = gp_module._kernels._split_work(work, lanes)
     assert len(out) == lanes
     for s, n, _ in work:  # every atom once, in order
         parts = sorted((a, b) for x in out for t, a, b in x if t == s)
         assert parts[0][0] == 0 and parts[-1][1] == n
         assert all(p[1] == q[0] for p, q in zip(parts, parts[1:]))
-        assert len(parts) == 1 or min(b - a for a, b in parts) >= gp_module._MIN_SPLIT_ATOMS
-    load = [sum(u * (gp_module._FIXED_ATOMS + b - a) for t, a, b in x
+        assert len(parts) == 1 or min(b - a for a, b in parts) >= gp_module._kernels._MIN_SPLIT_ATOMS
+    load = [sum(u * (gp_module._kernels._FIXED_ATOMS + b - a) for t, a, b in x
                 for s, _, u in work if s == t) for x in out]
-    total = sum(u * (gp_module._FIXED_ATOMS + n) for _, n, u in work)
-    assert max(load) <= total / lanes + 5.0 * (gp_module._FIXED_ATOMS + gp_module._MIN_SPLIT_ATOMS)
+    total = sum(u * (gp_module._kernels._FIXED_ATOMS + n) for _, n, u in work)
+    assert max(load) <= total / lanes + 5.0 * (gp_module._kernels._FIXED_ATOMS + gp_module._kernels._MIN_SPLIT_ATOMS)
 
 
 def _held_bytes(gp: SparseGP) -> dict:
@@ -194,7 +194,7 @@ def test_the_memory_estimate_matches_what_the_frames_take(caplog, monkeypatch, c
     # a machine with less memory than the estimate: a warning with a cap that fits
     caplog.clear()
     phys = 0.5 * gp.memory_estimate(geom, 8)["peak"]
-    monkeypatch.setattr(gp_module, "_physical_memory", lambda: phys)
+    monkeypatch.setattr(gp_module._memory, "_physical_memory", lambda: phys)
     small = ExactGP(Descriptor([1, 6, 8]), sparse_tolerance=0.02, max_frames=8)
     with caplog.at_level("WARNING", logger="otfml.gp"):
         small.add_frame(*frames[0], solve=False)
@@ -213,8 +213,8 @@ def test_a_refused_reservation_leaves_the_buffers_growing(monkeypatch, caplog):
             raise MemoryError("refused")
         return grow(self, n, m)
 
-    grow = gp_module._Grow.reserve
-    monkeypatch.setattr(gp_module._Grow, "reserve", refuse)
+    grow = gp_module._buffers._Grow.reserve
+    monkeypatch.setattr(gp_module._buffers._Grow, "reserve", refuse)
     frames = _emt_frames(3, seed=4)
     gp = ExactGP(Descriptor([1, 6, 8]), sparse_tolerance=0.02, max_frames=50)
     with caplog.at_level("INFO", logger="otfml.gp"):
@@ -256,13 +256,13 @@ def test_a_fit_started_at_the_optimum_stops_at_once(monkeypatch):
     for a, e, f in _emt_frames(8, seed=2):
         gp.add_frame(a, e, f, solve=False)
     calls = []
-    lml = gp_module._log_likelihood
-    monkeypatch.setattr(gp_module, "_log_likelihood",
+    lml = gp_module.likelihood.log_likelihood
+    monkeypatch.setattr(gp_module.likelihood, "log_likelihood",
                         lambda *a, **k: (calls.append(1), lml(*a, **k))[1])
     first = gp.fit_hyperparameters()
     n_first = len(calls)
     _, g = gp.log_marginal_likelihood(eval_gradient=True)
-    assert n_first > 3 and np.abs(g).max() <= gp_module._FIT_GTOL
+    assert n_first > 3 and np.abs(g).max() <= gp_module.likelihood._FIT_GTOL
     calls.clear()
     again = gp.fit_hyperparameters()
     assert len(calls) <= 2 and again == first
@@ -426,7 +426,7 @@ def test_pruning_swaps_redundant_environments_and_matches_a_fresh_build():
         assert not np.triu(Linv, 1).any()
         rebuilt = np.zeros((M, M))
         for c in range(len(blk["offsets"]) - 1):
-            i0, i1 = c * gp_module._PANEL_ROWS, min(M, (c + 1) * gp_module._PANEL_ROWS)
+            i0, i1 = c * gp_module._kernels._PANEL_ROWS, min(M, (c + 1) * gp_module._kernels._PANEL_ROWS)
             rebuilt[i0:i1, :i1] = blk["panels"][blk["offsets"][c]:blk["offsets"][c + 1]].reshape(
                 i1 - i0, i1)
         np.testing.assert_array_equal(rebuilt, Linv)
@@ -471,7 +471,7 @@ def test_uncertainties_read_after_an_update_belong_to_the_prediction(updated, mo
     where the next solve updates the factor of B instead of factoring it afresh."""
     import otfml.gp
 
-    monkeypatch.setattr(otfml.gp, "_UPDATE_RANK", 1.0 if updated else 0.0)
+    monkeypatch.setattr(otfml.gp._frames, "_UPDATE_RANK", 1.0 if updated else 0.0)
     gp = SparseGP(Descriptor([1, 6, 8]), sparse_tolerance=0.02)
     frames = _emt_frames(6, seed=5)
     for a, e, f in frames[:4]:
@@ -595,7 +595,7 @@ def test_a_frame_can_be_given_its_own_sparse_tolerance():
 
 @pytest.mark.parametrize("drop", [[], [0], [8], [0, 1, 5], [2, 3, 4, 7, 8]])
 def test_growable_array_keeps_columns_in_order(drop):
-    from otfml.gp import _Grow
+    from otfml.gp._buffers import _Grow
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(300, 9))
@@ -611,7 +611,7 @@ def test_growable_array_keeps_columns_in_order(drop):
 def test_a_frames_own_sparse_tolerance_fills_a_set_only_to_the_admission_fill():
     """The lower tolerance stops at ADMISSION_FILL of the cap and never swaps out environments;
     beyond it the model's own tolerance (and pruning) decide."""
-    from otfml.gp import ADMISSION_FILL
+    from otfml.gp._sparse import ADMISSION_FILL
 
     frames = _emt_frames(6, seed=9)
     gp = SparseGP(Descriptor([1, 6, 8]), sparse_tolerance=0.9, max_sparse_per_species=5)
@@ -635,7 +635,7 @@ def test_the_updated_factor_equals_a_new_factorization(monkeypatch):
                                    rtol=1e-9, atol=1e-9)
 
     # ethanol's 28 rows per frame are a large rank for a small M: update whatever it costs
-    monkeypatch.setattr(otfml.gp, "_UPDATE_RANK", 1.0)
+    monkeypatch.setattr(otfml.gp._frames, "_UPDATE_RANK", 1.0)
     frames = _emt_frames(14, seed=11)
     inc = ExactGP(Descriptor([1, 6, 8]), sparse_tolerance=0.02)
     ref = ExactGP(Descriptor([1, 6, 8]), sparse_tolerance=0.02)
@@ -667,7 +667,7 @@ def test_the_updated_factor_equals_a_new_factorization(monkeypatch):
     assert inc.n_sparse == M and inc._lb_state["updates"] > 0
     same_factor(inc._LB, ref._LB)
     # frames added without solving: their rows are kept only while an update would pay
-    monkeypatch.setattr(otfml.gp, "_UPDATE_RANK", 40 / inc.n_sparse)  # at most 40 rows
+    monkeypatch.setattr(otfml.gp._frames, "_UPDATE_RANK", 40 / inc.n_sparse)  # at most 40 rows
     inc.add_frame(*frames[1], solve=False)
     assert inc._lb_state is not None and inc._lb_state["rank"] == 28  # 27 force rows, 1 energy
     for a, e, f in frames[2:6]:
@@ -730,7 +730,7 @@ def test_parts_of_a_prepared_frame_run_on_other_threads_give_the_same_model():
     against the held frames. Run on another thread, they give the model add_frame gives."""
     import threading
 
-    from otfml.gp import _Task
+    from otfml.gp._threads import _Task
 
     ran = []
 
@@ -766,7 +766,7 @@ def test_thin_products_sum_in_double_and_match_blas():
     """The new sparse columns' rows use a one-pass loop for a few descriptors instead of
     BLAS: its sums are the double-precision products of the single-precision cache, and
     the pair products agree with the BLAS path to single precision."""
-    from otfml.gp import _THIN, _pair_products, _thin_products
+    from otfml.gp._kernels import _THIN, _pair_products, _thin_products
 
     rng = np.random.default_rng(3)
     G = rng.normal(size=(300, 40)).astype(np.float32)
@@ -803,12 +803,13 @@ def test_updates_shared_between_threads_match_one_thread(monkeypatch):
     in two and shared: the model is that of one thread but for rounding."""
     from otfml import gp as gp_module
 
-    monkeypatch.setattr(gp_module, "_MIN_SHARED", 4)  # cut even this small model's work
+    monkeypatch.setattr(gp_module._threads, "_MIN_SHARED", 4)  # cut even this small model's work
     cut = []
-    in_two = gp_module._in_two
-    monkeypatch.setattr(gp_module, "_in_two",
-                        lambda spawn, fn, n: (cut.append(spawn is not None and n >= 4),
-                                              in_two(spawn, fn, n))[1])
+    in_two = gp_module._threads._in_two
+    for mod in (gp_module._buffers, gp_module._rows, gp_module._sparse, gp_module._frames):
+        monkeypatch.setattr(mod, "_in_two",
+                            lambda spawn, fn, n: (cut.append(spawn is not None and n >= 4),
+                                                  in_two(spawn, fn, n))[1])
     frames = _emt_frames(10, seed=5)
     models = []
     for threads in (1, 2):
@@ -829,7 +830,7 @@ def test_updates_shared_between_threads_match_one_thread(monkeypatch):
 
 
 def test_in_two_cuts_a_range_and_keeps_the_order():
-    from otfml.gp import _MIN_SHARED, _in_two, _Task
+    from otfml.gp._threads import _MIN_SHARED, _in_two, _Task
 
     seen = []
 
@@ -845,7 +846,7 @@ def test_in_two_cuts_a_range_and_keeps_the_order():
 
 
 def test_spare_arrays_are_used_again_only_when_nothing_refers_to_them():
-    from otfml.gp import _Spare
+    from otfml.gp._buffers import _Spare
 
     spare = _Spare(keep=3)
     a = spare.square(10, room=0.5)  # made with room for 150 elements

@@ -712,8 +712,8 @@ def test_predictions_shared_between_threads_leave_a_run_as_it_was(monkeypatch):
     import otfml.gp as gp_module
 
     # small enough work to be split (otfml keeps a 13-atom cluster on one thread)
-    monkeypatch.setattr(gp_module, "_MIN_SPLIT_WORK", 0.0)
-    monkeypatch.setattr(gp_module, "_MIN_SPLIT_ATOMS", 2)
+    monkeypatch.setattr(gp_module._threads, "_MIN_SPLIT_WORK", 0.0)
+    monkeypatch.setattr(gp_module._kernels, "_MIN_SPLIT_ATOMS", 2)
     runs = []
     for threads in (1, 2):
         a = Icosahedron("Cu", 2)

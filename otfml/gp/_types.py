@@ -1,0 +1,144 @@
+"""What a sparse GP takes and gives: hyperparameters, predictions, prepared frames."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..descriptor import Environments
+from ..errors import IsolatedAtoms
+
+_JITTER = 1e-8
+#: rules for the frames that leave a model under ``max_frames`` (SparseGP ``evict``)
+EVICTIONS = ("thin", "oldest")
+
+@dataclass
+class Hyperparameters:
+    """GP hyperparameters.
+
+    Attributes
+    ----------
+    sigma : float
+        Signal standard deviation of one local energy, eV.
+    sigma_e : float
+        Energy noise per atom, eV (a frame of N atoms has noise ``sigma_e*sqrt(N)``).
+    sigma_f : float
+        Force-component noise, eV/Å.
+    """
+
+    sigma: float = 1.0
+    sigma_e: float = 0.005
+    sigma_f: float = 0.05
+
+    def as_array(self) -> np.ndarray:
+        return np.array([self.sigma, self.sigma_e, self.sigma_f])
+
+
+#: bounds (low, high) of the fitted hyperparameters: sigma (eV), sigma_e (eV), sigma_f (eV/Å)
+DEFAULT_BOUNDS = ((1e-2, 1e2), (1e-3, 1.0), (2e-3, 2.0))
+
+
+@dataclass
+class Prediction:
+    """What the model predicts for one structure.
+
+    Attributes
+    ----------
+    energy : float
+        Total energy, eV.
+    forces : ndarray, shape (n_atoms, 3)
+        Forces, eV/Å (exact negative gradient of ``energy``).
+    local_energies : ndarray, shape (n_atoms,)
+        Local energies including the species baseline (and half of each pair's
+        energy of ``SparseGP.baseline``, if any), eV.
+    novelty : ndarray, shape (n_atoms,)
+        ``sigma * sqrt(1 - kt^T Kt_mm^-1 kt)``: the prior std of each local
+        energy that the sparse set leaves unexplained, eV.  Unlike
+        ``local_std`` it carries no floor from the per-species energy offsets
+        (which forces cannot determine), so it ranks force errors.
+    local_std : ndarray, shape (n_atoms,)
+        Predictive (DTC) standard deviation of each local energy, eV.
+    energy_std : float
+        Predictive standard deviation of the total energy, eV.
+
+    ``local_std`` and ``energy_std`` are computed on first access: the
+    decision to call the reference needs only ``novelty``, and the two cost
+    about a quarter of a prediction (they read the M x M posterior factors).
+    """
+
+    energy: float
+    forces: np.ndarray
+    local_energies: np.ndarray
+    novelty: np.ndarray
+    env: Environments = field(repr=False)
+    _posterior: Callable[[], tuple[np.ndarray, float]] = field(repr=False, compare=False,
+                                                               default=None)
+
+    @functools.cached_property
+    def _stds(self) -> tuple[np.ndarray, float]:
+        return self._posterior()
+
+    @property
+    def local_std(self) -> np.ndarray:
+        return self._stds[0]
+
+    @property
+    def energy_std(self) -> float:
+        return self._stds[1]
+
+
+@dataclass
+class _Frame:
+    numbers: np.ndarray
+    env: Environments
+    energy: float
+    forces: np.ndarray
+    counts: np.ndarray
+    atom_start: int  # first atom of the frame in the model's global atom numbering
+    cached: bool  # its descriptor gradients are in the model's buffers
+    nbytes: int = 0  # bytes of those cached gradients
+
+
+@dataclass
+class PreparedFrame:
+    """A frame's geometry-only part of an update (:meth:`SparseGP.prepare_frame`).
+
+    Attributes
+    ----------
+    env : Environments
+        Descriptors of the frame.
+    n_new : int
+        Environments of the frame that joined the sparse set.
+    row_e : ndarray, shape (M,)
+        Energy row (normalized kernel summed over the frame's atoms).
+    rows_f : ndarray, shape (3 n_atoms, M)
+        Force rows.
+    W, ew : ndarray, shapes (M, 3 n_atoms) and (M,)
+        The rows whitened by ``L^-1`` (``ew`` divided by sqrt(n_atoms)).
+    base : (float, ndarray (n_atoms, 3)) or None
+        The model's baseline energy (eV) and forces (eV/Å) at the frame, which
+        its labels lose (see ``SparseGP.baseline``).
+    """
+
+    env: Environments
+    n_new: int
+    geom: dict = field(repr=False)
+    row_e: np.ndarray = field(repr=False)
+    rows_f: np.ndarray = field(repr=False)
+    W: np.ndarray = field(repr=False)
+    ew: np.ndarray = field(repr=False)
+    state: tuple | None = field(repr=False, default=None)
+    base: tuple[float, np.ndarray] | None = field(repr=False, default=None)
+
+
+def _normalize(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    norm = np.sqrt(np.einsum("ij,ij->i", p, p))
+    if not norm.all():
+        raise IsolatedAtoms(
+            "an atom has no neighbour within the cutoff (isolated atom); "
+            "increase the descriptor cutoff or check the structure"
+        )
+    return p / norm[:, None], norm

@@ -1,0 +1,336 @@
+"""The trainable sparse GP: its state, and the parts (mixins) that update it."""
+
+from __future__ import annotations
+
+import json
+import os
+import weakref
+import zipfile
+import zlib
+from collections.abc import Callable
+
+import numpy as np
+from ase import Atoms
+from ase.data import chemical_symbols
+
+from ..baseline import ScreenedCoulomb
+from ..descriptor import Descriptor, Environments
+from ..errors import ConfigError
+from ._buffers import _Grow, _Spare
+from ._factor import _Factor
+from ._frames import _Frames
+from ._memory import _Memory
+from ._rows import _Rows
+from ._sparse import _SparseSet
+from ._threads import Lanes, _Task
+from ._types import DEFAULT_BOUNDS, EVICTIONS, Hyperparameters, Prediction, _Frame
+from .likelihood import _Likelihood
+from .posterior import ARRAYS, Posterior
+
+__all__ = ["SparseGP"]
+
+_MODEL_FORMAT = "otfml-sparse-gp"
+_MODEL_VERSION = 1
+
+class SparseGP(_Rows, _SparseSet, _Frames, _Memory, _Likelihood, _Factor):
+    """Sparse GP force field on power-spectrum descriptors.
+
+    Parameters
+    ----------
+    descriptor : Descriptor
+        Descriptor settings (its species are the model's species).
+    hyperparameters : Hyperparameters, optional
+        Starting hyperparameters.
+    bounds : tuple of 3 (low, high) pairs, optional
+        Bounds of sigma (eV), sigma_e (eV) and sigma_f (eV/Å) in the fit.
+    max_sparse_per_species : int, default 600
+        Cap on the sparse environments of one species.
+    sparse_tolerance : float, default 0.05
+        An environment joins the sparse set when the part of it the sparse
+        set cannot represent, ``sqrt(1 - k^T K_mm^-1 k)`` in normalized kernel
+        units (0: fully represented, 1: new), exceeds this value.
+    cache_bytes : int, default 2 GiB
+        Memory for the descriptor gradients of training frames, which new
+        sparse environments need; frames beyond it are recomputed on demand.
+    prune : bool, default True
+        When a species' sparse set is full and a new frame brings environments
+        it cannot represent, swap out the most redundant ones (those the rest
+        of the set represents best, and better than the newcomers): as many as
+        the newcomers need, and at least ``max_sparse_per_species // 20`` at a
+        time.  False: the set stays as it is once full.
+    max_frames : int or None, default 1000
+        Most labelled frames the model holds.  When a frame would exceed it,
+        a tenth of them is taken out of the model (their contributions are
+        subtracted from the accumulators; the store keeps them), so memory
+        and the update time stay bounded in long runs.  None: no limit.
+    evict : {"thin", "oldest"}, default "thin"
+        Which frames leave under ``max_frames``: every other one of the
+        oldest fifth ("thin"), so that the model keeps an ever sparser sample
+        of the whole run (the first frame stays), or the oldest tenth, so that
+        it keeps only the latest stretch.  On the frames of a 10,000-step
+        aspirin run that had drifted away from its start (2035 frames, 1000
+        held), "oldest" erred by 0.121 eV/Å on an independent trajectory and
+        "thin" by 0.057 (all frames: 0.047).
+    cache_dtype : numpy dtype, default float32
+        Precision of the cached descriptor gradients (see :meth:`_geometry`);
+        float64 makes rows computed along different paths (cached or not,
+        one frame or all) agree to rounding, as the tests of the algebra need.
+    threads : int, optional
+        Threads that share each prediction's work, species by species (atoms of a
+        species split between them where that balances it). None: two where this
+        process may use two CPUs, else one. A runtime setting, not saved.
+    baseline : otfml.baseline.ScreenedCoulomb, optional
+        A fixed long-range term: the model learns the labels less it and
+        predicts with it added (saved with the model).
+    """
+
+    def __init__(
+        self,
+        descriptor: Descriptor,
+        hyperparameters: Hyperparameters | None = None,
+        bounds=DEFAULT_BOUNDS,
+        max_sparse_per_species: int = 600,
+        sparse_tolerance: float = 0.05,
+        cache_bytes: int = 2 * 1024**3,
+        prune: bool = True,
+        max_frames: int | None = 1000,
+        evict: str = "thin",
+        cache_dtype=np.float32,
+        threads: int | None = None,
+        baseline: ScreenedCoulomb | None = None,
+    ) -> None:
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads = {threads}: give at least 1, or None for automatic")
+        if max_frames is not None and max_frames < 1:
+            raise ValueError(f"max_frames = {max_frames}: give at least 1, or None for no limit")
+        if evict not in EVICTIONS:
+            raise ValueError(f"evict = {evict!r}: give one of {', '.join(EVICTIONS)}")
+        self.descriptor = descriptor
+        #: a fixed term the model learns on top of (labels minus it; predictions plus it)
+        self.baseline = baseline
+        self.hyp = hyperparameters or Hyperparameters()
+        self.bounds = tuple(tuple(map(float, b)) for b in bounds)
+        self.max_sparse_per_species = int(max_sparse_per_species)
+        self.sparse_tolerance = float(sparse_tolerance)
+        self.cache_bytes = int(cache_bytes)
+        self.prune = bool(prune)
+        self.max_frames = None if max_frames is None else int(max_frames)
+        self.evict = evict
+        self.cache_dtype = np.dtype(cache_dtype)
+        #: frames taken out of the model so far (see ``max_frames`` and ``evict``)
+        self.n_dropped = 0
+        #: sparse environments swapped out so far, per species index
+        self.n_pruned: dict[int, int] = {}
+        self._cache_bytes = 0
+        self._reserved = False  # rows reserved for max_frames frames (see _reserve)
+        self._memory_checked = False  # _reserve and _report_memory ran (first frame)
+        F = descriptor.n_features
+        S = len(descriptor.species)
+        M_max = self.max_sparse_per_species * S  # buffer columns are reserved once
+        self.Z = np.zeros((0, F))  # normalized sparse descriptors (M, F)
+        self.zs = np.zeros(0, dtype=np.int64)  # species index of each column
+        self.frames: list[_Frame] = []
+        self.e0 = np.zeros(S)
+        self._trainable = True
+        self._reset_accumulators(0)
+        self._square: dict[str, np.ndarray] = {}  # buffers of the growing M x M matrices
+        self._spare: dict[str, _Spare] = {}  # arrays to use again (:class:`_Spare`)
+        # inverse of the Cholesky factor L of K_mm + jitter (maintained incrementally)
+        self._Linv = np.zeros((0, 0))
+        self._AFw = np.zeros((0, 0))  # L^-1 A_F L^-T
+        # whitened energy rows L^-1 r_f / sqrt(N_f), one row per frame
+        self._EwT = _Grow(0, max_cols=M_max)
+        self._AEw = np.zeros((0, 0))  # their sum of outer products (kept, not re-formed)
+        self._beta = np.zeros(0)
+        self._LB = np.zeros((0, 0))  # Cholesky factor of B = I + s2 (AEw/se^2 + AFw/sf^2)
+        # what changed B since _LB was factored, for a low-rank update instead of a new
+        # factorization (see _updated_factor); None: factor B afresh at the next solve
+        self._lb_state: dict | None = None
+        self._blocks: dict = {}
+        # each species' block of L^-1 and its rows of Z, for the L^-1 they were cut from
+        self._species_cache: tuple[weakref.ref, dict] | None = None
+        # rows of the design matrix of every frame (normalized kernel units)
+        self._RF = _Grow(0, max_cols=M_max)  # force rows, (sum 3N, M)
+        self._RE = _Grow(0, max_cols=M_max)  # energy rows, (frames, M)
+        self._n_atoms = 0
+        # descriptor gradients of the cached frames, per centre species (see _geometry)
+        self._geo: dict[int, dict[str, _Grow]] = {}
+        self._fitted = False
+        self._full_warned: set[int] = set()  # species whose full sparse set was reported
+        #: free-form metadata saved with the model (e.g. the force-error calibration)
+        self.extra: dict = {}
+        #: threads that share a prediction's work (None: two where this process may use
+        #: two CPUs, else one); not saved with the model
+        self._lanes = Lanes(threads)
+        #: the posterior of the last solve (None before the first)
+        self.posterior: Posterior | None = None
+
+    # ------------------------------------------------------------------
+    # bookkeeping
+    # ------------------------------------------------------------------
+    @property
+    def n_sparse(self) -> int:
+        """Total number M of sparse environments."""
+        return len(self.zs)
+
+    @property
+    def n_frames(self) -> int:
+        """Number of labelled frames the model was trained on."""
+        return self._n_e
+
+    def sparse_counts(self) -> dict[str, int]:
+        """Sparse environments per element symbol."""
+        return {chemical_symbols[z]: int(np.sum(self.zs == k))
+                for k, z in enumerate(self.descriptor.species)}
+
+    def _element(self, s: int) -> str:
+        """Chemical symbol of species index ``s``."""
+        return chemical_symbols[self.descriptor.species[s]]
+
+    def _cols(self, s: int) -> np.ndarray:
+        return np.flatnonzero(self.zs == s)
+
+    def _kernel(self, cols: np.ndarray) -> np.ndarray:
+        """Normalized K_mm of sparse columns ``cols`` (zero between species), (n, n).
+
+        Formed when needed (a rebuild, tests) rather than kept: K_mm is read nowhere else.
+        """
+        Zc = self.Z[cols]
+        K = (Zc @ Zc.T) ** 2
+        K[self.zs[cols][:, None] != self.zs[cols][None, :]] = 0.0
+        return K
+
+    def _species_block(self, s: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Columns of species ``s``, its block of ``L^-1`` (M_s, M_s) and its rows of ``Z``.
+
+        Contiguous copies, kept until ``L^-1`` is replaced (every change to the sparse set
+        replaces it): cutting the block out took 3.4 ms at M_s = 800, and selecting a
+        frame's new environments, pruning and the next solve each want it.
+        """
+        cache = self._species_cache
+        if cache is None or cache[0]() is not self._Linv:
+            cache = (weakref.ref(self._Linv), {})
+            self._species_cache = cache
+        if s not in cache[1]:
+            cols = self._cols(s)
+            cache[1][s] = (cols, self._Linv[np.ix_(cols, cols)], np.ascontiguousarray(self.Z[cols]))
+        return cache[1][s]
+
+    def _species_blocks(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each species' columns and block of ``L^-1`` (:meth:`_species_block`), by index."""
+        return [self._species_block(s)[:2] for s in range(len(self.descriptor.species))]
+
+    def _reset_accumulators(self, M: int) -> None:
+        S = len(self.descriptor.species)
+        self.c_E = np.zeros(M)
+        self.C_E = np.zeros((M, S))
+        self.b_F = np.zeros(M)
+        self._EE = 0.0  # sum E^2/N
+        self._En = np.zeros(S)  # sum E n/N
+        self._nn = np.zeros((S, S))  # sum n n^T / N
+        self._ff = 0.0
+        self._n_e = 0
+        self._n_f = 0
+        self._logN = 0.0
+
+
+
+    @property
+    def threads(self) -> int | None:
+        """Threads that share each prediction's work (None: automatic); not saved."""
+        return self._lanes.threads
+
+    @threads.setter
+    def threads(self, value: int | None) -> None:
+        self._lanes.threads = value
+
+    def _spawn_here(self) -> Callable[[Callable], _Task] | None:
+        """``spawn`` for work of an update on the calling thread while nothing else runs
+        (:meth:`prepare_frame` without a reference running, :meth:`add_prepared`,
+        :meth:`solve`): the prediction's other threads take it; None on one thread."""
+        return self._lanes.spawn_here()
+
+    @property
+    def is_fitted(self) -> bool:
+        """True once the model has data to predict from."""
+        return self._fitted
+
+    def predict(self, atoms: Atoms, env: Environments | None = None) -> Prediction:
+        """Energy, forces and uncertainties of one structure (:meth:`Posterior.predict`
+        of the last solve).
+
+        Parameters
+        ----------
+        atoms : ase.Atoms
+            Structure to predict.
+        env : Environments, optional
+            Precomputed descriptors of ``atoms``.
+        """
+        if not self._fitted:
+            raise RuntimeError("the model has no training data yet; add a labelled frame first")
+        return self.posterior.predict(atoms, env)
+
+    # ------------------------------------------------------------------
+    # persistence
+    # ------------------------------------------------------------------
+    def save(self, path: str, extra: dict | None = None) -> None:
+        """Save what prediction needs to an ``.npz`` file (exact round trip).
+
+        ``extra`` (JSON-able) is stored alongside and returned by :meth:`load`
+        as ``model.extra``.
+        """
+        meta = {
+            "extra": extra or {},
+            "format": _MODEL_FORMAT,
+            "version": _MODEL_VERSION,
+            "descriptor": self.descriptor.to_dict(),
+            "hyperparameters": [float(x) for x in self.hyp.as_array()],
+            "bounds": self.bounds,
+            "max_sparse_per_species": self.max_sparse_per_species,
+            "sparse_tolerance": self.sparse_tolerance,
+            "n_frames": self._n_e,
+            "baseline": None if self.baseline is None else self.baseline.to_dict(),
+        }
+        with open(path, "wb") as fh:
+            np.savez(fh, meta=np.array(json.dumps(meta)), **self.posterior.arrays())
+
+    @classmethod
+    def load(cls, path: str) -> SparseGP:
+        """Load a model saved by :meth:`save` (prediction only)."""
+        if not os.path.isfile(path):
+            raise ConfigError(f"model file {path!r} does not exist; give the path of a file "
+                              "written by `otfml train` or a run's model.npz")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                meta = json.loads(str(data["meta"]))
+                arrays = {k: data[k] for k in ARRAYS}
+            ok = isinstance(meta, dict) and meta.get("format") == _MODEL_FORMAT
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+            raise ConfigError(
+                f"{path!r} is not an otfml model file or is truncated/damaged "
+                f"({type(err).__name__}: {err}); rebuild it from its store with "
+                "`otfml train STORE.h5 -o model.npz`") from err
+        if not ok:
+            raise ConfigError(f"{path!r} is not an otfml model file (no otfml model format "
+                              "marker); rebuild it with `otfml train STORE.h5 -o model.npz`")
+        if meta.get("version") != _MODEL_VERSION:
+            raise ConfigError(
+                f"{path!r} has model format version {meta.get('version')}, "
+                f"this otfml reads version {_MODEL_VERSION}; retrain it from its store"
+            )
+        baseline = (None if meta.get("baseline") is None
+                    else ScreenedCoulomb.from_dict(meta["baseline"]))
+        gp = cls(Descriptor.from_dict(meta["descriptor"]),
+                 Hyperparameters(*meta["hyperparameters"]), bounds=meta["bounds"],
+                 max_sparse_per_species=meta["max_sparse_per_species"],
+                 sparse_tolerance=meta["sparse_tolerance"], baseline=baseline)
+        gp.Z, gp.zs, gp.e0 = arrays["Z"], arrays["zs"].astype(np.int64), arrays["e0"]
+        gp._beta, gp._LB, gp._Linv = arrays["beta"], arrays["LB"], arrays["Linv"]
+        gp._n_e = int(meta["n_frames"])
+        gp.posterior = Posterior.from_arrays(gp.descriptor, gp.hyp.sigma, arrays, baseline,
+                                             gp._lanes, gp._n_e)
+        gp._blocks = gp.posterior.blocks
+        gp.extra = meta.get("extra", {})
+        gp._fitted = gp.n_sparse > 0
+        gp._trainable = False
+        return gp
