@@ -11,9 +11,37 @@ import scipy.sparse
 
 from ..descriptor import Environments
 from ._buffers import _Grow
-from ._kernels import _pair_products, _pair_range
+from ._kernels import _pair_range
 from ._threads import _in_two, _Task
 from ._types import _normalize
+
+
+def _incidence(pi: np.ndarray, pj: np.ndarray, n_atoms: int) -> scipy.sparse.csr_matrix:
+    """Sparse (n_atoms, P) matrix that scatters pair terms to atoms: +1 on each pair's
+    neighbour ``pj``, -1 on its centre ``pi``."""
+    P = len(pi)
+    return scipy.sparse.csr_matrix(
+        (np.concatenate([np.ones(P), -np.ones(P)]),
+         (np.concatenate([pj, pi]), np.concatenate([np.arange(P)] * 2))),
+        shape=(n_atoms, P))
+
+
+def _pair_force_terms(G: np.ndarray, ph: np.ndarray, u: np.ndarray, scale: np.ndarray,
+                      inc: scipy.sparse.csr_matrix, Zc: np.ndarray,
+                      spawn: Callable[[Callable], _Task] | None = None) -> np.ndarray:
+    """``d kt / d r`` (n_atoms, 3, m) of m sparse columns ``Zc`` through P pairs.
+
+    ``G`` (3P, F), ``ph`` (P, F), ``u`` (P, 3) and ``scale`` (P,) as
+    :meth:`_Rows._geometry` keeps them; ``inc`` from :func:`_incidence`. The pairs are
+    shared with another thread through ``spawn`` (:func:`_in_two`).
+    """
+    P = len(u)
+    Ts, ds = zip(*_in_two(spawn, functools.partial(_pair_range, G, ph, Zc), P))
+    T, d = (Ts[0], ds[0]) if len(Ts) == 1 else (np.concatenate(Ts), np.concatenate(ds))
+    # d kt_is / d D_ij = 2 d_is / |p_i| (G z_s - d_is G p_hat_i)
+    T -= d[:, None, :] * u[:, :, None]
+    T *= (scale[:, None] * d)[:, None, :]
+    return (inc @ T.reshape(P, -1)).reshape(inc.shape[0], 3, len(Zc))
 
 
 class _Rows:
@@ -44,11 +72,7 @@ class _Rows:
             P = len(sel)
             ci = env.pi[sel]
             Gs = np.ascontiguousarray(G[sel]).reshape(P * 3, -1)
-            inc = scipy.sparse.csr_matrix(
-                (np.concatenate([np.ones(P), -np.ones(P)]),
-                 (np.concatenate([env.pj[sel], ci]), np.concatenate([np.arange(P)] * 2))),
-                shape=(N, P),
-            )
+            inc = _incidence(ci, env.pj[sel], N)
             u = np.einsum("qcf,qf->qc", Gs.reshape(P, 3, -1), ph[ci])
             blocks[int(s)] = {"G": Gs.astype(self.cache_dtype, copy=False), "u": u,
                               "ph": ph[ci].astype(self.cache_dtype, copy=False),
@@ -77,14 +101,9 @@ class _Rows:
                 continue
             Zc = self.Z[cols[cs]]
             row_e[cs] = np.sum((blk["atoms"] @ Zc.T) ** 2, axis=0)
-            P = len(blk["u"])
-            if P == 0:
-                continue
-            T, d = _pair_products(blk["G"], blk["ph"], Zc)
-            # d kt_is / d D_ij = 2 d_is / |p_i| (G z_s - d_is G p_hat_i)
-            T -= d[:, None, :] * blk["u"][:, :, None]
-            T *= (blk["scale"][:, None] * d)[:, None, :]
-            dEdr[:, :, cs] += (blk["inc"] @ T.reshape(P, -1)).reshape(N, 3, len(cs))
+            if len(blk["u"]):
+                dEdr[:, :, cs] += _pair_force_terms(blk["G"], blk["ph"], blk["u"], blk["scale"],
+                                                    blk["inc"], Zc)
         return row_e, -dEdr.reshape(3 * N, len(cols))
 
     def _cache_geometry(self, geom: dict, frame: int, atom_start: int) -> None:
@@ -128,18 +147,9 @@ class _Rows:
                 (np.ones(len(frames_of)), (frames_of, np.arange(len(frames_of)))),
                 shape=(nf, len(frames_of)))
             E[:, cs] = inc_f @ k_at
-            P = g["ph"].n
-            Ts, ds = zip(*_in_two(spawn, functools.partial(_pair_range, g["G"].view,
-                                                           g["ph"].view, Zc), P))
-            T, d = (Ts[0], ds[0]) if len(Ts) == 1 else (np.concatenate(Ts), np.concatenate(ds))
-            T -= d[:, None, :] * g["u"].view[:, :, None]
-            T *= (g["scale"].view[:, 0][:, None] * d)[:, None, :]
-            pi, pj = g["pi"].view[:, 0], g["pj"].view[:, 0]
-            inc = scipy.sparse.csr_matrix(
-                (np.concatenate([np.ones(P), -np.ones(P)]),
-                 (np.concatenate([pj, pi]), np.concatenate([np.arange(P)] * 2))),
-                shape=(na, P))
-            dEdr[:, :, cs] += (inc @ T.reshape(P, -1)).reshape(na, 3, len(cs))
+            inc = _incidence(g["pi"].view[:, 0], g["pj"].view[:, 0], na)
+            dEdr[:, :, cs] += _pair_force_terms(g["G"].view, g["ph"].view, g["u"].view,
+                                                g["scale"].view[:, 0], inc, Zc, spawn)
         R = -dEdr.reshape(3 * na, len(cols))
         for k, fr in enumerate(self.frames):
             if not fr.cached:
