@@ -270,7 +270,7 @@ def table(results: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    from otfml.policy import CALIBRATIONS, CALL_STEP_RESULTS
+    from otfml.settings import CALIBRATIONS, CALL_STEP_RESULTS
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--molecule", choices=sorted(MOLECULES), default="ethanol")

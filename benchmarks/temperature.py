@@ -126,7 +126,7 @@ def run(mode: str, ensemble: str, molecule: str, steps: int, seed: int, work: st
 
 
 def main(argv=None) -> int:
-    from otfml.policy import CALIBRATIONS
+    from otfml.settings import CALIBRATIONS
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--molecule", choices=sorted(MOLECULES), default="aspirin")

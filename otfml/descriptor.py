@@ -42,6 +42,7 @@ from ase.neighborlist import primitive_neighbor_list
 from numba import njit
 
 from .errors import IsolatedAtoms
+from .settings import default
 
 __all__ = ["Descriptor", "Environments"]
 
@@ -331,7 +332,7 @@ class Descriptor:
         Atomic numbers the descriptor distinguishes (neighbour channels).
     cutoff : float, default 3.0
         Cutoff radius r_c in Å.
-    n_max : int, default 8
+    n_max : int, default 5
         Number of Gaussian radial functions.
     l_max : int, default 3
         Largest angular momentum.
@@ -346,34 +347,23 @@ class Descriptor:
         None: no scaling (w = 1).
     radial_power : float, default 4
         The exponent ``m`` of the radial scaling.
-    centre_weight : float, default 0
-        Weight ``w`` of the centre's own term (module notes); 0: none (the default
-        here, so that models saved without it load unchanged; otfml's runs use 0.7,
-        ``MODEL_DEFAULTS``: on aspirin it asked MOPAC about a seventh less often for
-        the same forces, with fewer sparse environments).
+    centre_weight : float, default 0.7
+        Weight ``w`` of the centre's own term (module notes), so that the normalized
+        kernel sees how dense the neighbourhood is, not only its shape; 0: none.
 
-    Notes
-    -----
-    Chosen on ethanol/PM7 at 500 K (training frames of one trajectory, force
-    MAE on another): a short cutoff with fine radial resolution (3.0 Å, 8
-    Gaussians, 0.07 eV/Å from 40 frames) beat the usual 5 Å / 6 functions
-    (0.27 eV/Å) by a wide margin.  With 180 frames the error is set mostly by
-    the number of sparse environments, not by ``n_max``: 5 Gaussians with a
-    sparse tolerance of 0.005 (0.019 eV/Å, 643 sparse, 480 features) beat 8
-    with 0.02 (0.026 eV/Å, 434 sparse, 1200 features) at about half the cost
-    per prediction, so otfml's runs use ``n_max=5`` (``MODEL_DEFAULTS``).
+    The defaults are those of :data:`otfml.settings.SCHEMA` (``model.*``).
     """
 
     def __init__(
         self,
         species: list[int] | tuple[int, ...],
-        cutoff: float = 3.0,
-        n_max: int = 8,
-        l_max: int = 3,
-        r_min: float = 0.8,
-        radial_scaling: float | None = None,
-        radial_power: float = 4.0,
-        centre_weight: float = 0.0,
+        cutoff: float = default("model", "cutoff"),
+        n_max: int = default("model", "n_max"),
+        l_max: int = default("model", "l_max"),
+        r_min: float = default("model", "r_min"),
+        radial_scaling: float | None = default("model", "radial_scaling"),
+        radial_power: float = default("model", "radial_power"),
+        centre_weight: float = default("model", "centre_weight"),
     ) -> None:
         species = sorted({int(z) for z in species})
         if not species:
@@ -442,8 +432,8 @@ class Descriptor:
 
     @classmethod
     def from_dict(cls, d: dict) -> Descriptor:
-        """Rebuild a descriptor from :meth:`to_dict` output."""
-        return cls(**d)
+        """Rebuild a descriptor from :meth:`to_dict` output (a setting a file lacks is off)."""
+        return cls(**{"radial_scaling": None, "centre_weight": 0.0, **d})
 
     def species_index(self, numbers: np.ndarray) -> np.ndarray:
         """Map atomic numbers to species indices, refusing unknown elements."""

@@ -18,7 +18,7 @@ import numpy as np
 from ase import Atoms
 
 from .baseline import ScreenedCoulomb
-from .config import SCHEMA, _check
+from .config import SCHEMA, check_value
 from .descriptor import Descriptor
 from .errors import (
     ConfigError,
@@ -31,6 +31,7 @@ from .gp import Prediction, SparseGP, available_cpus
 from .gp._threads import _Task
 from .policy import Decision, LearningPolicy
 from .reference import Reference, charge_and_multiplicity, closest_pair
+from .settings import defaults
 from .store import Store, fingerprint_key
 
 __all__ = ["Learner", "StepResult", "MODEL_DEFAULTS", "train_from_frames", "check_model_settings",
@@ -38,29 +39,8 @@ __all__ = ["Learner", "StepResult", "MODEL_DEFAULTS", "train_from_frames", "chec
 
 log = logging.getLogger(__name__)
 
-#: default model settings (descriptor and sparse GP)
-MODEL_DEFAULTS = {
-    "cutoff": 3.0,
-    "n_max": 5,
-    "l_max": 3,
-    "r_min": 0.8,
-    "radial_scaling": None,
-    "radial_power": 4.0,
-    "centre_weight": 0.7,
-    "max_sparse_per_species": 600,
-    "sparse_tolerance": 0.005,
-    "prune_sparse": True,
-    "max_frames": 1000,
-    "evict_frames": "thin",
-    "hyperparameter_every": 50,
-    "hyperparameter_first": 5,
-    "hyperparameter_lag": 10,
-    "blas_threads": 1,
-    "predict_threads": None,
-    "overlap_update": True,
-    "coulomb_charges": None,
-    "coulomb_width": 1.5,
-}
+#: default model settings (descriptor and sparse GP), from :data:`otfml.settings.SCHEMA`
+MODEL_DEFAULTS = defaults("model")
 
 
 @dataclass
@@ -385,7 +365,7 @@ def check_model_settings(settings: dict | None) -> dict:
                 f"unknown model setting {key!r}{hint}; valid: {sorted(MODEL_DEFAULTS)}")
         if isinstance(val, np.generic):
             val = val.item()
-        out[key] = _check(f"model.{key}", val, SCHEMA["model"][key], "model settings")
+        out[key] = check_value(f"model.{key}", val, SCHEMA["model"][key], "model settings")
     if out["coulomb_charges"] is not None:  # element names and charges (species come later)
         ScreenedCoulomb(out["coulomb_charges"], out["coulomb_width"])
     return out

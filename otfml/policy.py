@@ -47,14 +47,12 @@ import numpy as np
 from ase.data import chemical_symbols
 
 from .errors import ConfigError
+from .settings import CALIBRATIONS, CALL_STEP_RESULTS, default
 
 __all__ = ["LearningPolicy", "Decision", "calibrated"]
 
 log = logging.getLogger(__name__)
 
-CALIBRATIONS = ("atom", "element", "max", "floor", "element_floor")
-#: what a step that called the reference returns (``LearningPolicy.call_step_result``)
-CALL_STEP_RESULTS = ("reference", "updated_model")
 
 
 def calibrated(uncertainty: np.ndarray, scale: float, numbers: np.ndarray | None = None,
@@ -137,9 +135,7 @@ class LearningPolicy:
         ``force_tolerance * 0.5`` nor above ``force_tolerance * 2``.
     min_steps_between_calls : int, default 0
         At least this many model steps between two reference calls. The model
-        is trusted in between even where it says it is uncertain: aspirin/PM7
-        at 500 K with 10 heated to 1054 K over the second half of 2000 steps
-        (forces used 0.108 eV/Å off; benchmarks/README.md). Use it with an
+        is trusted in between even where it says it is uncertain: use it with an
         accurate model.
     force_call_every : int, optional
         Call the reference every N steps whatever the uncertainty.
@@ -180,46 +176,33 @@ class LearningPolicy:
         and forces, or the model's prediction at that geometry after it has
         learned the label.  The label is stored and learned either way.  With
         "updated_model" MD never switches between the model's surface and the
-        reference's.  On aspirin/PM7 (10,000 steps at 500 K, floor calibration)
-        it asked MOPAC at 7-19 % of the steps (mean 12.5 %) in five runs of
-        three seeds, against 9-31 % (mean 21.5 %) for "reference" in four runs
-        of the same seeds, one seed of the three the other way round; wall
-        time 0.5-1.3 of plain MOPAC's against 0.6-1.9; the forces used erred
-        more (0.056-0.058 against 0.042-0.054 eV/Å).  On ethanol it ran warmer
-        (second halves 442-653 K in six runs, mean 514 K, against 419-506 K,
-        mean 454 K, in four) and asked about as often, so it is not the
-        default (benchmarks/README.md).
+        reference's.
     sparse_admission : float or None, default None
         A fraction: at a call, the environments whose novelty exceeds it times
         the novelty at which the calibrated estimate reaches the tolerance join
         the model's sparse set even when ``model.sparse_tolerance`` would leave
         them out (never below a quarter of it), while that species' set is below
-        80 % of ``model.max_sparse_per_species``.  Meant for environments that
-        sit between the two thresholds: uncertain enough to call the reference,
-        not novel enough to join, so that learning the label does not lower
-        their uncertainty (aspirin/PM7: 29 % of the calls came one step after
-        another, at the novelty where the two thresholds met).  Measured on
-        aspirin (10,000 steps, floor calibration), 0.5 did not pay: 14.5 / 6.4 /
-        25.8 % calls (seeds 0 / 1 / 2) against 11.1 / 6.9 / 9.4 % without, the
-        sparse set filled sooner and the updates grew dearer, so it is off by
-        default (benchmarks/README.md).  None: only ``model.sparse_tolerance``.
+        80 % of ``model.max_sparse_per_species``, so that a call lowers the
+        uncertainty that caused it.  None: only ``model.sparse_tolerance``.
+
+    The defaults are those of :data:`otfml.settings.SCHEMA` (``learning.*``).
     """
 
-    force_tolerance: float = 0.2
-    adaptive: bool = False
-    min_steps_between_calls: int = 0
-    force_call_every: int | None = None
-    max_calls: int | None = None
-    initial_calls: int = 2
+    force_tolerance: float = default("learning", "force_tolerance")
+    adaptive: bool = default("learning", "adaptive")
+    min_steps_between_calls: int = default("learning", "min_steps_between_calls")
+    force_call_every: int | None = default("learning", "force_call_every")
+    max_calls: int | None = default("learning", "max_calls")
+    initial_calls: int = default("learning", "initial_calls")
     calibration_window: int = 50
     initial_scale: float = 1.0
-    calibration: str = "atom"
-    on_reference_failure: str = "stop"
-    max_consecutive_failures: int = 3
-    label_check: float | None = 1.0
-    allow_fragmentation: bool = False
-    call_step_result: str = "reference"
-    sparse_admission: float | None = None
+    calibration: str = default("learning", "calibration")
+    on_reference_failure: str = default("learning", "on_reference_failure")
+    max_consecutive_failures: int = default("learning", "max_consecutive_failures")
+    label_check: float | None = default("learning", "label_check")
+    allow_fragmentation: bool = default("learning", "allow_fragmentation")
+    call_step_result: str = default("learning", "call_step_result")
+    sparse_admission: float | None = default("learning", "sparse_admission")
     _ratios: deque = field(default_factory=deque, init=False, repr=False)
     _errors: deque = field(default_factory=deque, init=False, repr=False)
     _scale: float | None = field(default=None, init=False, repr=False)

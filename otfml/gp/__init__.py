@@ -27,10 +27,10 @@ baselines ``e0`` needs no pass over the data.  A solve is one Cholesky of
 """
 
 from ._threads import available_cpus
-from ._types import DEFAULT_BOUNDS, EVICTIONS, Hyperparameters, Prediction, PreparedFrame
+from ._types import DEFAULT_BOUNDS, Hyperparameters, Prediction, PreparedFrame
 from .likelihood import log_likelihood
 from .model import SparseGP
 from .posterior import Posterior
 
 __all__ = ["SparseGP", "Posterior", "Prediction", "Hyperparameters", "PreparedFrame",
-           "DEFAULT_BOUNDS", "EVICTIONS", "available_cpus", "log_likelihood"]
+           "DEFAULT_BOUNDS", "available_cpus", "log_likelihood"]

@@ -12,8 +12,6 @@ from ..descriptor import Environments
 from ..errors import IsolatedAtoms
 
 _JITTER = 1e-8
-#: rules for the frames that leave a model under ``max_frames`` (SparseGP ``evict``)
-EVICTIONS = ("thin", "oldest")
 
 @dataclass
 class Hyperparameters:

@@ -16,6 +16,7 @@ from ase.data import chemical_symbols
 from ..baseline import ScreenedCoulomb
 from ..descriptor import Descriptor, Environments
 from ..errors import ConfigError
+from ..settings import EVICTIONS, default
 from ._buffers import _Grow, _Spare
 from ._factor import _Factor
 from ._frames import _Frames
@@ -23,7 +24,7 @@ from ._memory import _Memory
 from ._rows import _Rows
 from ._sparse import _SparseSet
 from ._threads import Lanes, _Task
-from ._types import DEFAULT_BOUNDS, EVICTIONS, Hyperparameters, Prediction, _Frame
+from ._types import DEFAULT_BOUNDS, Hyperparameters, Prediction, _Frame
 from .likelihood import _Likelihood
 from .posterior import ARRAYS, Posterior
 
@@ -45,7 +46,7 @@ class SparseGP(_Rows, _SparseSet, _Frames, _Memory, _Likelihood, _Factor):
         Bounds of sigma (eV), sigma_e (eV) and sigma_f (eV/Å) in the fit.
     max_sparse_per_species : int, default 600
         Cap on the sparse environments of one species.
-    sparse_tolerance : float, default 0.05
+    sparse_tolerance : float, default 0.005
         An environment joins the sparse set when the part of it the sparse
         set cannot represent, ``sqrt(1 - k^T K_mm^-1 k)`` in normalized kernel
         units (0: fully represented, 1: new), exceeds this value.
@@ -67,10 +68,7 @@ class SparseGP(_Rows, _SparseSet, _Frames, _Memory, _Likelihood, _Factor):
         Which frames leave under ``max_frames``: every other one of the
         oldest fifth ("thin"), so that the model keeps an ever sparser sample
         of the whole run (the first frame stays), or the oldest tenth, so that
-        it keeps only the latest stretch.  On the frames of a 10,000-step
-        aspirin run that had drifted away from its start (2035 frames, 1000
-        held), "oldest" erred by 0.121 eV/Å on an independent trajectory and
-        "thin" by 0.057 (all frames: 0.047).
+        it keeps only the latest stretch.
     cache_dtype : numpy dtype, default float32
         Precision of the cached descriptor gradients (see :meth:`_geometry`);
         float64 makes rows computed along different paths (cached or not,
@@ -82,6 +80,8 @@ class SparseGP(_Rows, _SparseSet, _Frames, _Memory, _Likelihood, _Factor):
     baseline : otfml.baseline.ScreenedCoulomb, optional
         A fixed long-range term: the model learns the labels less it and
         predicts with it added (saved with the model).
+
+    The defaults are those of :data:`otfml.settings.SCHEMA` (``model.*``).
     """
 
     def __init__(
@@ -89,12 +89,12 @@ class SparseGP(_Rows, _SparseSet, _Frames, _Memory, _Likelihood, _Factor):
         descriptor: Descriptor,
         hyperparameters: Hyperparameters | None = None,
         bounds=DEFAULT_BOUNDS,
-        max_sparse_per_species: int = 600,
-        sparse_tolerance: float = 0.05,
+        max_sparse_per_species: int = default("model", "max_sparse_per_species"),
+        sparse_tolerance: float = default("model", "sparse_tolerance"),
         cache_bytes: int = 2 * 1024**3,
-        prune: bool = True,
-        max_frames: int | None = 1000,
-        evict: str = "thin",
+        prune: bool = default("model", "prune_sparse"),
+        max_frames: int | None = default("model", "max_frames"),
+        evict: str = default("model", "evict_frames"),
         cache_dtype=np.float32,
         threads: int | None = None,
         baseline: ScreenedCoulomb | None = None,
