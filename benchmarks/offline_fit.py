@@ -60,7 +60,7 @@ def trajectory(name: str, seed: int, steps: int, cache: str, every: int = 10) ->
 def main(argv=None) -> int:
     from otf_md import MOLECULES, parse_settings
 
-    from otfml.learner import train_from_frames
+    from otfml.training import train_from_frames
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--molecule", choices=sorted(MOLECULES), default="aspirin")

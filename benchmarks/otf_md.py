@@ -175,7 +175,7 @@ def compensation_min_frames_default() -> int:
 
 def label(r: dict) -> str:
     """Column header of one result: the molecule, the seed and every setting not at its default."""
-    from otfml.learner import MODEL_DEFAULTS
+    from otfml.training import MODEL_DEFAULTS
     from otfml.policy import LearningPolicy
 
     parts = [f"{r['molecule']}, seed {r['otfml']['seed']}"]

@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     from otf_md import parse_settings
     from threadpoolctl import threadpool_limits
 
-    from otfml.learner import train_from_frames
+    from otfml.training import train_from_frames
     from otfml.store import Store
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])

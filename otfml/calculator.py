@@ -10,6 +10,7 @@ from ase.calculators.calculator import Calculator, all_changes
 from .learner import Learner
 from .policy import LearningPolicy
 from .reference import make_reference
+from .settings import default
 
 __all__ = ["OTFCalculator"]
 
@@ -78,7 +79,7 @@ class OTFCalculator(Calculator):
     policy : LearningPolicy, optional
         All learning settings (overrides ``force_tolerance``).
     model_settings : dict, optional
-        Overrides of :data:`otfml.learner.MODEL_DEFAULTS`.
+        Overrides of :data:`otfml.training.MODEL_DEFAULTS`.
     charge, multiplicity : int, optional
         Used when ``atoms.info`` has no ``charge`` / ``multiplicity``.
     species : list of int, optional
@@ -105,7 +106,7 @@ class OTFCalculator(Calculator):
         self,
         reference,
         store: str | None = None,
-        force_tolerance: float = 0.2,
+        force_tolerance: float = default("learning", "force_tolerance"),
         policy: LearningPolicy | None = None,
         model_settings: dict | None = None,
         charge: int | None = None,

@@ -9,9 +9,8 @@ import numpy as np
 
 from .errors import ConfigError
 from .gp import SparseGP
-from .learner import train_from_frames
 from .policy import calibrated
-from .store import Store
+from .training import model_from_store
 
 __all__ = ["load_model", "evaluate", "read_labelled"]
 
@@ -19,15 +18,14 @@ log = logging.getLogger(__name__)
 
 
 def load_model(path: str, settings: dict | None = None) -> SparseGP:
-    """A model from a saved ``.npz`` or, for an HDF5 store, trained on its frames."""
+    """A model from a saved ``.npz`` or, for an HDF5 store, trained on the frames of its most
+    recent reference fingerprint (:func:`otfml.training.model_from_store`)."""
     if not os.path.exists(path):
         raise ConfigError(f"{path!r} does not exist; give a store (.h5) or a model (.npz)")
     with open(path, "rb") as fh:
         magic = fh.read(8)
     if magic.startswith(b"\x89HDF"):  # HDF5 signature: a store
-        with Store(path) as store:
-            frames = list(store)
-        return train_from_frames(frames, settings)
+        return model_from_store(path, settings)
     return SparseGP.load(path)
 
 

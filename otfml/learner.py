@@ -17,9 +17,6 @@ from dataclasses import dataclass
 import numpy as np
 from ase import Atoms
 
-from .baseline import ScreenedCoulomb
-from .config import SCHEMA, check_value
-from .descriptor import Descriptor
 from .errors import (
     ConfigError,
     FingerprintMismatch,
@@ -30,18 +27,26 @@ from .errors import (
 from .gp import Prediction, SparseGP, available_cpus
 from .gp._threads import _Task
 from .policy import Decision, LearningPolicy
-from .reference import Reference, charge_and_multiplicity, closest_pair
-from .settings import defaults
-from .store import Store, fingerprint_key
+from .reference import Reference
+from .store import Store
+from .structure import (
+    charge_and_multiplicity,
+    check_elements,
+    check_fragments,
+    check_geometry,
+    fragments,
+)
+from .training import (
+    check_model_settings,
+    model_from_settings,
+    one_fingerprint,
+    train_from_frames,
+)
 
-__all__ = ["Learner", "StepResult", "MODEL_DEFAULTS", "train_from_frames", "check_model_settings",
-           "check_geometry", "check_fragments", "fragments"]
+__all__ = ["Learner", "StepResult"]
+
 
 log = logging.getLogger(__name__)
-
-#: default model settings (descriptor and sparse GP), from :data:`otfml.settings.SCHEMA`
-MODEL_DEFAULTS = defaults("model")
-
 
 @dataclass
 class StepResult:
@@ -193,121 +198,6 @@ class _BlasLimit:
         self._saved = []
 
 
-def _model_from_settings(species, settings: dict) -> SparseGP:
-    desc = Descriptor(species, cutoff=settings["cutoff"], n_max=settings["n_max"],
-                      l_max=settings["l_max"], r_min=settings["r_min"],
-                      radial_scaling=settings["radial_scaling"],
-                      radial_power=settings["radial_power"],
-                      centre_weight=settings["centre_weight"])
-    baseline = (None if settings["coulomb_charges"] is None else
-                ScreenedCoulomb(settings["coulomb_charges"], settings["coulomb_width"],
-                                species=list(species)))
-    return SparseGP(desc, max_sparse_per_species=settings["max_sparse_per_species"],
-                    sparse_tolerance=settings["sparse_tolerance"],
-                    prune=settings["prune_sparse"], max_frames=settings["max_frames"],
-                    evict=settings["evict_frames"], threads=settings["predict_threads"],
-                    baseline=baseline)
-
-
-def train_from_frames(frames, settings: dict | None = None,
-                      species: list[int] | None = None) -> SparseGP:
-    """Fit a model offline on labelled frames (e.g. those of a store).
-
-    Parameters
-    ----------
-    frames : iterable of otfml.store.Frame
-        Labelled frames (energy eV, forces eV/Å).
-    settings : dict, optional
-        Overrides of :data:`MODEL_DEFAULTS`.
-    species : list of int, optional
-        Extra atomic numbers to cover.
-    """
-    frames = list(frames)
-    if not frames:
-        raise ConfigError("no labelled frames to train on")
-    settings = check_model_settings(settings)
-    zs = set(species or [])
-    for fr in frames:
-        zs.update(int(z) for z in fr.atoms.numbers)
-    model = _model_from_settings(sorted(zs), settings)
-    for fr in frames:
-        model.add_frame(fr.atoms, fr.energy, fr.forces, solve=False)
-    model.fit_hyperparameters()
-    return model
-
-
-#: closest approach (Å) a structure may have before it is sent to the reference
-MIN_DISTANCE = 0.5
-
-
-def check_geometry(atoms: Atoms, step: int) -> None:
-    """Refuse a collapsed geometry before it reaches the reference.
-
-    Raises
-    ------
-    UnphysicalGeometry
-        Naming the step, the two atoms and their distance (MOPAC itself aborts
-        below 0.2 Å; anything under ``MIN_DISTANCE`` means the trajectory broke).
-    """
-    i, j, dist = closest_pair(atoms)
-    if dist < MIN_DISTANCE:
-        sym = atoms.get_chemical_symbols()
-        raise UnphysicalGeometry(
-            f"step {step}: atoms {i} ({sym[i]}) and {j} ({sym[j]}) are {dist:.3f} Å apart "
-            f"(< {MIN_DISTANCE} Å); the structure has collapsed and was not sent to the "
-            "reference. Nothing was stored. Use a smaller time step or force_tolerance, "
-            "or check the starting structure")
-
-
-#: atoms closer than this multiple of the sum of their covalent radii are bonded
-BOND_FACTOR = 1.5
-
-
-def fragments(atoms: Atoms) -> tuple[int, np.ndarray]:
-    """Bonded fragments (bond: distance < BOND_FACTOR x covalent radii sum).
-
-    Returns
-    -------
-    n : int
-        Number of fragments.
-    labels : ndarray (n_atoms,) of int
-        Atoms with the same label are connected through bonds.
-    """
-    from ase.neighborlist import natural_cutoffs, neighbor_list
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    n = len(atoms)
-    i, j = neighbor_list("ij", atoms, natural_cutoffs(atoms, mult=BOND_FACTOR))
-    graph = coo_matrix((np.ones(len(i)), (i, j)), shape=(n, n))
-    return connected_components(graph, directed=False)
-
-
-def check_fragments(atoms: Atoms, step: int, n_start: int) -> None:
-    """Refuse a structure that has more bonded fragments than it started with.
-
-    Raises
-    ------
-    UnphysicalGeometry
-        Naming the atoms of the smallest new fragment and how far it is from the rest.
-    """
-    n, labels = fragments(atoms)
-    if n <= n_start:
-        return
-    sizes = np.bincount(labels)
-    small = int(np.argmin(sizes))
-    idx = np.flatnonzero(labels == small)
-    rest = np.flatnonzero(labels != small)
-    d = atoms.get_all_distances(mic=bool(atoms.pbc.any()))[np.ix_(idx, rest)]
-    sym = atoms.get_chemical_symbols()
-    raise UnphysicalGeometry(
-        f"step {step}: the structure has fallen apart into {n} bonded fragments (it started "
-        f"with {n_start}): atoms {idx.tolist()} ({''.join(sym[k] for k in idx)}) are "
-        f"{d.min():.2f} Å from the rest. It was not sent to the reference; nothing was "
-        "stored. If the dissociation is expected set learning.allow_fragmentation: true; "
-        "otherwise lower the time step, the temperature or learning.force_tolerance")
-
-
 class HyperparameterSchedule:
     """At which reference calls the hyperparameters are refitted.
 
@@ -344,31 +234,6 @@ class HyperparameterSchedule:
         self.gap = (min(2 * self.gap, 8 * self.every) if moved <= self.settled
                     else self.every)
         self.next = int(n_calls) + self.gap
-
-
-def check_model_settings(settings: dict | None) -> dict:
-    """Merge user model settings over :data:`MODEL_DEFAULTS`.
-
-    Unknown keys and values of the wrong type or range are refused with the YAML
-    schema's own checks (``ConfigError`` naming ``model.<key>``), whether they come
-    from a workflow file or from Python; NumPy scalars count as the Python numbers
-    they hold.
-    """
-    out = dict(MODEL_DEFAULTS)
-    for key, val in (settings or {}).items():
-        if key not in MODEL_DEFAULTS:
-            import difflib
-
-            near = difflib.get_close_matches(key, MODEL_DEFAULTS, n=1)
-            hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise ConfigError(
-                f"unknown model setting {key!r}{hint}; valid: {sorted(MODEL_DEFAULTS)}")
-        if isinstance(val, np.generic):
-            val = val.item()
-        out[key] = check_value(f"model.{key}", val, SCHEMA["model"][key], "model settings")
-    if out["coulomb_charges"] is not None:  # element names and charges (species come later)
-        ScreenedCoulomb(out["coulomb_charges"], out["coulomb_width"])
-    return out
 
 
 class Learner:
@@ -463,15 +328,8 @@ class Learner:
 
     # ------------------------------------------------------------------
     def _warm_start(self) -> None:
-        """Rebuild the model from the frames in the store."""
-        frames = list(self.store)
-        latest = fingerprint_key(frames[-1].fingerprint)
-        n_other = sum(fingerprint_key(fr.fingerprint) != latest for fr in frames)
-        if n_other:
-            log.warning("store %s holds %d frames of other reference fingerprints; the model "
-                        "is built from the %d frames of the most recent one", self.store.path,
-                        n_other, len(frames) - n_other)
-        frames = [fr for fr in frames if fingerprint_key(fr.fingerprint) == latest]
+        """Rebuild the model from the frames in the store (:func:`one_fingerprint`)."""
+        frames = one_fingerprint(list(self.store), f"store {self.store.path!r}")
         self.fingerprint = frames[-1].fingerprint
         # fragments are counted against the structure the store's run started from
         self._n_fragments = fragments(frames[0].atoms)[0]
@@ -490,7 +348,7 @@ class Learner:
     def _ensure_model(self, atoms: Atoms) -> None:
         if self.model is None:
             species = sorted(set(self._species) | {int(z) for z in atoms.numbers})
-            self.model = _model_from_settings(species, self.settings)
+            self.model = model_from_settings(species, self.settings)
             self._species = list(self.model.descriptor.species)
 
     def charge_and_multiplicity(self, atoms: Atoms) -> tuple[int, int]:
@@ -545,6 +403,7 @@ class Learner:
                               "to learn; otfml needs at least 2 atoms")
         if not np.all(np.isfinite(atoms.positions)):
             raise ConfigError(f"step {step}: positions contain NaN/inf")
+        check_elements(atoms, f"the structure at step {step}")
         self._ensure_model(atoms)
         pred = None
         n_frames, n_sparse = self.model.n_frames, self.model.n_sparse

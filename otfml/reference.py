@@ -23,9 +23,9 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator
 
 from .errors import ConfigError, ReferenceFailed
+from .structure import closest_pair, electron_parity_check
 
-__all__ = ["Reference", "MopacReference", "CalculatorReference", "Label", "make_reference",
-           "electron_parity_check", "closest_pair", "charge_and_multiplicity"]
+__all__ = ["Reference", "MopacReference", "CalculatorReference", "Label", "make_reference"]
 
 log = logging.getLogger(__name__)
 
@@ -137,74 +137,6 @@ class Label:
     forces: np.ndarray
     fingerprint: dict
     seconds: float
-
-
-def closest_pair(atoms: Atoms) -> tuple[int, int, float]:
-    """Indices and distance (Å) of the two closest atoms (minimum image if periodic)."""
-    if len(atoms) < 2:
-        return 0, 0, float("inf")
-    d = atoms.get_all_distances(mic=bool(atoms.pbc.any()))
-    np.fill_diagonal(d, np.inf)
-    i, j = np.unravel_index(np.argmin(d), d.shape)
-    return int(i), int(j), float(d[i, j])
-
-
-def electron_parity_check(atoms: Atoms, charge: int, multiplicity: int) -> None:
-    """Refuse a charge/multiplicity pair impossible for the electron count.
-
-    Raises
-    ------
-    ConfigError
-        With the electron count and the multiplicities that would be allowed.
-    """
-    n_el = int(atoms.numbers.sum()) - int(charge)
-    if n_el < 0:
-        raise ConfigError(f"charge={charge} removes more electrons than the structure has "
-                          f"({int(atoms.numbers.sum())})")
-    if multiplicity < 1:
-        raise ConfigError(f"multiplicity={multiplicity}; it must be 1 (singlet), 2 (doublet), ...")
-    if (n_el % 2) == (multiplicity % 2):
-        allowed = "2 (doublet), 4, ..." if n_el % 2 else "1 (singlet), 3 (triplet), ..."
-        raise ConfigError(
-            f"{atoms.get_chemical_formula()} with charge {charge} has {n_el} electrons "
-            f"({'odd' if n_el % 2 else 'even'}); multiplicity {multiplicity} is impossible. "
-            f"Set multiplicity to one of {allowed} or change the charge"
-        )
-
-
-def default_multiplicity(atoms: Atoms, charge: int) -> int:
-    """Singlet for an even electron count; odd counts need an explicit choice."""
-    n_el = int(atoms.numbers.sum()) - int(charge)
-    if n_el % 2:
-        raise ConfigError(
-            f"{atoms.get_chemical_formula()} with charge {charge} has an odd number of electrons "
-            f"({n_el}); set the multiplicity explicitly (2 for a doublet radical) in the "
-            "config (system.multiplicity) or atoms.info['multiplicity']"
-        )
-    return 1
-
-
-def charge_and_multiplicity(atoms: Atoms, charge: int | None = None,
-                            multiplicity: int | None = None) -> tuple[int, int]:
-    """Checked charge and multiplicity of ``atoms``.
-
-    ``atoms.info['charge']``/``['multiplicity']`` win over the defaults given;
-    without either, the charge is the sum of the initial charges and the
-    multiplicity a singlet (odd electron counts must set it).
-
-    Raises
-    ------
-    ConfigError
-        Odd electrons without a multiplicity, or an impossible combination.
-    """
-    charge = atoms.info.get("charge", charge)
-    if charge is None:
-        charge = int(round(float(atoms.get_initial_charges().sum())))
-    mult = atoms.info.get("multiplicity", multiplicity)
-    if mult is None:
-        mult = default_multiplicity(atoms, charge)
-    electron_parity_check(atoms, int(charge), int(mult))
-    return int(charge), int(mult)
 
 
 class Reference:

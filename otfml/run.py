@@ -26,16 +26,10 @@ from ase import Atoms, units
 from .calculator import OTFCalculator
 from .config import index_of
 from .errors import ConfigError, UnstableRun
-from .learner import MIN_DISTANCE
 from .policy import LearningPolicy
 from .progress import Progress
-from .reference import (
-    CalculatorReference,
-    MopacReference,
-    Reference,
-    charge_and_multiplicity,
-    closest_pair,
-)
+from .reference import CalculatorReference, MopacReference, Reference
+from .structure import MIN_DISTANCE, charge_and_multiplicity, check_elements, closest_pair
 
 __all__ = ["run", "build_structures", "build_reference", "read_steps", "stage_dirs", "thermalize"]
 
@@ -113,6 +107,7 @@ def build_structures(cfg: dict) -> list[Atoms]:
             raise ConfigError(f"{what} has {len(atoms)} atom(s); otfml needs at least 2")
         if not np.all(np.isfinite(atoms.positions)):
             raise ConfigError(f"{what} has NaN/inf coordinates")
+        check_elements(atoms, what)
         if len(atoms) > sysc["max_atoms"]:
             raise ConfigError(f"{what} has {len(atoms)} atoms, more than system.max_atoms = "
                               f"{sysc['max_atoms']}; check the file, or raise system.max_atoms")

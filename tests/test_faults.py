@@ -608,7 +608,7 @@ def test_damaged_store_is_a_clear_store_error(tmp_path, good_store, how, mode, t
 
 
 def test_damaged_or_foreign_model_file_is_a_clear_error(tmp_path, capsys, tally):
-    from otfml.learner import train_from_frames
+    from otfml.training import train_from_frames
 
     frames = []
     for seed in range(3):

@@ -11,7 +11,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from scipy.spatial.transform import Rotation
 
-from otfml.learner import train_from_frames
+from otfml.training import train_from_frames
 from otfml.store import Frame
 
 from .conftest import numeric_force

@@ -5,7 +5,7 @@ import os
 import numpy as np
 
 from otfml import Descriptor, LearningPolicy, SparseGP
-from otfml.learner import MODEL_DEFAULTS
+from otfml.training import MODEL_DEFAULTS
 from otfml.settings import SCHEMA, defaults, keys_markdown
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -112,7 +112,7 @@ class _Frames:
         if not self._trainable:
             raise RuntimeError(
                 "this model was loaded from a model file and can only predict; "
-                "rebuild it from its store (otfml.learner.train_from_frames) to train further"
+                "rebuild it from its store (otfml.training.model_from_store) to train further"
             )
         if env is None:
             env = self.descriptor.environments(atoms)
