@@ -354,7 +354,7 @@ def test_save_load_round_trip_is_exact(trained, tmp_path):
     np.testing.assert_array_equal(p.forces, q.forces)
     np.testing.assert_array_equal(p.novelty, q.novelty)
     assert m.extra == {"force_std_scale": 3.0}
-    with pytest.raises(RuntimeError, match="train_from_frames"):
+    with pytest.raises(RuntimeError, match="model_from_store"):
         m.add_frame(a, frames[1][1], frames[1][2])
 
 
