@@ -197,7 +197,7 @@ def label(r: dict) -> str:
     if r.get("adaptive"):
         parts.append(", adaptive")
     if r.get("energy_compensation"):
-        # results from before 2026-11-30 took each update's shift at its geometry
+        # "update shifts": a result of the older rule, each update's shift at its geometry
         parts.append(", compensated" if r.get("compensation_rule") == "surface changes"
                      else ", compensated (update shifts)")
         n = r.get("compensation_min_frames", compensation_min_frames_default())

@@ -9,11 +9,9 @@ With ``model.coulomb_charges`` the model learns the reference minus
 
 (``q`` per element, e; ``w`` = ``model.coulomb_width``, Å; ``k_e`` = 14.40 eV Å).
 The error function keeps the term smooth and finite at short range, where the
-local model takes over, so it needs no list of molecules or bonds. On 64 PM7
-waters (a session script: 82 frames of an OTF run's store for training, 10
-frames of an independent plain-MOPAC trajectory for testing; see
-benchmarks/README.md) TIP3P's charges (O -0.834, H 0.417) with ``w`` = 1.5 Å
-cut the model's force error from 0.089 to 0.076 eV/Å.
+local model takes over, so it needs no list of molecules or bonds. For water,
+TIP3P's charges (O -0.834, H 0.417) with ``w`` = 1.5 Å are a starting point
+(``workflows/water_cluster.yaml``).
 
 Only for non-periodic structures (molecules, clusters): a periodic cell would
 need an Ewald sum.

@@ -129,8 +129,8 @@ class OTFCalculator(Calculator):
     def check_state(self, atoms, tol: float = 1e-15) -> list[str]:
         """What changed since the last calculation (ASE's check, with fast paths).
 
-        ASE's generic comparison of every checked property took about 0.2 ms a
-        call, and an ASE MD step asks three times (once after the move, twice
+        ASE's generic comparison of every checked property is slow next to a model
+        step, and an ASE MD step asks three times (once after the move, twice
         more with the same atoms). Positions differ: the answer is known.
         Everything ASE compares is exactly equal: nothing changed. Otherwise
         ASE's own check decides.

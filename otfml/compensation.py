@@ -3,9 +3,8 @@
 A model learns where it was wrong. Where MD walks into a region whose energy
 the model puts too low, the model's forces speed the atoms up; the update at
 the reference call then lifts the model's energy at that geometry, but the
-kinetic energy gained stays. On aspirin/PM7 (velocity Verlet, 3000 steps) the
-total energy on MOPAC's surface rose by 0.43 eV/ps this way (plain MOPAC MD:
-0.001 eV/ps).
+kinetic energy gained stays, and the run heats as it learns
+(``python benchmarks/temperature.py --ensemble nve`` measures it).
 
 :class:`EnergyCompensation` is an ASE dynamics observer that keeps ``K + U``
 constant, ``U`` being the surface that gave the forces at the step (the model
@@ -30,11 +29,7 @@ reference's forces there (first order in the step):
 Each change costs one more prediction, at the step before's geometry, where the
 new surface is a model.  So ``K + U`` is conserved, and the total energy on the
 reference's surface, ``K + E_ref = K + U - (U - E_ref)``, differs from it by the
-model's present error alone: nothing builds up.  Measured
-(``benchmarks/README.md``, seventeenth session): aspirin NVE, 3000 steps, four
-seeds, total energy on MOPAC's surface at the end within 0.02 eV of its start,
-where compensating each update's shift at its geometry from the
-100th frame on (the rule until 2026-11-30) ended +0.23 to +0.79 eV above it.
+model's present error alone: nothing builds up.
 """
 
 from __future__ import annotations

@@ -103,9 +103,8 @@ class StepResult:
 
 #: the interpreter's thread switch interval while an update is prepared during a reference
 #: call: the thread running the reference gets the GIL back within this time to write the
-#: input, start the program and read its output (ethanol's MOPAC calls, median: 17 ms without
-#: the overlap, 22 ms with it at Python's default 5 ms, 20 ms with 0.1 ms; measured before
-#: the pidfd wait of reference._wait)
+#: input, start the program and read its output (Python's default, 5 ms, would delay each
+#: MOPAC call by a good part of its own length)
 _OVERLAP_SWITCH_S = 1e-4
 
 
@@ -160,9 +159,8 @@ class _PendingFit:
 class _BlasLimit:
     """Context that limits BLAS threads during otfml's own linear algebra.
 
-    Measured on ethanol (2 cores): the M x M products and factorizations of an
-    update (M ~ 100-1000) ran faster on one thread (median update 32 ms against
-    52 ms), and so did the whole OTF run (13.4 s against 16.7 s).  Only this
+    The M x M products and factorizations of an update run faster on one thread
+    than on threads that compete with the reference for the cores.  Only this
     process's BLAS is limited, only inside the context: the reference code (a
     separate MOPAC process) and the user's own numpy keep their threads.
     ``None`` leaves BLAS alone.
@@ -176,7 +174,7 @@ class _BlasLimit:
 
     def __enter__(self):
         # the BLAS libraries' own setters: threadpoolctl's limit() context re-inspects
-        # every library and took 0.18 ms per model step
+        # every library, a cost of the order of a model step
         self._depth += 1
         if self.threads is None or self._depth > 1:
             return self
@@ -205,9 +203,8 @@ class HyperparameterSchedule:
     besides, ``every`` calls after the last fit, an interval that doubles (up
     to ``8 * every``) after each fit that moved no hyperparameter by more than
     ``settled`` (relative), and falls back to ``every`` after one that did.
-    A fit costs 3-12 O(M^3) likelihood evaluations (1.4 s at M = 1265 on
-    aspirin); in a trace of 600 aspirin calls, after call 250 fits moved sigma
-    and sigma_f by less than 5 % and sigma_e by up to 12 %.
+    A fit costs several O(M^3) likelihood evaluations, and once a run has
+    settled fits hardly move the hyperparameters.
 
     Parameters
     ----------
@@ -378,9 +375,8 @@ class Learner:
         """The model's prediction for ``atoms``, under otfml's BLAS thread limit.
 
         Use this rather than ``self.model.predict`` outside :meth:`step` (e.g. in
-        a dynamics observer): without the limit, a busy machine made the same
-        prediction of aspirin (816 sparse environments) take a median of 10 ms
-        instead of 2.3 ms, as OpenBLAS's threads waited for a core.  ``env``:
+        a dynamics observer): without the limit, on a busy machine BLAS's threads
+        wait for a core and a prediction takes several times as long.  ``env``:
         the descriptors of ``atoms`` if already computed (see ``SparseGP.predict``).
 
         Raises
@@ -566,7 +562,7 @@ class Learner:
         ``hyperparameter_lag`` > 0, run on another thread on a copy of the model's
         accumulators while the run goes on, and take effect at the update
         ``hyperparameter_lag`` calls later, waiting for the fit there if need be: a fit
-        costs several O(M^3) factorizations (0.5-1 s on aspirin at M = 1800-2000), the run's
+        costs several O(M^3) factorizations, the run's
         updates leave the second CPU idle for most of their time, and which call a fit
         takes effect at does not depend on how fast it ran. While it runs, BLAS keeps
         otfml's limit (``blas_threads``).

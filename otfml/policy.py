@@ -12,8 +12,8 @@ with ``scale`` the median over the recent calls of the least-squares fit of
 the per-atom errors ``|F_model - F_ref|_i`` against ``u_i``, is what
 ``force_tolerance`` (eV/Å) is compared with (largest atom).  ``u`` is the
 model's novelty (see :class:`otfml.gp.Prediction`), eV.  With the "element"
-calibration each element has its own factor, fitted on its own atoms: on
-aspirin/PM7 the ratio of error to novelty was 4.9 (H), 30 (C) and 8.5 (O) 1/Å.
+calibration each element has its own factor, fitted on its own atoms (the same
+novelty can mean quite different errors on H and on C).
 
 With the "floor" calibration the estimate is::
 
@@ -22,18 +22,14 @@ With the "floor" calibration the estimate is::
 with ``floor`` (eV/Å) and ``scale`` (1/Å) a non-negative least-squares fit of
 the squared per-atom errors ``e_i**2 ~ floor**2 + scale**2 u_i**2`` over the
 atoms of the recent calls.  A model's force error has a part its novelty does
-not see (on aspirin/PM7 about 0.1 eV/Å per atom on trusted steps, whatever
-the novelty); a fit through the origin turns that floor into a large
+not see (a floor, whatever the novelty); a fit through the origin turns that floor into a large
 ``scale``, so the estimate of every atom is inflated and the largest of many
 crosses the tolerance by chance.  The floor model keeps it apart, so the
 reference is asked where the novelty is high.
 
 The "element_floor" calibration fits that floor and factor for each element on
 its own atoms.  Where elements err differently whatever their novelty, one
-floor misranks them: on 64 waters (PM7, 3 Å cutoff) the fitted floors were
-0.33 eV/Å for O and 0.13 for H, and with one floor the per-atom estimate
-ranked the actual errors at a Spearman correlation of -0.44 (0.60 per element,
-offline; benchmarks/README.md).
+floor misranks them (in water, oxygen's floor is well above hydrogen's).
 """
 
 from __future__ import annotations
@@ -339,10 +335,9 @@ class LearningPolicy:
             if self._element_floors:
                 el = max(self._element_floors, key=self._element_floors.get)
                 worst, where = self._element_floors[el], f" of {chemical_symbols[el]}"
-        # a young model's floor is high (0.56 eV/Å at aspirin's first call) and still came
-        # out at 0.20-0.22 eV/Å over aspirin's first 50 calls in two runs whose floor then
-        # fell to about 0.1: warn only when it has stayed at or above the tolerance for a
-        # whole window of calls after the window first filled
+        # a young model's floor is high and falls as it learns: warn only when it has
+        # stayed at or above the tolerance for a whole window of calls after the window
+        # first filled
         high = worst >= self.force_tolerance and len(self._pairs) == self.calibration_window
         if not high:
             self._high_since = None

@@ -57,10 +57,8 @@ def _wait(proc, timeout: float | None) -> int | None:
     """Exit code of ``proc``, or None if it still runs after ``timeout`` s.
 
     Returns as soon as the process exits. ``Popen.wait(timeout)`` polls with sleeps
-    that double (1, 2, 4, ... 50 ms): a 13 ms MOPAC run is seen after 15 ms, a 30 ms one
-    after 31 ms and a 32 ms one after 63 ms (measured per call: 19.0 against 13.4 ms on
-    ethanol, 34.5 against 28.0 ms on aspirin). A pidfd (Linux >= 5.3) wakes the wait at
-    the exit itself.
+    that double (1, 2, 4, ... 50 ms): a 32 ms MOPAC run is seen after 63 ms. A pidfd
+    (Linux >= 5.3) wakes the wait at the exit itself.
     """
     if timeout is None:
         return proc.wait()

@@ -161,7 +161,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
                                "tolerance join the sparse set even below model.sparse_tolerance "
                                "(never below a quarter of it; while the species' set is below 80 % "
                                "of model.max_sparse_per_species), so a call lowers the uncertainty "
-                               "that caused it (on aspirin it did not pay); null: "
+                               "that caused it; null: "
                                "model.sparse_tolerance alone",
                                nullable=True, positive=True, maximum=1),
     },

@@ -1,6 +1,6 @@
 """Append-only HDF5 store of labelled frames (the source of truth).
 
-Schema version 1 (``DESIGN.md`` §6)::
+Schema version 1 (``docs/design.md``)::
 
     /                 attrs: format="otfml-store", schema_version=1,
                              units (JSON: energy eV, positions Å, forces eV/Å)

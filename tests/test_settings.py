@@ -1,14 +1,10 @@
 """One source of settings: constructors, the learner and the YAML schema agree on every default."""
 
-import os
-
 import numpy as np
 
 from otfml import Descriptor, LearningPolicy, SparseGP
 from otfml.training import MODEL_DEFAULTS
-from otfml.settings import SCHEMA, defaults, keys_markdown
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from otfml.settings import SCHEMA, defaults
 
 
 def test_python_constructors_take_the_schema_defaults():
@@ -32,13 +28,6 @@ def test_defaults_are_copies():
     got = defaults("reference")["scf_retries"]
     got.append("X")
     assert SCHEMA["reference"]["scf_retries"].default == ["PULAY", "CAMP SHIFT=20"]
-
-
-def test_configuration_page_is_generated_from_the_schema():
-    """docs/configuration.md holds the key table as `otfml check --keys` prints it."""
-    with open(os.path.join(ROOT, "docs", "configuration.md")) as fh:
-        page = fh.read()
-    assert keys_markdown() in page
 
 
 def test_a_descriptor_file_without_newer_settings_loads_with_them_off():

@@ -1,6 +1,6 @@
 """Sparse Gaussian process on local atomic environments.
 
-Model (see ``DESIGN.md`` §3)::
+Model (``docs/design.md``)::
 
     E = sum_i [ e0[z_i] + eps_i ],   eps_i = sum_{s in S(z_i)} alpha_s k(p_i, p_s)
     k(p, q) = sigma^2 (p.q / |p||q|)^2

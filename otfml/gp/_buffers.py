@@ -24,8 +24,8 @@ def _unheld_refcount() -> int:
 class _Spare:
     """Large float arrays, each handed out again once nothing else refers to it.
 
-    Fresh memory costs page faults when it is first written: on the 2-core test
-    machine 2-5 ms for aspirin's 29 MB factor, at times 30-70 ms. An array that
+    Fresh memory costs page faults when it is first written, for a large factor
+    as much as a solve with it. An array that
     no snapshot holds any more (a prediction keeps the factors of the solve it
     was made at, as views) is written over instead.
     """
@@ -57,8 +57,7 @@ class _Grow:
 
     Row capacity grows fourfold, column capacity twofold.  Rows beyond the
     used ones are never written, so the operating system does not back them
-    with memory; the larger factor only cuts the copies (measured on 40 frames
-    of 64 waters: 115 reallocations took 2.8 s of 11.8 s with doubling).
+    with memory; the larger factor only cuts the copies of large structures' rows.
     ``max_cols`` reserves the columns the array will at most need.
     """
 
@@ -102,9 +101,8 @@ class _Grow:
         """Keep only columns ``keep`` (increasing indices), in place, in row chunks
         (shared with another thread through ``spawn``, :func:`_in_two`).
 
-        Each run of consecutive kept columns moves as one slice: ten times
-        faster than a gather of the kept columns (1.4 s against 0.14 s for
-        50,000 rows of 1800 columns, 30 of them dropped).
+        Each run of consecutive kept columns moves as one slice, far faster than a
+        gather of the kept columns when few are dropped.
         """
         keep = np.asarray(keep, dtype=np.int64)
         m = len(keep)

@@ -81,7 +81,7 @@ class _Factor:
                 break
             try:
                 # B (symmetric, C-ordered) read as its transpose in Fortran order: LAPACK
-                # factors it in place, without the transposing copy (5-9 ms at M = 1900), and
+                # factors it in place, without the transposing copy, and
                 # the upper factor of B^T, transposed, is B's lower factor, C-ordered
                 LB = scipy.linalg.cholesky(self._B(hyp).T, lower=False, overwrite_a=True,
                                            check_finite=False).T
@@ -100,7 +100,7 @@ class _Factor:
         u = wh["c"] / se**2 + wh["bF"] / sf**2
         # weights alpha = P^-1 b = L^-T B^-1 u; local energy eps = kt^T (s2 alpha);
         # LB.T is the upper factor in Fortran order, which LAPACK takes without a copy
-        # (s2 times the vector: s2 * Linv.T first formed an M x M product, 16 ms at M = 1900)
+        # (s2 times the vector, not s2 * Linv.T: that would form an M x M product)
         self._beta = s2 * _times_blocks(
             self._species_blocks(), scipy.linalg.cho_solve((LB.T, False), u, check_finite=False),
             transpose=True)
@@ -118,8 +118,7 @@ class _Factor:
         see :meth:`_add_column_data`).  So the old factor takes the rank-k update
         (a QR of the triangle stacked on ``V^T``, LAPACK ``tpqrt``, O(k M0^2)),
         and the new rows follow by a triangular solve and a small Cholesky,
-        O(M0^2 n_new): for aspirin's k = 64 at M = 1800, 15 ms against 84 ms
-        for a new factorization (one thread).  Both work in place in one new
+        O(M0^2 n_new), against O(M^3 / 3) for a new factorization.  Both work in place in one new
         array (:func:`_update_factor_rows`, :func:`_solve_below`); the factor's
         diagonal may come out negative, which changes neither ``LB LB^T`` nor any
         solve with it.  A new one is due after other changes (frames

@@ -144,8 +144,8 @@ class _Frames:
 
         ``L^-1`` is block diagonal over species in its first ``M0`` columns, whose
         blocks (columns, ``L^-1`` block) ``blocks`` gives; the rows of the columns added
-        since are read from ``L^-1`` itself. A third of the product with the whole of
-        ``L^-1`` for three elements (aspirin at M = 1990: 7.4 ms of 29).
+        since are read from ``L^-1`` itself: with S elements, about 1/S of the product
+        with the whole of ``L^-1``.
         """
         geom = self._geometry(env)
         M = self.n_sparse

@@ -13,9 +13,8 @@ def _thin_products(A: np.ndarray, Z: np.ndarray) -> np.ndarray:
     """``A @ Z.T`` (n, k) in double for a few descriptors ``Z`` (k, F): one pass over ``A`` (n, F).
 
     The new sparse columns' rows read the cached descriptor gradients of every held
-    frame once per update, with one to a few columns. OpenBLAS's sgemm then ran far
-    below memory speed; this loop (180,000 x 480 single-precision rows, one thread) took
-    13 / 23 / 35 ms for 1 / 2 / 3 columns against 31 / 65 / 80 ms, and sums in double.
+    frame once per update, with one to a few columns, where single-precision BLAS runs
+    far below memory speed; this loop makes one pass and sums in double.
     """
     n, F = A.shape
     k = Z.shape[0]
@@ -62,16 +61,12 @@ _PANEL_ROWS = 64
 #: the products for this many atoms (splitting the work between threads, ``_split_work``)
 _FIXED_ATOMS = 8
 #: fewest atoms of a species in a part of its work on one thread: each part reads all of
-#: ``Z`` and ``L^-1`` (aspirin, 1033 sparse: its 9 carbons split 6 + 3 between two threads
-#: took 0.88 ms a prediction, one thread 0.70)
+#: ``Z`` and ``L^-1``, so small parts cost more than they share
 _MIN_SPLIT_ATOMS = 16
 
 
 #: below this much work (``_split_work``'s units) a prediction stays on one thread: handing
-#: work to another thread and back costs 25-45 us. Medians, one vs two threads (2 CPUs):
-#: aspirin at 1.9e6 (229 sparse) 0.289 / 0.331 ms, 5.7e6 (602) 0.432 / 0.342, 1.7e7 (1502)
-#: 0.924 / 0.647; ethanol at 7e5 (111) 0.164 / 0.232, 6.3e6 (767) 0.330 / 0.291; 64 waters
-#: at 4.8e7 (797) 4.50 / 3.05
+#: work to another thread and back costs tens of microseconds, more than small work saves
 _MIN_SPLIT_WORK = 4e6
 
 
@@ -118,9 +113,9 @@ def _species_terms(pa: np.ndarray, Z: np.ndarray, beta: np.ndarray, panels: np.n
     wsum : ndarray, shape (M,)
         ``L^-1 sum_i kt_i`` over these atoms.
 
-    Reading ``Z`` in chunks mattered on aspirin (600 x 480, 2.3 MB, beyond the core's
-    1 MB of L2): 2.20 against 2.53 ms per prediction. The triangular product by B panels
-    does (B + 1) / 2B of a full product's work (5/9 for M = 576 in 64-row panels; BLAS's
+    ``Z`` is read in chunks that stay in cache for both products with them (a species'
+    ``Z`` is often larger than a core's L2 cache). The triangular product by B panels
+    does (B + 1) / 2B of a full product's work (BLAS's
     ``dtrmm`` does half, but scipy's wrapper of it holds the GIL).
     """
     n, F = pa.shape

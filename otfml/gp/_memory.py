@@ -50,10 +50,8 @@ class _Memory:
 
         Notes
         -----
-        The arrays only: on the 163 frames of a 64-water run (192 atoms, default
-        settings, rows reserved) the estimate was 0.73 / 1.37 / 2.18 GB at 50 / 100 /
-        163 frames and the process grew by 0.88 / 1.66 / 2.49 GB (the allocator's
-        overhead and the update's temporaries; 2.94 GB at its largest).
+        The arrays only: the process grows by more (the allocator's overhead and
+        an update's temporaries).
         """
         env = self.frames[0].env
         rows = n_frames * self._RF._a.shape[1] * 8 * (3 * len(env.numbers) + 2)
@@ -77,7 +75,7 @@ class _Memory:
         """Reserve the rows ``max_frames`` frames like the first will need, once.
 
         The force rows' buffer otherwise grows fourfold, copying the rows it holds
-        (64 waters: 2.5 GB of rows copied at 455 frames, 5 GB held at 1000); the cached
+        and holding old and new at once for large structures; the cached
         gradients' buffers likewise.  The reservation is address space only: the
         operating system backs the rows as they are written.  Where it refuses
         (strict overcommit), the buffers grow as before.

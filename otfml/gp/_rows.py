@@ -58,8 +58,8 @@ class _Rows:
         ``G`` and the centres' unit descriptors per pair are kept in
         ``cache_dtype`` (single precision by default): they are the bulk of the
         cache, and the rows new sparse columns need are read from them at every
-        such update (memory-bound: on aspirin at 900 frames, 55 of an update's
-        270 ms in double precision, 31 in single).  Rows then carry relative
+        such update (memory-bound, so half the bytes is about half the time).  Rows then
+        carry relative
         errors of about 1e-6; a row is stored and used as computed everywhere,
         so every accumulator stays the Gram matrix of the stored rows.
         """

@@ -71,8 +71,8 @@ class _SparseSet:
 
         A ``tol`` below ``sparse_tolerance`` applies while the species' set is
         below :data:`ADMISSION_FILL` of its cap, and never makes room by pruning:
-        on aspirin, finer environments admitted into a full set swapped out 30
-        others at almost every call (2015 carbon environments in 600 frames).
+        finer environments admitted into a full set would swap others out at almost
+        every call.
         """
         ph, _ = _normalize(env.p)
         if candidates is None:
@@ -163,8 +163,7 @@ class _SparseSet:
         rows), at O(M_s^2 M) for the whitened accumulators and O(frames M_s^2)
         for the whitened energy rows.  Nothing is recomputed from the frames.
         The two accumulators, and the rows of the held frames, are shared with
-        another thread through ``spawn`` (aspirin, 40 of 800 carbon environments
-        swapped out at M = 1990: 457 ms on one thread).
+        another thread through ``spawn``.
         """
         spawn = spawn or _Task
         self._lb_state = None  # B changes in more than a few directions
@@ -218,8 +217,7 @@ class _SparseSet:
         The inverse factor of K_mm and the whitened accumulators live in square
         buffers with room for the largest sparse set, so growing them writes
         only the new rows and columns; a new array would copy the old block
-        and touch fresh memory (20 ms of a 126 ms column addition on aspirin at
-        M = 1434).  A matrix that is not its buffer's top-left block (e.g.
+        and touch fresh memory.  A matrix that is not its buffer's top-left block (e.g.
         after columns were removed) moves to another buffer, so an array handed
         out before (a prediction's snapshot of L^-1) never changes; buffers that
         nothing refers to any more are used again (:class:`_Spare`).
@@ -305,7 +303,7 @@ class _SparseSet:
         # whitened force accumulator: new blocks from the old ones (see docstring); L11^-1
         # by its species blocks (its zeros are most of it)
         Y = _times_blocks(basis["blocks"], A12)
-        LW = L21 @ self._AFw  # (n_new, M0), 2.7 ms at M0 = 1900: formed once
+        LW = L21 @ self._AFw  # (n_new, M0), formed once
         b21 = I22 @ (Y.T - LW)
         LY = L21 @ Y
         mid = LW @ L21.T - LY - LY.T + A22

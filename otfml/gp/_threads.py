@@ -63,8 +63,7 @@ class _Task:
 
 
 #: fewest rows (or columns) of an update's memory-bound product worth sharing between two
-#: threads (:func:`_in_two`): on aspirin at M = 1882 with 330 frames, R_new^T RF (313 MB) took
-#: 35 ms on one thread and 18 ms on two, AFw += W W^T 14 and 8 ms
+#: threads (:func:`_in_two`); below it the hand-over costs more than it saves
 _MIN_SHARED = 256
 
 

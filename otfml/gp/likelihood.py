@@ -18,10 +18,8 @@ log = logging.getLogger(__name__)
 
 #: a hyperparameter fit stops once no component of the log-likelihood's gradient with respect
 #: to log(theta) exceeds this (nats): the likelihood is within ~g^2 / (2 curvature) of its
-#: maximum, far below what moves a prediction. With L-BFGS-B's own default (1e-5), a fit
-#: started at the optimum of an aspirin model (1549 sparse environments, largest gradient
-#: 0.003) took 15 evaluations (2.5 s) and ended where it began; with 0.1 it took one (0.3 s).
-#: From a start 20-30 % off, 11-12 evaluations either way.
+#: maximum, far below what moves a prediction. L-BFGS-B's own default (1e-5) spends
+#: many O(M^3) evaluations on a fit that starts at the optimum and ends where it began.
 _FIT_GTOL = 0.1
 
 def _B_rows(AE: np.ndarray, AF: np.ndarray, theta: np.ndarray, start: int = 0) -> np.ndarray:
@@ -56,8 +54,7 @@ def log_likelihood(data: dict, theta: np.ndarray, eval_gradient: bool = False):
     lml = float(-0.5 * Q)
     if not eval_gradient:
         return lml
-    # B^-1 from its factor (LAPACK potri: 0.22 s at M = 1600 against 0.28 s for solving
-    # against the identity; an L-BFGS fit evaluates this some 3-12 times)
+    # B^-1 from its factor (LAPACK potri, cheaper than solving against the identity)
     Binv, info = scipy.linalg.lapack.dpotri(LB[0], lower=1, overwrite_c=1)
     if info:
         return -np.inf, np.zeros(3)
@@ -92,7 +89,7 @@ class _Likelihood:
         date as frames and sparse columns arrive, so a solve costs no O(frames M^2).
         """
         c = self.c_E - self.C_E @ self.e0
-        blocks = self._species_blocks()  # L^-1 by them: a third of the memory traffic (aspirin)
+        blocks = self._species_blocks()  # L^-1 by its blocks: 1/S of the memory traffic
         return {
             "AE": self._AEw,
             "AF": self._AFw,

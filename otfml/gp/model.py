@@ -204,8 +204,8 @@ class SparseGP(_Rows, _SparseSet, _Frames, _Memory, _Likelihood, _Factor):
         """Columns of species ``s``, its block of ``L^-1`` (M_s, M_s) and its rows of ``Z``.
 
         Contiguous copies, kept until ``L^-1`` is replaced (every change to the sparse set
-        replaces it): cutting the block out took 3.4 ms at M_s = 800, and selecting a
-        frame's new environments, pruning and the next solve each want it.
+        replaces it): selecting a frame's new environments, pruning and the next solve
+        each want it.
         """
         cache = self._species_cache
         if cache is None or cache[0]() is not self._Linv:
