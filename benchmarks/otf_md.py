@@ -84,7 +84,7 @@ MOLECULES = {
 
 
 def start(name: str, temperature: float, seed: int) -> Atoms:
-    from otfml.run import thermalize
+    from otfml.drivers import thermalize
 
     atoms = MOLECULES[name][0]()
     rng = np.random.default_rng(seed)

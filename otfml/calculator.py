@@ -151,6 +151,24 @@ class OTFCalculator(Calculator):
              "forces_std": r.forces_std, "source": r.source},
             lazy={"energy_std": lambda: r.energy_std, "local_std": lambda: r.local_std})
 
+    def confirm(self, atoms) -> tuple[float, np.ndarray]:
+        """Label ``atoms`` with the reference now, whatever the model's uncertainty.
+
+        The frame is stored and learned like any reference call; ``atoms`` then holds
+        the reference's results (e.g. to confirm a minimum found on the model).
+
+        Returns
+        -------
+        energy : float
+            The reference's energy, eV.
+        forces : ndarray, shape (n_atoms, 3)
+            The reference's forces, eV/Å.
+        """
+        self.learner.request_reference = True
+        self.reset()  # the same geometry must be computed again
+        atoms.calc = self
+        return float(atoms.get_potential_energy()), atoms.get_forces()
+
     def close(self) -> None:
         """Close the store (also done when the process ends)."""
         self.learner.close()

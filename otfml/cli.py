@@ -30,7 +30,7 @@ def _cmd_run(args) -> int:
 
 def _cmd_check(args) -> int:
     from .config import keys_markdown, load_config
-    from .run import build_structures
+    from .system import build_structures
 
     if args.keys:
         print(keys_markdown())

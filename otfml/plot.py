@@ -43,7 +43,8 @@ def _pyplot():
 
 def _stages(run_dir: str) -> list[tuple[str, dict]]:
     """(name, steps.csv columns) of each stage of the run, in order (from run.json)."""
-    from .run import STATE, read_steps, stage_dirs
+    from .drivers import read_steps
+    from .run import STATE, stage_dirs
 
     try:
         with open(os.path.join(run_dir, STATE)) as fh:

@@ -44,7 +44,7 @@ def mopac_frames(tmp_path_factory):
     from ase.calculators.singlepoint import SinglePointCalculator
     from ase.md.langevin import Langevin
 
-    from otfml.run import thermalize
+    from otfml.drivers import thermalize
 
     if not _have_mopac():
         pytest.skip("MOPAC is not installed")

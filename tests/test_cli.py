@@ -127,8 +127,7 @@ def test_export_and_train_from_a_store(tmp_path, capsys):
     a.calc = OTFCalculator(EMT(), store=str(store))
     for _ in range(4):
         a.positions[0, 0] += 0.05
-        a.calc.learner.request_reference = True
-        a.get_forces()
+        a.calc.confirm(a)
     a.calc.close()
     for out in ("frames.extxyz", "frames.db"):
         assert main(["export", str(store), str(tmp_path / out)]) == 0

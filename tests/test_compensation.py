@@ -11,7 +11,7 @@ from ase.md.verlet import VelocityVerlet
 from otfml import OTFCalculator
 from otfml.compensation import EnergyCompensation
 from otfml.policy import LearningPolicy
-from otfml.run import thermalize
+from otfml.drivers import thermalize
 
 from .conftest import mopac
 

@@ -17,7 +17,7 @@ from otfml import EnergyCompensation, OTFCalculator
 from otfml.errors import ConfigError, FingerprintMismatch
 from otfml.learner import HyperparameterSchedule, Learner
 from otfml.policy import LearningPolicy
-from otfml.run import thermalize
+from otfml.drivers import thermalize
 from otfml.store import Store
 
 from .conftest import mopac

@@ -18,7 +18,8 @@ from ase.io import read, write
 
 from otfml.cli import main
 from otfml.config import load_config
-from otfml.run import build_structures, read_steps
+from otfml.drivers import read_steps
+from otfml.system import build_structures
 
 from .conftest import mopac
 
