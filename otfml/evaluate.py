@@ -7,9 +7,9 @@ import os
 
 import numpy as np
 
+from .calibration import calibrated
 from .errors import ConfigError
 from .gp import SparseGP
-from .policy import calibrated
 from .training import model_from_store
 
 __all__ = ["load_model", "evaluate", "read_labelled"]

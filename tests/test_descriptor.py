@@ -4,7 +4,8 @@ from ase.build import molecule
 from scipy.spatial.transform import Rotation
 from scipy.special import eval_legendre
 
-from otfml.descriptor import Descriptor, _solid_harmonics
+from otfml._descriptor_kernels import _solid_harmonics
+from otfml.descriptor import Descriptor
 
 from .conftest import numeric_force
 

@@ -101,7 +101,7 @@ def test_floor_calibration_separates_the_error_the_novelty_does_not_see():
 def test_element_floor_calibration_fits_each_element_its_own_floor(caplog):
     """Water-like: O errs by 0.3 eV/Å whatever its novelty, H by 0.1; one floor for both
     would rank a novel H above every O."""
-    from otfml.policy import calibrated
+    from otfml.calibration import calibrated
 
     pol = LearningPolicy(force_tolerance=0.25, calibration="element_floor", initial_calls=1,
                          calibration_window=5)

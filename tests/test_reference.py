@@ -115,7 +115,7 @@ def test_reference_wait_gives_the_exit_code_or_none_at_the_timeout(monkeypatch, 
     when the command outlives the timeout (the caller then kills it)."""
     import subprocess
 
-    from otfml.reference import _wait
+    from otfml.reference.mopac import _wait
 
     if not pidfd:
         monkeypatch.delattr("os.pidfd_open", raising=False)

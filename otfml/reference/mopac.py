@@ -1,10 +1,5 @@
-"""Reference calculators: MOPAC (through ASE's calculator) or any ASE calculator.
-
-A reference turns a structure into a labelled frame (energy in eV, forces in
-eV/Å) and describes itself with a *fingerprint* (code, version, method,
-keywords, charge, multiplicity) that is stored with every frame, so labels of
-different origin are never mixed in one model.
-"""
+"""MOPAC as the reference, through ASE's MOPAC calculator: one working directory per call,
+a timeout that kills the process group, SCF retries, and failures that say what went wrong."""
 
 from __future__ import annotations
 
@@ -16,16 +11,15 @@ import shutil
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
 
 import numpy as np
 from ase import Atoms
-from ase.calculators.calculator import Calculator
 
-from .errors import ConfigError, ReferenceFailed
-from .structure import closest_pair, electron_parity_check
+from ..errors import ConfigError, ReferenceFailed
+from ..structure import closest_pair, electron_parity_check
+from .base import Label, Reference
 
-__all__ = ["Reference", "MopacReference", "CalculatorReference", "Label", "make_reference"]
+__all__ = ["MopacReference"]
 
 log = logging.getLogger(__name__)
 
@@ -113,55 +107,6 @@ class _TimedShell:
                                   "out of memory, a time limit, or an operator's kill")
         if code:
             raise CalculationFailed(f"the MOPAC command exited with code {code}")
-
-
-@dataclass
-class Label:
-    """A reference result.
-
-    Attributes
-    ----------
-    energy : float
-        Energy, eV (MOPAC: heat of formation).
-    forces : ndarray, shape (n_atoms, 3)
-        Forces, eV/Å.
-    fingerprint : dict
-        Where the label comes from.
-    seconds : float
-        Wall time of the call.
-    """
-
-    energy: float
-    forces: np.ndarray
-    fingerprint: dict
-    seconds: float
-
-
-class Reference:
-    """Base class: ``compute(atoms, charge, multiplicity) -> Label``."""
-
-    #: short name of the code, recorded in fingerprints
-    code = "unknown"
-    #: the reference runs in a process of its own (the learner then prepares the
-    #: model's update meanwhile, ``model.overlap_update``)
-    external_process = False
-
-    def fingerprint(self, charge: int, multiplicity: int) -> dict:
-        """Fingerprint of labels this reference makes for this charge/multiplicity."""
-        raise NotImplementedError
-
-    def compute(self, atoms: Atoms, charge: int = 0, multiplicity: int = 1) -> Label:
-        """Label one structure (energy eV, forces eV/Å)."""
-        raise NotImplementedError
-
-    def _checked(self, atoms: Atoms, energy: float, forces: np.ndarray) -> tuple[float, np.ndarray]:
-        forces = np.asarray(forces, dtype=float).reshape(-1, 3)
-        if forces.shape[0] != len(atoms):
-            raise ReferenceFailed(
-                f"{self.code} returned forces for {forces.shape[0]} atoms, expected {len(atoms)}")
-        if not (np.isfinite(energy) and np.all(np.isfinite(forces))):
-            raise ReferenceFailed(f"{self.code} returned NaN/inf energy or forces")
-        return float(energy), forces
 
 
 class MopacReference(Reference):
@@ -402,64 +347,3 @@ class _ScfFailed(Exception):
         self.failure, self.tmp = failure, tmp
 
 
-class CalculatorReference(Reference):
-    """Any ASE calculator as the reference.
-
-    Parameters
-    ----------
-    calculator : ase.calculators.calculator.Calculator
-        Computes ``energy`` and ``forces``.
-    name : str, optional
-        Name in the fingerprint (default: the calculator's class name).
-    """
-
-    def __init__(self, calculator: Calculator, name: str | None = None) -> None:
-        self.calculator = calculator
-        self.code = name or type(calculator).__name__
-
-    @property
-    def external_process(self) -> bool:
-        """ASE's file-based calculators (ORCA, VASP, Gaussian, ...) run a program of their own."""
-        from ase.calculators.calculator import FileIOCalculator
-        from ase.calculators.genericfileio import GenericFileIOCalculator
-
-        return isinstance(self.calculator, (FileIOCalculator, GenericFileIOCalculator))
-
-    def fingerprint(self, charge: int, multiplicity: int) -> dict:
-        params = getattr(self.calculator, "parameters", {}) or {}
-        try:
-            keywords = " ".join(f"{k}={params[k]}" for k in sorted(params))
-        except TypeError:
-            keywords = ""
-        return {"code": self.code, "version": None, "method": type(self.calculator).__name__,
-                "keywords": keywords, "charge": int(charge), "multiplicity": int(multiplicity)}
-
-    def compute(self, atoms: Atoms, charge: int = 0, multiplicity: int = 1) -> Label:
-        a = atoms.copy()
-        a.calc = self.calculator
-        t0 = time.perf_counter()
-        try:
-            energy = a.get_potential_energy()
-            forces = a.get_forces()
-        except Exception as err:
-            raise ReferenceFailed(
-                f"reference calculator {self.code} failed for {atoms.get_chemical_formula()} "
-                f"(step {atoms.info.get('otfml_step', '?')}): {type(err).__name__}: {err}"
-            ) from err
-        energy, forces = self._checked(atoms, energy, forces)
-        return Label(energy, forces, self.fingerprint(charge, multiplicity),
-                     time.perf_counter() - t0)
-
-
-def make_reference(ref) -> Reference:
-    """A :class:`Reference` from a Reference, an ASE MOPAC calculator or any ASE calculator."""
-    if isinstance(ref, Reference):
-        return ref
-    from ase.calculators.mopac import MOPAC
-
-    if isinstance(ref, MOPAC):
-        return MopacReference.from_calculator(ref)
-    if isinstance(ref, Calculator) or hasattr(ref, "get_potential_energy"):
-        return CalculatorReference(ref)
-    raise ConfigError(
-        f"reference={ref!r} is not an ASE calculator; pass e.g. MOPAC(method='PM7')")
