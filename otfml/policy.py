@@ -23,7 +23,6 @@ __all__ = ["LearningPolicy", "Decision"]
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class Decision:
     """Outcome of :meth:`LearningPolicy.decide`.

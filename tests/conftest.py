@@ -21,6 +21,21 @@ def mopac(test):
                                                 reason="MOPAC is not installed")(test))
 
 
+def kill_when_written(proc, path, lines: int, seconds: float) -> None:
+    """SIGKILL ``proc`` once the file ``path`` has more than ``lines`` lines (or after
+    ``seconds``), and reap it."""
+    import signal
+    import time
+
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if path.exists() and len(path.read_text().splitlines()) > lines:
+            break
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def numeric_force(energy, atoms, i: int, c: int, h: float = 1e-5) -> float:
     """-dE/dr[i, c] by central differences of ``energy(atoms)`` (eV) with step ``h`` (Å)."""
     plus, minus = atoms.copy(), atoms.copy()

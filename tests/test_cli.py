@@ -11,7 +11,7 @@ from ase.io import write
 from otfml.cli import main
 from otfml.config import SCHEMA, keys_markdown, load_config
 
-from .conftest import mopac
+from .conftest import kill_when_written, mopac
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -149,10 +149,8 @@ def test_export_and_train_from_a_store(tmp_path, capsys):
 def test_sigkill_then_resume_loses_no_frame(tmp_path, tally):
     """kill -9 an `otfml run` mid-run, then `--resume`: every labelled frame survives and the
     MD finishes with one step-log line per step."""
-    import signal
     import subprocess
     import sys
-    import time
 
     import numpy as np
 
@@ -164,13 +162,7 @@ def test_sigkill_then_resume_loses_no_frame(tmp_path, tally):
     p = subprocess.Popen([sys.executable, "-m", "otfml.cli", "run", str(wf), *sets],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     steps_csv = tmp_path / "run" / "steps.csv"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if steps_csv.exists() and len(steps_csv.read_text().splitlines()) > 300:
-            break
-        time.sleep(0.2)
-    os.kill(p.pid, signal.SIGKILL)
-    p.wait()
+    kill_when_written(p, steps_csv, 300, 120)
     with Store(tmp_path / "run" / "otfml.h5") as st:
         before = [(fr.energy, fr.atoms.positions.copy()) for fr in st]
     assert len(before) > 2

@@ -5,10 +5,8 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -21,7 +19,7 @@ from otfml.config import load_config
 from otfml.drivers import read_steps
 from otfml.system import build_structures
 
-from .conftest import mopac
+from .conftest import kill_when_written, mopac
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKFLOWS = sorted(f for f in os.listdir(os.path.join(ROOT, "workflows")) if f.endswith(".yaml"))
@@ -95,13 +93,7 @@ def test_multistage_resumes_after_sigkill_in_a_later_stage(tmp_path, caplog, tal
     p = subprocess.Popen([sys.executable, "-m", "otfml.cli", "run", wf, *sets],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     second = tmp_path / "out" / "02-learn-600K" / "steps.csv"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if second.exists() and len(second.read_text().splitlines()) > 150:
-            break
-        time.sleep(0.1)
-    os.kill(p.pid, signal.SIGKILL)
-    p.wait()
+    kill_when_written(p, second, 150, 180)
     state = json.loads((tmp_path / "out" / "run.json").read_text())
     assert state["status"] == "running" and state["stages_done"] == ["learn-300K"]
     first_csv = (tmp_path / "out" / "01-learn-300K" / "steps.csv").read_text()

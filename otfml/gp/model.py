@@ -256,16 +256,8 @@ class SparseGP(_Rows, _SparseSet, _Frames, _Memory, _Likelihood, _Factor):
         return self._fitted
 
     def predict(self, atoms: Atoms, env: Environments | None = None) -> Prediction:
-        """Energy, forces and uncertainties of one structure (:meth:`Posterior.predict`
-        of the last solve).
-
-        Parameters
-        ----------
-        atoms : ase.Atoms
-            Structure to predict.
-        env : Environments, optional
-            Precomputed descriptors of ``atoms``.
-        """
+        """Energy, forces and uncertainties of ``atoms`` from the posterior of the last
+        solve (:meth:`Posterior.predict`; ``env``: its descriptors, if already computed)."""
         if not self._fitted:
             raise RuntimeError("the model has no training data yet; add a labelled frame first")
         return self.posterior.predict(atoms, env)
