@@ -146,57 +146,57 @@ def _cmd_train(args) -> int:
     return 0
 
 
+_SET = (("--set",), dict(action="append", default=[], metavar="SECTION.KEY=VALUE",
+                          help="override a config value (repeatable)"))
+_JSON = (("--json",), dict(action="store_true", help="print JSON"))
+
+#: each command: (function, help, arguments as (names, keywords) for add_argument)
+COMMANDS = {
+    "run": (_cmd_run, "run a YAML workflow", [
+        (("config",), {}), _SET,
+        (("--resume",), dict(action="store_true", help="continue a killed run from its last "
+                             "checkpoint (the default when the output directory holds an "
+                             "interrupted run)")),
+        (("--restart",), dict(action="store_true", help="start over even if the output "
+                              "directory holds an interrupted run (the store is kept and "
+                              "warm-starts the model)"))]),
+    "check": (_cmd_check, "validate a config without running it", [
+        (("config",), dict(nargs="?")), _SET,
+        (("--keys",), dict(action="store_true", help="print the reference of all keys"))]),
+    "info": (_cmd_info, "summarize a store (.h5) or model (.npz)", [
+        (("path",), {}), _JSON,
+        (("--repair",), dict(action="store_true", help="open the store for writing: recovers "
+                             "it after a writer died or a write failed (disk full), keeping "
+                             "every committed frame"))]),
+    "evaluate": (_cmd_evaluate, "errors of a model/store on a labelled extxyz", [
+        (("model",), dict(help="store (.h5, trained on the fly) or model (.npz)")),
+        (("data",), dict(help="labelled test set (extxyz with energies and forces)")), _JSON,
+        (("--force-tolerance",), dict(type=float, default=None,
+                                      help="eV/Å; also report the miss rate at this tolerance")),
+        (("-o", "--output"), dict(default=None, metavar="DIR", help="write evaluation.json/.npz "
+                                  "and parity and error-vs-uncertainty plots here (e.g. the run "
+                                  "directory, so `otfml report` includes them)"))]),
+    "plot": (_cmd_plot, "write PNG figures of a run directory (RUN_DIR/plots)",
+             [(("run_dir",), {})]),
+    "report": (_cmd_report, "write RUN_DIR/report.html: summary and figures",
+               [(("run_dir",), {})]),
+    "export": (_cmd_export, "write a store's labelled frames for other tools", [
+        (("store",), {}),
+        (("output",), dict(help="any file ASE writes: out.extxyz, out.db (ASE database), ..."))]),
+    "train": (_cmd_train, "fit a model offline from a store", [
+        (("store",), {}), (("-o", "--output"), dict(default="model.npz"))]),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="otfml", description="On-the-fly learning with ASE")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="run a YAML workflow")
-    r.add_argument("config")
-    r.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value (repeatable)")
-    r.add_argument("--resume", action="store_true",
-                   help="continue a killed run from its last checkpoint (the default when the "
-                   "output directory holds an interrupted run)")
-    r.add_argument("--restart", action="store_true",
-                   help="start over even if the output directory holds an interrupted run "
-                   "(the store is kept and warm-starts the model)")
-    r.set_defaults(func=_cmd_run)
-    c = sub.add_parser("check", help="validate a config without running it")
-    c.add_argument("config", nargs="?")
-    c.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    c.add_argument("--keys", action="store_true", help="print the reference of all keys")
-    c.set_defaults(func=_cmd_check)
-    i = sub.add_parser("info", help="summarize a store (.h5) or model (.npz)")
-    i.add_argument("path")
-    i.add_argument("--json", action="store_true")
-    i.add_argument("--repair", action="store_true",
-                   help="open the store for writing: recovers it after a writer died or a "
-                        "write failed (disk full), keeping every committed frame")
-    i.set_defaults(func=_cmd_info)
-    e = sub.add_parser("evaluate", help="errors of a model/store on a labelled extxyz")
-    e.add_argument("model", help="store (.h5, trained on the fly) or model (.npz)")
-    e.add_argument("data", help="labelled test set (extxyz with energies and forces)")
-    e.add_argument("--json", action="store_true")
-    e.add_argument("--force-tolerance", type=float, default=None,
-                   help="eV/Å; also report the miss rate at this tolerance")
-    e.add_argument("-o", "--output", default=None, metavar="DIR",
-                   help="write evaluation.json/.npz and parity and error-vs-uncertainty plots "
-                   "here (e.g. the run directory, so `otfml report` includes them)")
-    e.set_defaults(func=_cmd_evaluate)
-    pl = sub.add_parser("plot", help="write PNG figures of a run directory (RUN_DIR/plots)")
-    pl.add_argument("run_dir")
-    pl.set_defaults(func=_cmd_plot)
-    rp = sub.add_parser("report", help="write RUN_DIR/report.html: summary and figures")
-    rp.add_argument("run_dir")
-    rp.set_defaults(func=_cmd_report)
-    x = sub.add_parser("export", help="write a store's labelled frames for other tools")
-    x.add_argument("store")
-    x.add_argument("output", help="any file ASE writes: out.extxyz, out.db (ASE database), ...")
-    x.set_defaults(func=_cmd_export)
-    t = sub.add_parser("train", help="fit a model offline from a store")
-    t.add_argument("store")
-    t.add_argument("-o", "--output", default="model.npz")
-    t.set_defaults(func=_cmd_train)
+    for name, (func, text, arguments) in COMMANDS.items():
+        c = sub.add_parser(name, help=text)
+        for names, kw in arguments:
+            c.add_argument(*names, **kw)
+        c.set_defaults(func=func)
     return p
 
 
