@@ -863,3 +863,29 @@ def test_spare_arrays_are_used_again_only_when_nothing_refers_to_them():
     assert d.base is spare._arrays[0] and not np.shares_memory(d, snapshot)
     e = spare.square(12)  # 144 elements: the first is taken, the others too small
     assert not np.shares_memory(e, d) and len(spare._arrays) == 3  # at most keep
+
+
+def test_selection_functions_are_pure_and_agree_with_the_kernel():
+    """The sparse-set decisions are pure functions of a set's factor and the candidates:
+    conditioning on a set leaves the set's own members with no novelty, pivots stop at the
+    tolerance, and redundancy picks the duplicate of a member first."""
+    from otfml.gp.selection import conditioned, pivots, redundant
+
+    rng = np.random.default_rng(3)
+    Z = rng.normal(size=(5, 12))
+    Z /= np.linalg.norm(Z, axis=1)[:, None]
+    Z[4] = Z[1]  # a duplicate
+    K = (Z[:4] @ Z[:4].T) ** 2 + 1e-8 * np.eye(4)
+    Li = np.linalg.inv(np.linalg.cholesky(K))
+    C = conditioned(Z, Z[:4], Li)
+    np.testing.assert_allclose(np.diag(C)[:4], 0.0, atol=1e-6)
+    assert np.diag(C)[4] == pytest.approx(0.0, abs=1e-6)
+    before = (Z.copy(), Li.copy())
+    chosen, values, _ = pivots(conditioned(Z, Z[:0], Li[:0, :0]), limit=10, tol=0.1)
+    assert len(set(chosen)) == len(chosen) == 4 and not {1, 4} <= set(chosen)
+    assert all(v > 0.01 for v in values)  # the duplicate adds nothing once its twin is in
+    K5 = (Z @ Z.T) ** 2 + 1e-8 * np.eye(5)
+    drop = redundant(np.linalg.inv(np.linalg.cholesky(K5)), n=2, threshold=0.5)
+    assert drop[0] in (1, 4) and len(drop) >= 1
+    np.testing.assert_array_equal(Z, before[0])
+    np.testing.assert_array_equal(Li, before[1])

@@ -13,6 +13,7 @@ from ..descriptor import Environments
 from ._buffers import _Spare, _take_square, _times_blocks
 from ._threads import _in_two, _Task
 from ._types import _JITTER, _normalize
+from .selection import conditioned, pivots, redundant
 
 log = logging.getLogger(__name__)
 
@@ -23,39 +24,13 @@ log = logging.getLogger(__name__)
 ADMISSION_FILL = 0.8
 
 
-
 class _SparseSet:
     """Selection, pruning and addition of sparse environments of a :class:`SparseGP`."""
 
     def _conditioned(self, s: int, pa: np.ndarray) -> np.ndarray:
-        """Normalized kernel of unit descriptors ``pa`` (n, F) of species ``s``,
-        conditioned on that species' sparse set: (n, n)."""
-        cols, Li, Zs = self._species_block(s)
-        C = (pa @ pa.T) ** 2
-        if len(cols):
-            W = Li @ ((pa @ Zs.T) ** 2).T
-            C -= W.T @ W
-        return C
-
-    def _pivots(self, C: np.ndarray, limit: int, tol: float
-                ) -> tuple[list[int], list[float], np.ndarray]:
-        """Greedy pivoted Cholesky of ``C``: at most ``limit`` pivots above ``tol`` (novelty).
-
-        Returns the pivots (indices into ``C``), their unrepresented variances
-        and what is left of ``C`` after them.
-        """
-        tol2 = tol**2
-        chosen: list[int] = []
-        values: list[float] = []
-        while len(chosen) < limit:
-            diag = np.diag(C)
-            best = int(np.argmax(diag))
-            if diag[best] <= tol2:
-                break
-            chosen.append(best)
-            values.append(float(diag[best]))
-            C = C - np.outer(C[:, best], C[best, :]) / C[best, best]
-        return chosen, values, C
+        """:func:`conditioned` on species ``s``'s sparse set."""
+        _, Li, Zs = self._species_block(s)
+        return conditioned(pa, Zs, Li)
 
     def _select_sparse(
         self, env: Environments, candidates: np.ndarray | None, max_new: int | None,
@@ -88,18 +63,18 @@ class _SparseSet:
             n_have = int(np.sum(self.zs == s))
             room = int(ADMISSION_FILL * cap) - n_have
             if tol is not None and tol < own and room > 0:
-                picked, _, _ = self._pivots(C, min(limit, room), tol)
+                picked, _, _ = pivots(C, min(limit, room), tol)
                 chosen.extend(int(at[i]) for i in picked)
                 continue
             if self.prune and n_have + limit > cap:
-                want, values, _ = self._pivots(C, limit, own)
+                want, values, _ = pivots(C, limit, own)
                 excess = n_have + len(want) - cap
                 if excess > 0:
                     gone = self._prune_species(s, max(excess, cap // 20), values[0], spawn)
                     if gone:
                         C = self._conditioned(s, ph[at])
                         n_have -= gone
-            picked, _, rest = self._pivots(C, min(limit, cap - n_have), own)
+            picked, _, rest = pivots(C, min(limit, cap - n_have), own)
             chosen.extend(int(at[i]) for i in picked)
             full = n_have + len(picked) >= cap
             if full and s not in self._full_warned and len(rest) and np.diag(rest).max() > (
@@ -118,14 +93,8 @@ class _SparseSet:
 
     def _prune_species(self, s: int, n: int, threshold: float,
                        spawn: Callable[[Callable], _Task] | None = None) -> int:
-        """Remove up to ``n`` of the most redundant sparse environments of species ``s``.
-
-        The redundancy of environment j is its variance given the rest of the
-        set, ``1 / [K_ss^-1]_jj`` (normalized kernel units): the smaller, the
-        better the others represent it.  Environments are removed greedily
-        (the inverse is downdated after each) while that variance is below
-        ``threshold`` (the novelty squared of the newcomer that wants in), so
-        an environment is never swapped for a less informative one.
+        """Remove up to ``n`` of the most redundant sparse environments of species ``s``
+        (:func:`otfml.gp.selection.redundant`).
 
         Returns
         -------
@@ -133,19 +102,7 @@ class _SparseSet:
             Number removed.
         """
         cols, Li, _ = self._species_block(s)
-        Kinv = Li.T @ Li
-        alive = np.ones(len(cols), dtype=bool)
-        drop: list[int] = []
-        for _ in range(min(n, len(cols) - 1)):
-            r = np.full(len(cols), np.inf)
-            r[alive] = 1.0 / np.diag(Kinv)[alive]
-            j = int(np.argmin(r))
-            if r[j] >= threshold:
-                break
-            drop.append(j)
-            alive[j] = False
-            kj = Kinv[:, j].copy()
-            Kinv -= np.outer(kj, kj) / kj[j]
+        drop = redundant(Li, n, threshold)
         if drop:
             self._remove_columns(s, cols[drop], spawn)
             self.n_pruned[s] = self.n_pruned.get(s, 0) + len(drop)
