@@ -132,8 +132,9 @@ REFERENCE_CASES = {
                          _hard_scf, ReferenceFailed, r"output could not be read .* truncated"),
     "garbage-output": (dict(command=f"sh -c '{RUN}; head -c 3000 /dev/urandom > mopac.out'"),
                        _hard_scf, ReferenceFailed, r"output could not be read"),
-    "missing-binary": (dict(command="/nonexistent/mopac PREFIX.mop"), _hard_scf,
-                       ReferenceFailed, r"no mopac.out was written"),
+    "command-not-found": (dict(command="sh -c 'exec /nonexistent/mopac PREFIX.mop'"),
+                          _hard_scf, ReferenceFailed, r"(?s)code 127 \(the shell could not run "
+                          r"it: command not found\).*no mopac.out was written"),
     "other-method": (dict(method="PM6"), _hard_scf, FingerprintMismatch,
                      r"method: 'PM7' -> 'PM6'.*never mixed: use a new store"),
 }

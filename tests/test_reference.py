@@ -96,16 +96,29 @@ def test_missing_binary_says_how_to_fix(monkeypatch):
 
 
 def test_broken_command_is_a_reference_failure(tmp_path, ethanol):
-    ref = MopacReference(command="/nonexistent/mopac PREFIX.mop", workdir=str(tmp_path))
-    with pytest.raises(ReferenceFailed, match="no mopac.out was written"):
+    ref = MopacReference(command="sh -c 'echo no such input; exit 3'", workdir=str(tmp_path))
+    with pytest.raises(ReferenceFailed, match=r"(?s)exited with code 3.*no mopac.out was "
+                                              r"written.*printed: no such input"):
         ref.compute(ethanol, 0, 1)
+
+
+@pytest.mark.parametrize("given", ["argument", "environment"])
+def test_a_missing_mopac_program_is_named_before_anything_runs(monkeypatch, given):
+    command = "/opt/nope/mopac PREFIX.mop"
+    if given == "environment":
+        monkeypatch.setenv("ASE_MOPAC_COMMAND", command)
+        kwargs, where = {}, "ASE_MOPAC_COMMAND"
+    else:
+        kwargs, where = {"command": command}, "reference.command"
+    with pytest.raises(ConfigError, match=rf"'/opt/nope/mopac' is not an executable file.*{where}"):
+        MopacReference(**kwargs)
 
 
 def test_bad_method_and_charge_keywords_are_config_errors():
     with pytest.raises(ConfigError, match="PM8"):
-        MopacReference(method="PM8", command="x PREFIX")
+        MopacReference(method="PM8", command="true PREFIX")
     with pytest.raises(ConfigError, match="system.charge"):
-        MopacReference(keywords="CHARGE=1", command="x PREFIX")
+        MopacReference(keywords="CHARGE=1", command="true PREFIX")
 
 
 @pytest.mark.parametrize("pidfd", [True, False])

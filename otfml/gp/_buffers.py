@@ -106,6 +106,9 @@ class _Grow:
         """
         keep = np.asarray(keep, dtype=np.int64)
         m = len(keep)
+        if m == 0:  # every column goes: nothing to move
+            self.m = 0
+            return
         cut = np.flatnonzero(np.diff(keep) != 1) + 1
         runs = [(int(a), int(b)) for a, b in zip(np.r_[0, cut], np.r_[cut, m])
                 if keep[a] != a]  # runs before the first dropped column stay where they are

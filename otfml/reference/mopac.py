@@ -90,10 +90,14 @@ class _TimedShell:
 
         command = self.command.replace("PREFIX", calc.prefix)
         start = time.monotonic()  # the limit counts from the launch, however late we wait
-        proc = subprocess.Popen(command, shell=True, cwd=calc.directory,
-                                start_new_session=True)
-        code = _wait(proc, None if self.timeout is None
-                     else max(0.0, self.timeout - (time.monotonic() - start)))
+        # what the command prints (MOPAC's banner, a shell's complaint) goes to a file of
+        # the call's directory, not the terminal: failures quote it
+        with open(os.path.join(calc.directory, COMMAND_LOG), "wb") as log_fh:
+            proc = subprocess.Popen(command, shell=True, cwd=calc.directory,
+                                    start_new_session=True, stdout=log_fh,
+                                    stderr=subprocess.STDOUT)
+            code = _wait(proc, None if self.timeout is None
+                         else max(0.0, self.timeout - (time.monotonic() - start)))
         if code is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -106,7 +110,31 @@ class _TimedShell:
             raise _Stopped(f"MOPAC was killed by signal {name} (exit code {code}): "
                                   "out of memory, a time limit, or an operator's kill")
         if code:
-            raise CalculationFailed(f"the MOPAC command exited with code {code}")
+            what = " (the shell could not run it: command not found)" if code in (126, 127) else ""
+            raise CalculationFailed(f"the MOPAC command exited with code {code}{what}")
+
+
+#: file of a call's directory that takes what the MOPAC command prints
+COMMAND_LOG = "command.log"
+
+
+def _check_command(command: str, where: str) -> None:
+    """Refuse a MOPAC command whose program does not exist, before any run starts."""
+    import shlex
+
+    try:
+        program = shlex.split(command)[0]
+    except (ValueError, IndexError):
+        raise ConfigError(f"the MOPAC command {command!r} ({where}) cannot be parsed; give "
+                          "e.g. '/path/to/mopac PREFIX.mop'") from None
+    found = (os.path.isfile(program) and os.access(program, os.X_OK)) if "/" in program \
+        else shutil.which(program) is not None
+    if not found:
+        raise ConfigError(
+            f"the MOPAC command {command!r} ({where}) cannot run: {program!r} is not an "
+            "executable file" + ("" if "/" in program else " on PATH") + ". Point "
+            f"{where} at MOPAC, e.g. '/usr/bin/mopac PREFIX.mop' (Debian: apt-get install "
+            "mopac), or unset it to use the mopac on PATH")
 
 
 class MopacReference(Reference):
@@ -163,6 +191,7 @@ class MopacReference(Reference):
                     f"keyword {word!r}: give charge and multiplicity as settings "
                     "(system.charge / system.multiplicity), not as MOPAC keywords")
         self.command = command or os.environ.get("ASE_MOPAC_COMMAND") or self._default_command()
+        _check_command(self.command, "reference.command" if command else "ASE_MOPAC_COMMAND")
         self.workdir = workdir
         self.relscf = float(relscf)
         self.keep_failed = keep_failed
@@ -322,6 +351,10 @@ class MopacReference(Reference):
             lines = ["(no mopac.out was written before MOPAC was stopped)"]
         else:
             lines = ["(no mopac.out was written: is the MOPAC command right?)"]
+            printed = os.path.join(tmp, COMMAND_LOG)
+            if os.path.exists(printed):
+                with open(printed, errors="replace") as fh:
+                    lines += [f"the command printed: {ln.rstrip()}" for ln in fh if ln.strip()][-5:]
         where = f"kept in {tmp}" if self.keep_failed else "removed"
         if not self.keep_failed:
             shutil.rmtree(tmp, ignore_errors=True)
