@@ -140,3 +140,21 @@ def test_reference_wait_gives_the_exit_code_or_none_at_the_timeout(monkeypatch, 
     finally:
         slow.kill()
         slow.wait()
+
+
+def test_a_failed_first_call_is_the_reference_error_with_the_update_overlapped(tmp_path, ethanol):
+    """On a cold start the model's update is prepared while the reference runs; a reference
+    that fails then is reported as itself, and nothing is stored."""
+    from otfml.gp import available_cpus
+    from otfml.learner import Learner
+    from otfml.store import Store
+
+    if available_cpus() < 2:
+        pytest.skip("the update overlaps the reference call only with two CPUs")
+    ref = MopacReference(command="sh -c 'exit 3'", workdir=str(tmp_path / "work"))
+    learner = Learner(ref, store=str(tmp_path / "s.h5"), model_settings={"overlap_update": True})
+    with pytest.raises(ReferenceFailed, match="exited with code 3"):
+        learner.step(ethanol)
+    learner.close()
+    with Store(str(tmp_path / "s.h5")) as st:
+        assert len(st) == 0
