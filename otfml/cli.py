@@ -8,7 +8,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+
+from ase.data import chemical_symbols
 
 from .errors import OTFMLError
 
@@ -23,14 +26,31 @@ def _cmd_run(args) -> int:
     if args.resume and args.restart:
         raise OTFMLError("--resume and --restart exclude each other")
     summary = run(cfg, resume=True if args.resume else (False if args.restart else None))
-    print(json.dumps({k: summary[k] for k in ("steps", "reference_calls", "wall_s", "store",
-                                              "model")}, indent=2, default=float))
+    print(human_summary(summary))
     return 0
+
+
+def human_summary(s: dict) -> str:
+    """A few lines a person reads at the end of a run (summary.json has everything)."""
+    calls, steps = s["reference_calls"], max(s["steps"], 1)
+    lines = [f"{s['structure']}: {s['steps']} steps, {calls} reference calls "
+             f"({100 * calls / steps:.1f} %), {s['wall_s']:.1f} s"]
+    floors = s.get("force_error_floor_eV_A")
+    if floors:
+        lines.append("force-error floor (eV/Å): " + ", ".join(
+            f"{el} {v:.3f}" for el, v in floors.items()))
+    if "converged" in s:
+        lines.append(f"converged: {s['converged']} (largest force {s['final_fmax_eV_A']:.4f} "
+                     "eV/Å from the reference)")
+    out = os.path.dirname(s["store"])
+    lines.append(f"outputs in {out}: otfml.h5 (store), model.npz, steps.csv, summary.json, "
+                 "otfml.log; otfml report " + out + " writes report.html")
+    return "\n".join(lines)
 
 
 def _cmd_check(args) -> int:
     from .config import keys_markdown, load_config
-    from .system import build_structures
+    from .system import build_reference, build_structures
 
     if args.keys:
         print(keys_markdown())
@@ -39,6 +59,7 @@ def _cmd_check(args) -> int:
         raise OTFMLError("otfml check needs a config file (or --keys)")
     cfg = load_config(args.config, args.set)
     images = build_structures(cfg)
+    build_reference(cfg)  # what run refuses, check refuses (method, keywords, command)
     atoms = images[0]
     stages = ", ".join(f"{s['name']} ({s['driver']['type']})" for s in cfg["stages"])
     print(f"{args.config}: valid ({atoms.get_chemical_formula()}, {len(atoms)} atoms"
@@ -47,21 +68,36 @@ def _cmd_check(args) -> int:
     return 0
 
 
+def _store_or_model(path: str) -> str:
+    """``path``, or for a run directory the store it holds."""
+    if not os.path.isdir(path):
+        return path
+    store = "otfml.h5"
+    state = os.path.join(path, "run.json")
+    if os.path.exists(state):
+        with open(state) as fh:
+            store = json.load(fh).get("config", {}).get("store", {}).get("path", store)
+    if os.path.exists(os.path.join(path, store)):
+        return os.path.join(path, store)
+    raise OTFMLError(f"{path!r} is a directory without a store ({store}); give a run "
+                     "directory, a store (.h5) or a model (.npz)")
+
+
 def _cmd_info(args) -> int:
     from .gp import SparseGP
     from .store import Store
 
-    if args.path.endswith(".npz"):
-        m = SparseGP.load(args.path)
-        info = {"model": args.path, "frames": m.n_frames, "species": m.descriptor.species,
+    path = _store_or_model(args.path)
+    if path.endswith(".npz"):
+        m = SparseGP.load(path)
+        info = {"model": path, "frames": m.n_frames,
+                "species": [chemical_symbols[z] for z in m.descriptor.species],
                 "sparse": m.sparse_counts(), "hyperparameters": vars(m.hyp),
                 "descriptor": m.descriptor.to_dict(), **m.extra}
     else:
-        with Store(args.path, "a" if args.repair else "r", repair=args.repair) as st:
+        with Store(path, "a" if args.repair else "r", repair=args.repair) as st:
             info = st.summary()
-        import os
-
-        model_path = os.path.join(os.path.dirname(os.path.abspath(args.path)), "model.npz")
+        model_path = os.path.join(os.path.dirname(os.path.abspath(path)), "model.npz")
         if os.path.exists(model_path):
             m = SparseGP.load(model_path)
             info["model"] = {"path": model_path, "frames": m.n_frames,
@@ -79,9 +115,9 @@ def _cmd_info(args) -> int:
 def _cmd_evaluate(args) -> int:
     from .evaluate import evaluate, load_model, read_labelled
 
-    model = load_model(args.model)
-    result = evaluate(model, read_labelled(args.data), force_tolerance=args.force_tolerance,
-                      output=args.output)
+    data = read_labelled(args.data)  # first: a bad test set is found before any training
+    model = load_model(args.model, elements={int(z) for a, _, _ in data for z in a.numbers})
+    result = evaluate(model, data, force_tolerance=args.force_tolerance, output=args.output)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -201,7 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from . import __version__
+
+    parser = build_parser()
+    parser.add_argument("--version", action="version", version=f"otfml {__version__}")
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -212,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("otfml: interrupted; every labelled frame so far is in the store", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (otfml check --keys | head)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

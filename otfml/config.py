@@ -160,8 +160,28 @@ def index_of(index, source: str = "config") -> int | slice:
                           "slice such as ':', '0:10' or '::2'") from None
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply ``section.key=value`` overrides (values parsed as YAML) to a raw config."""
+#: keys whose values are paths; given with ``--set``, a relative one is taken relative to the
+#: directory the command runs in (system.structure: where such a file exists)
+PATH_KEYS = ("system.structure", "store.warm_start", "output.directory")
+
+
+def _from_cwd(dotted: str, value, cwd: str | None):
+    if cwd is None or dotted not in PATH_KEYS or not isinstance(value, str) or not value:
+        return value
+    if os.path.isabs(value) or value.lower().startswith("smiles:"):
+        return value
+    path = os.path.join(cwd, value)
+    if dotted == "system.structure" and not os.path.exists(path):
+        return value  # a molecule name, or a file next to the config file
+    return os.path.abspath(path)
+
+
+def apply_overrides(raw: dict, overrides: list[str], cwd: str | None = None) -> dict:
+    """Apply ``section.key=value`` overrides (values parsed as YAML) to a raw config.
+
+    With ``cwd``, a relative path given for one of :data:`PATH_KEYS` is made absolute
+    from ``cwd`` (the command line's directory), not from the config file's.
+    """
     if not overrides:
         return raw
     if not isinstance(raw, dict | None):
@@ -179,7 +199,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         except yaml.YAMLError as err:
             raise ConfigError(f"--set {item!r}: the value is not valid YAML ({err})") from err
         sec = dict(raw.get(section) or {})
-        sec[key] = value
+        sec[key] = _from_cwd(dotted, value, cwd)
         raw[section] = sec
     return raw
 
@@ -199,6 +219,6 @@ def load_config(path: str, overrides: list[str] | None = None) -> dict:
             raw = yaml.safe_load(fh)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    cfg = validate(apply_overrides(raw, overrides or []), source=path)
+    cfg = validate(apply_overrides(raw, overrides or [], cwd=os.getcwd()), source=path)
     cfg["_base"] = os.path.dirname(os.path.abspath(path))
     return cfg

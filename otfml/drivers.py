@@ -20,7 +20,7 @@ from .errors import ConfigError, UnstableRun
 from .progress import Progress
 
 __all__ = ["relax", "Relaxed", "run_md", "run_optimize", "thermalize", "StepLog", "read_steps",
-           "checkpoint", "clear_stage"]
+           "checkpoint", "clear_stage", "stage_counts"]
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,11 @@ class StepLog:
 
         self.atoms, self.calc, self.dt_fs, self.interval = atoms, calc, dt_fs, interval
         self.progress = progress
-        new = not os.path.exists(os.path.join(sdir, "steps.csv"))
-        self.fh = open(os.path.join(sdir, "steps.csv"), "a", newline="")
+        path = os.path.join(sdir, "steps.csv")
+        new = not os.path.exists(path)
+        #: reference calls of the stage so far (a resumed stage's earlier ones included)
+        self.calls = 0 if new else stage_counts(sdir)[1]
+        self.fh = open(path, "a", newline="")
         self.writer = csv.writer(self.fh)
         if new:
             self.writer.writerow(self.FIELDS)
@@ -55,19 +58,22 @@ class StepLog:
         fmax = float(np.linalg.norm(f, axis=1).max())
         temp = a.get_temperature()
         std = last.get("max_force_std", float("nan"))
+        source = last.get("source", "")
+        self.calls += source == "reference"
         self.writer.writerow([
             self.n, self.image, f"{self.n * self.dt_fs:.3f}", f"{a.get_potential_energy():.6f}",
-            f"{temp:.2f}", f"{fmax:.5f}", last.get("source", ""), f"{std:.5f}",
-            f"{L.policy.tolerance:.5f}", L.n_calls,
+            f"{temp:.2f}", f"{fmax:.5f}", source, f"{std:.5f}",
+            f"{L.policy.tolerance:.5f}", self.calls,
         ])
         if self.n % self.interval == 0:
             self.fh.flush()
             if self.n != self.resumed_at:  # that image is the checkpoint itself
                 self.traj.write(a)
         self.n += 1
-        shown = {"calls": L.n_calls, "max_std": std}
+        shown = {"calls": self.calls, "err_est": std}
         shown.update({"T_K": round(temp)} if self.dt_fs else {"fmax": fmax})
-        self.progress.update(self.n, **shown)
+        # MD counts steps from the start geometry (step 0); an optimizer its evaluations
+        self.progress.update(self.n - 1 if self.dt_fs else self.n, **shown)
 
     def close(self) -> None:
         self.fh.close()
@@ -93,6 +99,16 @@ def thermalize(atoms: Atoms, temperature_K: float, rng: np.random.Generator | No
     if zero_drift:
         vd.Stationary(atoms)
         vd.ZeroRotation(atoms)
+
+
+def stage_counts(sdir: str) -> tuple[int, int]:
+    """Rows of a stage's steps.csv (energy/force evaluations) and those the reference gave."""
+    path = os.path.join(sdir, "steps.csv")
+    if not os.path.exists(path):
+        return 0, 0
+    cols = read_steps(path)
+    source = cols.get("source", np.zeros(0))
+    return len(source), int(np.sum(source == "reference"))
 
 
 def read_steps(path: str) -> dict[str, np.ndarray]:
@@ -197,7 +213,7 @@ def run_md(atoms: Atoms, calc: OTFCalculator, drv: dict, sdir: str, name: str,
 
         compensation = EnergyCompensation(atoms)
         dyn.attach(compensation, interval=1)  # before the step log: it logs the result
-    progress = Progress(drv["steps"] + 1, name, out["progress_every"], start=done)
+    progress = Progress(drv["steps"], name, out["progress_every"], start=done)
     steplog = StepLog(atoms, calc, sdir, drv["log_interval"], drv["timestep_fs"], progress)
     dyn.attach(steplog, interval=1)
     if t_end is not None:
@@ -303,6 +319,8 @@ def relax(atoms: Atoms, fmax: float = 0.05, steps: int = 1000, optimizer: str = 
         budget -= max(opt.nsteps - before, 1)
         energy, forces = calc.confirm(atoms)  # the model says converged: ask the reference
         checks += 1
+        for obs in observers:  # the confirmation is a step of the log too
+            obs()
         largest = float(np.linalg.norm(forces, axis=1).max())
         if largest <= fmax:
             converged = True

@@ -10,23 +10,28 @@ import numpy as np
 from .calibration import calibrated
 from .errors import ConfigError
 from .gp import SparseGP
-from .training import model_from_store
+from .training import check_covers, model_from_store
 
 __all__ = ["load_model", "evaluate", "read_labelled"]
 
 log = logging.getLogger(__name__)
 
 
-def load_model(path: str, settings: dict | None = None) -> SparseGP:
+def load_model(path: str, settings: dict | None = None,
+               elements: set[int] | None = None) -> SparseGP:
     """A model from a saved ``.npz`` or, for an HDF5 store, trained on the frames of its most
-    recent reference fingerprint (:func:`otfml.training.model_from_store`)."""
+    recent reference fingerprint (:func:`otfml.training.model_from_store`). With
+    ``elements``, a model that lacks one of them is refused (before training, for a store)."""
     if not os.path.exists(path):
         raise ConfigError(f"{path!r} does not exist; give a store (.h5) or a model (.npz)")
     with open(path, "rb") as fh:
         magic = fh.read(8)
     if magic.startswith(b"\x89HDF"):  # HDF5 signature: a store
-        return model_from_store(path, settings)
-    return SparseGP.load(path)
+        return model_from_store(path, settings, elements=elements)
+    model = SparseGP.load(path)
+    if elements:
+        check_covers(set(model.descriptor.species), elements, f"model {path!r}")
+    return model
 
 
 def read_labelled(path: str) -> list:

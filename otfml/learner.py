@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from ase import Atoms
+from ase.data import chemical_symbols
 
 from .concurrency import _OVERLAP_SWITCH_S, _BlasLimit, _Helper, _Overlap, _switch_interval
 from .errors import (
@@ -156,10 +157,34 @@ class Learner(_HyperparameterFits, _Overlap, _Failures):
         self.n_warm = len(frames)
 
     def _ensure_model(self, atoms: Atoms) -> None:
+        """A model that covers the elements of ``atoms`` (extended where it lacks one)."""
         if self.model is None:
             species = sorted(set(self._species) | {int(z) for z in atoms.numbers})
             self.model = model_from_settings(species, self.settings)
-            self._species = list(self.model.descriptor.species)
+        else:
+            new = {int(z) for z in atoms.numbers} - set(self.model.descriptor.species)
+            if new:
+                self._extend_species(new)
+        self._species = list(self.model.descriptor.species)
+
+    def _extend_species(self, new: set[int]) -> None:
+        """Rebuild the model with elements it lacks, from the store's frames."""
+        species = sorted(set(self.model.descriptor.species) | new)
+        names = [chemical_symbols[z] for z in sorted(new)]
+        if self.model.n_frames == 0:
+            self.model = model_from_settings(species, self.settings)
+            return
+        if self.store is None or not len(self.store):
+            raise ConfigError(
+                f"element(s) {names} are new to the model, which has no store to be rebuilt "
+                "from; give species= with every element the run will see (or a store) when "
+                "creating the OTFCalculator")
+        self.finish_hyperparameter_fit()
+        t0 = time.perf_counter()
+        frames = one_fingerprint(list(self.store), f"store {self.store.path!r}")
+        self.model = train_from_frames(frames, self.settings, species)
+        log.info("element(s) %s are new to the model: rebuilt it with them from the %d stored "
+                 "frames (%.1f s)", names, len(frames), time.perf_counter() - t0)
 
     def charge_and_multiplicity(self, atoms: Atoms) -> tuple[int, int]:
         """Charge and multiplicity for ``atoms`` (atoms.info, else the learner's defaults)."""
@@ -289,8 +314,7 @@ class Learner(_HyperparameterFits, _Overlap, _Failures):
                 if self.store is not None:
                     self.store.append(atoms, label.energy, label.forces, label.fingerprint,
                                       step=step, walker=self.walker,
-                                      max_std=float(np.max(pred.novelty)) if pred is not None
-                                      else float("nan"))
+                                      max_std=float(dec.max_force_std))
             except BaseException:
                 if prepared is not None:  # the frame gets no labels: take its columns out again
                     self._discard(prepared)

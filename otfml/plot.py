@@ -41,8 +41,9 @@ def _pyplot():
     return plt
 
 
-def _stages(run_dir: str) -> list[tuple[str, dict]]:
-    """(name, steps.csv columns) of each stage of the run, in order (from run.json)."""
+def _stages(run_dir: str) -> list[tuple[str, dict, dict]]:
+    """(name, steps.csv columns, driver section) of each stage of the run, in order
+    (from run.json)."""
     from .drivers import read_steps
     from .run import STATE, stage_dirs
 
@@ -55,7 +56,7 @@ def _stages(run_dir: str) -> list[tuple[str, dict]]:
     for stage, d in zip(cfg["stages"], stage_dirs(cfg, run_dir)):
         path = os.path.join(d, "steps.csv")
         if os.path.isfile(path):
-            out.append((stage["name"], read_steps(path)))
+            out.append((stage["name"], read_steps(path), stage["driver"]))
     return out
 
 
@@ -67,7 +68,7 @@ def plot_run(run_dir: str) -> list[str]:
     ConfigError
         ``run_dir`` holds no ``steps.csv`` (not a run directory).
     """
-    stages = [(n, c) for n, c in _stages(run_dir) if len(c.get("step", []))]
+    stages = [(n, c, d) for n, c, d in _stages(run_dir) if len(c.get("step", []))]
     if not stages:
         raise ConfigError(f"{run_dir!r} holds no run (run.json and steps.csv): give the "
                           "output.directory of an otfml run")
@@ -75,10 +76,11 @@ def plot_run(run_dir: str) -> list[str]:
     out_dir = os.path.join(run_dir, "plots")
     os.makedirs(out_dir, exist_ok=True)
     # one global step axis over the stages
-    offset, parts = 0, []
-    for name, c in stages:
+    offset, parts, drivers = 0, [], []
+    for name, c, drv in stages:
         x = offset + np.arange(len(c["step"]))
         parts.append((name, x, c))
+        drivers.append(drv)
         offset += len(c["step"])
     files = []
 
@@ -120,12 +122,20 @@ def plot_run(run_dir: str) -> list[str]:
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
     md = [bool(np.any(c["time_fs"] > 0)) for _, _, c in parts]
     ax_f = ax2.twinx() if any(md) and not all(md) else ax2
-    for (_name, x, c), is_md in zip(parts, md):
+    for (_name, x, c), is_md, drv in zip(parts, md, drivers):
         ax1.plot(x, c["energy_eV"], lw=0.7)
         if is_md:
             ax2.plot(x, c["temperature_K"], lw=0.7)
+            start, end = drv["temperature_K"], drv.get("temperature_end_K")
+            if drv.get("ensemble") == "langevin":  # the thermostat's target
+                frac = np.clip(c["step"] / max(drv["steps"], 1), 0.0, 1.0)
+                target = start if end is None else start + (end - start) * frac
+                ax2.plot(x, np.broadcast_to(target, x.shape), color="k", lw=1.0, ls="--")
         else:
             ax_f.semilogy(x, c["fmax_eV_A"], lw=0.7, color="C2")
+    if any(md) and any(d.get("ensemble") == "langevin" for d in drivers):
+        ax2.plot([], [], "k--", label="thermostat target")
+        ax2.legend(fontsize=8)
     ax1.set_ylabel("energy, eV")
     if any(md):
         ax2.set_ylabel("temperature, K")
@@ -176,15 +186,21 @@ def plot_evaluation(path: str, out_dir: str) -> list[str]:
     return [parity, evu]
 
 
+def _cell(v) -> str:
+    """A value as a person reads it: numbers to 4 significant digits, mappings as
+    ``key: value`` lines, lists comma-separated (HTML-escaped)."""
+    if isinstance(v, dict):
+        return "<br>".join(f"{html.escape(str(k))}: {_cell(x)}" for k, x in v.items())
+    if isinstance(v, list):
+        return ", ".join(_cell(x) for x in v)
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return html.escape(str(v))
+
+
 def _rows(d: dict) -> str:
-    cells = []
-    for k, v in d.items():
-        if isinstance(v, (dict, list)):
-            v = json.dumps(v, default=float)
-        elif isinstance(v, float):
-            v = f"{v:.6g}"
-        cells.append(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>")
-    return "\n".join(cells)
+    return "\n".join(f"<tr><th>{html.escape(str(k))}</th><td>{_cell(v)}</td></tr>"
+                      for k, v in d.items())
 
 
 def write_report(run_dir: str) -> str:
@@ -210,9 +226,13 @@ def write_report(run_dir: str) -> str:
         parts.append(f"<h3>Stage {html.escape(str(st.get('stage')))}</h3>"
                      f"<table>{_rows(st)}</table>")
     evaluation = os.path.join(run_dir, "evaluation.json")
+    model = os.path.join(run_dir, "model.npz")
     if os.path.exists(evaluation):
         with open(evaluation) as fh:
             parts.append(f"<h2>Evaluation</h2><table>{_rows(json.load(fh))}</table>")
+        if os.path.exists(model) and os.path.getmtime(model) > os.path.getmtime(evaluation):
+            parts.append("<p><b>This evaluation is of an older model than the run's "
+                         "model.npz: run otfml evaluate again.</b></p>")
     parts.append("<h2>Figures</h2>")
     for f in figures:
         rel = os.path.relpath(f, run_dir)

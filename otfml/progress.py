@@ -64,7 +64,7 @@ class Progress:
         if self._bar is not None:
             self._bar.set_postfix(text, refresh=False)
             self._bar.update(self.done - self._bar.n)
-        elif self.done % self.every == 0 or self.done == self.total:
+        elif self.done and (self.done % self.every == 0 or self.done == self.total):
             eta = self.eta()
             log.info("%s: step %d/%d, %s, ETA %s", self.desc, self.done, self.total,
                      ", ".join(f"{k} {v}" for k, v in text.items()),

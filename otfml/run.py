@@ -23,12 +23,12 @@ import numpy as np
 from ase import Atoms
 
 from .calculator import OTFCalculator
-from .drivers import clear_stage, run_md, run_optimize
+from .drivers import clear_stage, run_md, run_optimize, stage_counts
 from .errors import ConfigError
 from .policy import LearningPolicy
 from .system import build_reference, build_structures
 
-__all__ = ["run", "stage_dirs"]
+__all__ = ["run", "stage_dirs", "identity"]
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +62,45 @@ def run(cfg: dict, resume: bool | None = None) -> dict:
     """
     base = cfg.get("_base", ".")
     outdir = os.path.join(base, cfg["output"]["directory"])
+    # everything that can be checked is, before the run directory is made or touched
+    structures = build_structures(cfg)
+    reference = build_reference(cfg)
+    _check_same_run(cfg, outdir, structures)
     os.makedirs(outdir, exist_ok=True)
     handler = logging.FileHandler(os.path.join(outdir, "otfml.log"))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("otfml").addHandler(handler)
     try:
-        return _run(cfg, outdir, resume)
+        return _run(cfg, outdir, resume, structures, reference)
     finally:
         logging.getLogger("otfml").removeHandler(handler)
         handler.close()
+
+
+def identity(cfg: dict, structures: list[Atoms]) -> dict:
+    """What a run simulates: its structures, charge and multiplicity, its reference, and
+    its store. A run directory holding another run is never resumed or overwritten."""
+    return {"structures": [a.get_chemical_formula() for a in structures],
+            "system.charge": cfg["system"]["charge"],
+            "system.multiplicity": cfg["system"]["multiplicity"],
+            **{f"reference.{k}": cfg["reference"][k] for k in ("code", "method", "keywords")},
+            "store.path": cfg["store"]["path"]}
+
+
+def _check_same_run(cfg: dict, outdir: str, structures: list[Atoms]) -> None:
+    state = _read_state(outdir)
+    if state is None or "identity" not in state:
+        return
+    new = identity(cfg, structures)
+    diff = [f"{k}: {state['identity'].get(k)!r} -> {v!r}" for k, v in new.items()
+            if state["identity"].get(k) != v]
+    if diff:
+        raise ConfigError(
+            f"the output directory {outdir!r} holds another run ({'; '.join(diff)}); it is "
+            "neither resumed nor overwritten. Give this run a directory of its own, e.g. "
+            "--set output.directory=runs/NAME (with store.warm_start pointing at "
+            f"{os.path.join(outdir, state['identity'].get('store.path', 'otfml.h5'))!r} to "
+            "start from what that run learned), or delete the directory to start over")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -162,7 +192,8 @@ def _lowest_frames(store, count: int) -> list[Atoms]:
     return out
 
 
-def _run(cfg: dict, outdir: str, resume: bool | None) -> dict:
+def _run(cfg: dict, outdir: str, resume: bool | None, structures: list[Atoms],
+         reference) -> dict:
     state = _read_state(outdir)
     unfinished = state is not None and state.get("status") == "running"
     public = {k: v for k, v in cfg.items() if not k.startswith("_")}
@@ -182,17 +213,20 @@ def _run(cfg: dict, outdir: str, resume: bool | None) -> dict:
     if not resume:
         for d in dirs:
             clear_stage(d)
-    state = {"status": "running", "config": public, "stages_done": sorted(done_stages)}
+        for name in ("evaluation.json", "evaluation.npz", "summary.json"):  # of the old model
+            if os.path.exists(os.path.join(outdir, name)):
+                os.remove(os.path.join(outdir, name))
+    state = {"status": "running", "config": public, "identity": identity(cfg, structures),
+             "stages_done": sorted(done_stages)}
     _write_state(outdir, state)
 
-    structures = build_structures(cfg)
-    reference = build_reference(cfg)
     store = os.path.join(outdir, cfg["store"]["path"])
     _warm_start_store(cfg, store)
     first = cfg["stages"][0]["learning"]
     calc = OTFCalculator(reference, store=store, policy=LearningPolicy(**first),
                          model_settings=cfg["model"], charge=cfg["system"]["charge"],
-                         multiplicity=cfg["system"]["multiplicity"])
+                         multiplicity=cfg["system"]["multiplicity"],
+                         species=sorted({int(z) for a in structures for z in a.numbers}))
     L = calc.learner
     t0 = time.perf_counter()
     summaries, previous = [], None
@@ -232,9 +266,8 @@ def _run(cfg: dict, outdir: str, resume: bool | None) -> dict:
         "structure": structures[0].get_chemical_formula(),
         "atoms": len(structures[0]),
         "driver": last["driver"],
-        "steps": L.n_steps,
-        "reference_calls": L.n_calls,
-        "reference_fraction": L.n_calls / max(L.n_steps, 1),
+        "steps": sum(s["steps"] for s in summaries),
+        "reference_calls": sum(s["reference_calls"] for s in summaries),
         "reference_failures": L.n_failures,
         "scf_failures_rescued": getattr(L.reference, "n_rescued", 0),
         "warm_start_frames": L.n_warm,
@@ -249,6 +282,7 @@ def _run(cfg: dict, outdir: str, resume: bool | None) -> dict:
         "store": store,
         "model": model_path,
     }
+    total["reference_fraction"] = total["reference_calls"] / max(total["steps"], 1)
     if len(summaries) == 1 and cfg["stages"][0]["single"]:
         total = {**last, **total}
     else:
@@ -293,8 +327,7 @@ def _starts(stage: dict, structures: list[Atoms], previous, learner) -> list[Ato
 def _run_stage(cfg: dict, stage: dict, sdir: str, starts: list[Atoms], calc: OTFCalculator,
                resume: bool) -> dict:
     drv = stage["driver"]
-    L = calc.learner
-    steps0, calls0, t0 = L.n_steps, L.n_calls, time.perf_counter()
+    t0 = time.perf_counter()
     if drv["type"] == "md":
         if len(starts) != 1:
             raise ConfigError(
@@ -307,11 +340,12 @@ def _run_stage(cfg: dict, stage: dict, sdir: str, starts: list[Atoms], calc: OTF
                      "keeps everything learned so far)", stage["name"])
             clear_stage(sdir)
         extra = run_optimize(starts, calc, drv, sdir, stage["name"], cfg["output"])
+    steps, calls = stage_counts(sdir)  # the whole stage, a resumed one's earlier part too
     summary = {
         "stage": stage["name"],
         "driver": drv["type"],
-        "steps": L.n_steps - steps0,
-        "reference_calls": L.n_calls - calls0,
+        "steps": steps,
+        "reference_calls": calls,
         "wall_s": time.perf_counter() - t0,
         "learning": stage["learning"],
         **extra,

@@ -8,8 +8,8 @@ Schema version 1 (``docs/design.md``)::
                         natoms i4, offset i8 (first row in /atoms), energy f8 (eV),
                         charge i4, multiplicity i4, cell (3,3) f8 (Å), pbc (3,) bool,
                         step i8 (-1 unknown), walker i4,
-                        max_std f8 (largest per-atom model novelty at the call, eV;
-                                    NaN: no model yet),
+                        max_std f8 (largest per-atom force-error estimate at the
+                                    call, eV/Å; NaN: no model yet),
                         time f8 (UNIX), fingerprint i4 (row of /fingerprints)
     /atoms            (N,) compound, one row per atom: number i4, position (3,) f8 (Å),
                         force (3,) f8 (eV/Å)
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 _FORMAT = "otfml-store"
 UNITS = {"energy": "eV", "positions": "Angstrom", "forces": "eV/Angstrom",
-         "cell": "Angstrom", "max_std": "eV"}
+         "cell": "Angstrom", "max_std": "eV/Angstrom"}
 
 _FRAME_DTYPE = np.dtype([
     ("natoms", "i4"), ("offset", "i8"), ("energy", "f8"), ("charge", "i4"),
@@ -81,7 +81,7 @@ class Frame:
     step, walker : int
         Where the call was made.
     max_std : float
-        Largest per-atom model novelty when the call was made, eV (NaN if none).
+        Largest per-atom force-error estimate when the call was made, eV/Å (NaN if none).
     time : float
         UNIX time of the append.
     """
@@ -303,7 +303,7 @@ class Store(_CrashSafety):
         step, walker : int
             Where the call was made.
         max_std : float
-            Largest per-atom model novelty at the call, eV (NaN if none).
+            Largest per-atom force-error estimate at the call, eV/Å (NaN if none).
 
         Returns
         -------

@@ -20,7 +20,7 @@ from .settings import defaults
 from .store import Store, fingerprint_key
 
 __all__ = ["MODEL_DEFAULTS", "check_model_settings", "model_from_settings", "train_from_frames",
-           "one_fingerprint", "model_from_store"]
+           "one_fingerprint", "model_from_store", "check_covers"]
 
 log = logging.getLogger(__name__)
 
@@ -121,14 +121,31 @@ def one_fingerprint(frames: list, source: str = "the store") -> list:
 
 
 def model_from_store(path: str, settings: dict | None = None,
-                     species: list[int] | None = None) -> SparseGP:
+                     species: list[int] | None = None,
+                     elements: set[int] | None = None) -> SparseGP:
     """A model trained on the frames of one fingerprint of a store (:func:`one_fingerprint`).
 
-    ``model.extra["frames_left_out"]`` counts the frames of other fingerprints.
+    ``model.extra["frames_left_out"]`` counts the frames of other fingerprints. With
+    ``elements``, a store whose frames lack one of them is refused before any training.
     """
     with Store(path) as store:
         frames = list(store)
     kept = one_fingerprint(frames, f"store {path!r}")
+    if elements:
+        check_covers({int(z) for fr in kept for z in fr.atoms.numbers}, elements,
+                     f"the frames of store {path!r}")
     model = train_from_frames(kept, settings, species)
     model.extra["frames_left_out"] = len(frames) - len(kept)
     return model
+
+
+def check_covers(known: set[int], wanted: set[int], what: str) -> None:
+    """Refuse elements ``wanted`` that ``known`` lacks, naming them (ConfigError)."""
+    from ase.data import chemical_symbols
+
+    missing = sorted(set(wanted) - set(known))
+    if missing:
+        raise ConfigError(
+            f"element(s) {[chemical_symbols[z] for z in missing]} are not in {what}, which "
+            f"hold(s) {[chemical_symbols[z] for z in sorted(known)]}: the model cannot predict "
+            "them. Evaluate on structures of those elements, or train on frames that have them")

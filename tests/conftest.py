@@ -44,6 +44,13 @@ def numeric_force(energy, atoms, i: int, c: int, h: float = 1e-5) -> float:
     return -(energy(plus) - energy(minus)) / (2 * h)
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path, monkeypatch):
+    """Every test runs in its own directory: a command line's relative paths (``--set
+    output.directory=out``) land there, as they would where a user typed them."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture
 def ethanol():
     a = molecule("CH3CH2OH")

@@ -177,6 +177,9 @@ def test_sigkill_then_resume_loses_no_frame(tmp_path, tally):
             np.testing.assert_array_equal(fr.atoms.positions, pos)
     rows = steps_csv.read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == list(range(1201))
+    # the summary counts the whole run, as steps.csv does, not only the resumed part
+    assert summary["steps"] == len(rows)
+    assert summary["reference_calls"] == sum(r.split(",")[6] == "reference" for r in rows)
     tally("SIGKILLs of a running `otfml run`, resumed without losing a frame")
 
 
@@ -194,3 +197,65 @@ def test_optimize_workflow_converges_on_the_reference(tmp_path):
                  "output.directory=opt"]) == 0
     s = json.loads((tmp_path / "opt" / "summary.json").read_text())
     assert s["converged"] and s["final_fmax_eV_A"] <= 0.05
+    rows = (tmp_path / "opt" / "steps.csv").read_text().splitlines()[1:]
+    assert s["steps"] == len(rows)  # the confirming calls are steps of the log too
+    assert s["reference_calls"] == sum(r.split(",")[6] == "reference" for r in rows)
+    assert rows[-1].split(",")[6] == "reference"
+
+
+def _digest(directory) -> dict:
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.iterdir()) if p.is_file() and p.suffix != ".lock"}
+
+
+@mopac
+def test_another_molecule_never_touches_a_finished_run(tmp_path, capsys):
+    """The README's "other molecule" command pointed at a finished run's directory is refused
+    before anything is written; in a directory of its own, warm-started from that run's
+    store, the model grows the element the store lacks."""
+    wf = tmp_path / "md.yaml"
+    shutil.copy(os.path.join(ROOT, "workflows", "md_langevin.yaml"), wf)
+    assert main(["run", str(wf), "--set", "driver.steps=40"]) == 0
+    run = tmp_path / "runs" / "md_langevin"
+    before = _digest(run)
+    capsys.readouterr()
+    other = ["--set", "system.structure=CH3CONH2", "--set", "driver.steps=30"]
+    for flags in ([], ["--resume"], ["--restart"]):
+        assert main(["run", str(wf), *other, *flags]) == 2
+        err = capsys.readouterr().err
+        assert "holds another run" in err and "C2H6O" in err and "C2H5NO" in err
+        assert "--set output.directory=" in err
+        assert _digest(run) == before
+    store = run / "otfml.h5"
+    assert main(["run", str(wf), *other, "--set", "output.directory=nma",
+                 "--set", f"store.warm_start={store}"]) == 0
+    s = json.loads((tmp_path / "nma" / "summary.json").read_text())
+    assert s["warm_start_frames"] > 0 and s["steps"] > 0
+    from otfml.gp import SparseGP
+
+    assert 7 in SparseGP.load(str(tmp_path / "nma" / "model.npz")).descriptor.species
+    assert _digest(run) == before
+
+
+@mopac
+def test_set_paths_are_relative_to_where_the_command_runs(tmp_path, monkeypatch):
+    """A structure file and an output directory given with --set are found where the user
+    typed them, not beside the config file; a config that fails leaves no run directory."""
+    from ase.build import molecule
+
+    (tmp_path / "wf").mkdir()
+    wf = tmp_path / "wf" / "md.yaml"
+    shutil.copy(os.path.join(ROOT, "workflows", "md_langevin.yaml"), wf)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    write("my.xyz", molecule("H2O"))
+    assert main(["run", str(wf), "--set", "system.structure=my.xyz", "--set",
+                 "output.directory=out", "--set", "driver.steps=10"]) == 0
+    s = json.loads((work / "out" / "summary.json").read_text())
+    assert s["structure"] == "H2O" and not (tmp_path / "wf" / "out").exists()
+    assert main(["run", str(wf), "--set", "system.structure=nothere.xyz", "--set",
+                 "output.directory=never"]) == 2
+    assert not (work / "never").exists() and not (tmp_path / "wf" / "never").exists()

@@ -36,7 +36,7 @@ class Hyperparameters:
 
 
 #: bounds (low, high) of the fitted hyperparameters: sigma (eV), sigma_e (eV), sigma_f (eV/Å)
-DEFAULT_BOUNDS = ((1e-2, 1e2), (1e-3, 1.0), (2e-3, 2.0))
+DEFAULT_BOUNDS = ((1e-2, 1e2), (1e-3, 0.1), (2e-3, 2.0))
 
 
 @dataclass
