@@ -1,6 +1,7 @@
 """The MOPAC reference, with the real MOPAC."""
 
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -158,3 +159,14 @@ def test_a_failed_first_call_is_the_reference_error_with_the_update_overlapped(t
     learner.close()
     with Store(str(tmp_path / "s.h5")) as st:
         assert len(st) == 0
+
+
+@mopac
+def test_a_user_given_mopac_command_is_quiet(tmp_path, ethanol, capfd, monkeypatch):
+    """A command without output redirection (ASE_MOPAC_COMMAND as users write it) prints
+    nothing at a call: MOPAC's banner goes to the call's command.log."""
+    monkeypatch.setenv("ASE_MOPAC_COMMAND", f"{shutil.which('mopac')} PREFIX.mop")
+    ref = MopacReference(workdir=str(tmp_path))
+    label = ref.compute(ethanol, 0, 1)
+    out, err = capfd.readouterr()
+    assert np.isfinite(label.energy) and out == "" and err == ""
