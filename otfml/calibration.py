@@ -199,9 +199,26 @@ class _Calibration:
             self._element_scales = {z: float(np.median(d)) for z, d in self._by_element.items()}
         return self._element_scales
 
+    def error_floors(self) -> dict[str, float]:
+        """Per element, the force error (eV/Å per atom) the model keeps however certain it
+        is: the floor of ``e^2 ~ floor^2 + scale^2 u^2`` fitted on that element's atoms at
+        the recent calls, whatever the calibration. {} before a call."""
+        out = {}
+        pairs = [p for p in self._pairs if p[2] is not None]
+        if not pairs:
+            return out
+        u, e, z = (np.concatenate([p[k] for p in pairs]) for k in range(3))
+        for el in np.unique(z):
+            out[chemical_symbols[int(el)]] = self._nnls_floor(u[z == el], e[z == el])[0]
+        return out
+
     def model_calibration(self) -> dict:
-        """The calibration to save with a model (``SparseGP.save``'s ``extra``)."""
+        """The calibration to save with a model (``SparseGP.save``'s ``extra``), with the
+        error floors per element (:meth:`error_floors`)."""
         out = {"force_std_scale": self.scale}
+        floors = self.error_floors()
+        if floors:
+            out["force_error_floor_eV_A"] = floors
         if self.floor:
             out["force_std_floor"] = self.floor
         if self.element_scales:
@@ -261,12 +278,12 @@ class _Calibration:
                 self._ratios.append(float(np.sqrt((e @ e) / uu)))
             self._errors.append(float(e.max()))
             self._scale = None
-            if self._floored and (self.calibration == "floor" or numbers is not None):
-                self._pairs.append((u.copy(), e.copy(), None if numbers is None
-                                    else np.asarray(numbers).copy()))
-                self._n_pairs += 1
-                self._floor = None
-                self._element_floors = None
+            # kept whatever the calibration: the floors are reported (error_floors)
+            self._pairs.append((u.copy(), e.copy(), None if numbers is None
+                                else np.asarray(numbers).copy()))
+            self._n_pairs += 1
+            self._floor = None
+            self._element_floors = None
             if numbers is not None:
                 numbers = np.asarray(numbers)
                 for z in np.unique(numbers):

@@ -101,7 +101,8 @@ def _cmd_info(args) -> int:
         if os.path.exists(model_path):
             m = SparseGP.load(model_path)
             info["model"] = {"path": model_path, "frames": m.n_frames,
-                             "sparse": m.sparse_counts(), "hyperparameters": vars(m.hyp)}
+                             "sparse": m.sparse_counts(), "hyperparameters": vars(m.hyp),
+                             "force_error_floor_eV_A": m.extra.get("force_error_floor_eV_A")}
         else:
             info["model"] = None
     if args.json:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .calibration import _Calibration
+from .calibration import _Calibration, calibrated
 from .errors import ConfigError
 from .settings import CALIBRATIONS, CALL_STEP_RESULTS, default
 
@@ -123,6 +123,7 @@ class LearningPolicy(_Calibration):
     calibration_window: int = 50
     initial_scale: float = 1.0
     calibration: str = default("learning", "calibration")
+    decide_on: str = default("learning", "decide_on")
     on_reference_failure: str = default("learning", "on_reference_failure")
     max_consecutive_failures: int = default("learning", "max_consecutive_failures")
     label_check: float | None = default("learning", "label_check")
@@ -158,6 +159,9 @@ class LearningPolicy(_Calibration):
                               "atoms), 'max' (largest error / largest novelty), 'floor' (an "
                               "error floor plus a factor of the novelty) or 'element_floor' "
                               "(a floor and a factor per element)")
+        if self.decide_on not in ("estimate", "learnable"):
+            raise ConfigError(f"decide_on={self.decide_on!r}; use 'estimate' (the whole "
+                              "calibrated estimate) or 'learnable' (without the error floor)")
         if self.on_reference_failure not in ("stop", "use_model"):
             raise ConfigError(f"on_reference_failure={self.on_reference_failure!r}; use 'stop' "
                               "or 'use_model'")
@@ -208,6 +212,13 @@ class LearningPolicy(_Calibration):
         t = float(np.mean(self._errors))
         return float(np.clip(t, 0.5 * self.force_tolerance, 2.0 * self.force_tolerance))
 
+    def _decided(self, uncertainty: np.ndarray, numbers: np.ndarray | None,
+                 est: float) -> float:
+        """What ``decide`` compares with the tolerance (``decide_on``), eV/Å."""
+        if self.decide_on == "estimate":
+            return est
+        return float(np.max(calibrated(uncertainty, self.scale, numbers, self.element_scales)))
+
     def decide(self, step: int, n_calls: int, steps_since_call: int,
                uncertainty: np.ndarray | None, n_frames: int | None = None,
                numbers: np.ndarray | None = None) -> Decision:
@@ -245,7 +256,7 @@ class LearningPolicy(_Calibration):
             call, reason = True, "calibrating"
         elif self.force_call_every and steps_since_call >= self.force_call_every:
             call, reason = True, "forced"
-        elif est > self.tolerance:
+        elif self._decided(uncertainty, numbers, est) > self.tolerance:
             call = steps_since_call >= self.min_steps_between_calls
             reason = "uncertain" if call else "min interval"
         else:

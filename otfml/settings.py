@@ -140,6 +140,11 @@ SCHEMA: dict[str, dict[str, Field]] = {
                           "plus a factor (floor), or one per element (element_floor: for "
                           "elements that err differently, e.g. O and H in water)",
                           choices=CALIBRATIONS),
+        "decide_on": _f(str, "estimate", "What is compared with force_tolerance: the whole "
+                        "calibrated estimate of an atom's force error (estimate), or only the "
+                        "part another label can reduce, without the error floor the model keeps "
+                        "whatever it learns (learnable; with the floor calibrations)",
+                        choices=("estimate", "learnable")),
         "on_reference_failure": _f(str, "stop", "When the reference fails (after its SCF "
                                    "retries) or returns an implausible label: stop the run with "
                                    "the error, or use the model for that step and go on (the "

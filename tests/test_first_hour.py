@@ -41,6 +41,9 @@ def test_a_run_ends_with_a_summary_a_person_reads(finished_run):
     first = printed.splitlines()[0]
     assert re.match(r"C2H6O: 61 steps, \d+ reference calls \(\d+\.\d %\), \d+\.\d s$", first)
     assert f"outputs in {run}" in printed and "report.html" in printed
+    floors = re.search(r"force-error floor \(eV/Å\): H ([0-9.]+), C ([0-9.]+), O ([0-9.]+)",
+                       printed)
+    assert floors and all(0 <= float(v) < 1 for v in floors.groups())
     summary = json.loads((run / "summary.json").read_text())
     rows = (run / "steps.csv").read_text().splitlines()[1:]
     assert summary["steps"] == len(rows) == 61
@@ -52,7 +55,7 @@ def test_info_takes_a_run_directory_and_names_elements(finished_run, capsys):
     _, run, _ = finished_run
     assert main(["info", str(run)]) == 0
     text = capsys.readouterr().out
-    assert "frames:" in text and "'H'" in text
+    assert "frames:" in text and "'H'" in text and "force_error_floor_eV_A" in text
     assert main(["info", str(run / "model.npz")]) == 0
     assert "['H', 'C', 'O']" in capsys.readouterr().out
     os.makedirs(run.parent / "empty", exist_ok=True)
