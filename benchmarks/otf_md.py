@@ -74,13 +74,38 @@ def water_cluster(n_side: int = 4, spacing: float = 3.1, seed: int = 0) -> Atoms
     return Atoms(numbers=nums, positions=np.concatenate(pos))
 
 
+def _structure(name: str):
+    """A start structure of ``structures/`` (make_panel_structures.py), with its charge and
+    multiplicity in ``info``."""
+    return lambda: read(os.path.join(HERE, "structures", f"{name}.xyz"))
+
+
 MOLECULES = {
     "ethanol": (lambda: molecule("CH3CH2OH"), 500.0),
     "aspirin": (lambda: read(os.path.join(HERE, "aspirin.xyz")), 500.0),
     # water_cluster() minimised with MOPAC (PM7, 400 EF cycles): a start near equilibrium
     "water64": (lambda: read(os.path.join(HERE, "water64.xyz")), 300.0),
     "water64-grid": (water_cluster, 300.0),
+    "nma": (_structure("nma"), 500.0),
+    "acetate": (_structure("acetate"), 500.0),
+    "allyl": (_structure("allyl"), 500.0),
+    "diphenhydramine": (_structure("diphenhydramine"), 500.0),
+    "water27": (_structure("water27"), 300.0),
 }
+
+
+def charge_multiplicity(atoms: Atoms) -> tuple[int, int]:
+    """The structure's charge and multiplicity (``info``; neutral singlet by default)."""
+    return int(atoms.info.get("charge", 0)), int(atoms.info.get("multiplicity", 1))
+
+
+def plain_mopac(atoms: Atoms, label: str, command: str) -> MOPAC:
+    """ASE's MOPAC calculator for ``atoms`` at its charge and multiplicity (PM7)."""
+    from otfml.reference import MopacReference
+
+    charge, mult = charge_multiplicity(atoms)
+    task = MopacReference(command=command.split(" > ")[0]).task(mult)
+    return MOPAC(method="PM7", label=label, command=command, charge=charge, task=task)
 
 
 def start(name: str, temperature: float, seed: int) -> Atoms:
@@ -101,11 +126,15 @@ def rss_mb() -> float | None:
         return None
 
 
-def md(atoms, steps, temperature, seed, every=20, observers=()):
+#: Langevin friction in ASE units (about 1/(1000 fs)) unless --thermostat-fs says otherwise
+FRICTION = 0.01
+
+
+def md(atoms, steps, temperature, seed, every=20, observers=(), friction=FRICTION):
     """Langevin MD; returns wall time, temperatures, every `every`-th frame with its forces,
     and the resident memory (MB) at those steps. ``observers`` are attached first."""
     rng = np.random.default_rng(seed + 1)
-    dyn = Langevin(atoms, 0.5 * units.fs, temperature_K=temperature, friction=0.01,
+    dyn = Langevin(atoms, 0.5 * units.fs, temperature_K=temperature, friction=friction,
                    fixcm=False, rng=rng)
     for f in observers:
         dyn.attach(f, interval=1)
@@ -175,8 +204,8 @@ def compensation_min_frames_default() -> int:
 
 def label(r: dict) -> str:
     """Column header of one result: the molecule, the seed and every setting not at its default."""
-    from otfml.training import MODEL_DEFAULTS
     from otfml.policy import LearningPolicy
+    from otfml.training import MODEL_DEFAULTS
 
     parts = [f"{r['molecule']}, seed {r['otfml']['seed']}"]
     # results from before model.evict_frames existed dropped the oldest frames
@@ -280,10 +309,14 @@ def main(argv=None) -> int:
     ap.add_argument("--temperature", type=float, default=None,
                     help="K (default: 500, water64: 300)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--thermostat-fs", type=float, default=None,
+                    help="Langevin time constant, fs (default: friction 0.01 in ASE units)")
     ap.add_argument("--force-tolerance", type=float, default=None,
                     help="eV/Å (default: otfml's default)")
     ap.add_argument("--min-steps-between-calls", type=int, default=0)
     ap.add_argument("--calibration", choices=CALIBRATIONS, default="atom")
+    ap.add_argument("--decide-on", choices=("estimate", "learnable"), default="estimate",
+                    help="learning.decide_on")
     ap.add_argument("--compensation-min-frames", type=int,
                     default=compensation_min_frames_default(), metavar="N",
                     help="EnergyCompensation's min_frames: compensate updates of models "
@@ -325,10 +358,11 @@ def main(argv=None) -> int:
 
     # plain MOPAC MD with another seed: the timing and the independent test trajectory
     a = start(args.molecule, temperature, args.seed + 1)
-    a.calc = MOPAC(method="PM7", label=os.path.join(work, "plain", "m"), command=command)
+    a.calc = plain_mopac(a, os.path.join(work, "plain", "m"), command)
+    friction = FRICTION if args.thermostat_fs is None else 1.0 / (args.thermostat_fs * units.fs)
     # every 20th frame is a test frame; short plain runs (water) use more of their frames
     plain_wall, plain_T, test, _ = md(a, plain_steps, temperature, args.seed + 1,
-                                   every=min(20, max(1, plain_steps // 10)))
+                                   every=min(20, max(1, plain_steps // 10)), friction=friction)
     plain_per_step = plain_wall / (plain_steps + 1)
     plain_extrapolated = plain_per_step * (args.steps + 1)
 
@@ -336,26 +370,29 @@ def main(argv=None) -> int:
     b = start(args.molecule, temperature, args.seed)
     policy = LearningPolicy(min_steps_between_calls=args.min_steps_between_calls,
                             calibration=args.calibration, adaptive=args.adaptive,
+                            decide_on=args.decide_on,
                             **({"call_step_result": args.call_step_result}
                                if args.call_step_result else {}),
                             **({"sparse_admission": json.loads(args.sparse_admission)}
                                if args.sparse_admission is not None else {}))
     if args.force_tolerance is not None:
         policy.force_tolerance = args.force_tolerance
+    charge, mult = charge_multiplicity(b)
     calc = OTFCalculator(reference=MOPAC(method="PM7"), store=os.path.join(work, "otf.h5"),
-                         policy=policy, model_settings=parse_settings(args.set))
+                         policy=policy, model_settings=parse_settings(args.set),
+                         charge=charge, multiplicity=mult)
     b.calc = calc
     comp = (None if args.no_compensation
             else EnergyCompensation(b, min_frames=args.compensation_min_frames))
     otf_wall, otf_T, frames, rss = md(b, args.steps, temperature, args.seed,
-                                      observers=[comp] if comp else [])
+                                      observers=[comp] if comp else [], friction=friction)
     L = calc.learner
     t_fit = time.perf_counter()
     L.finish_hyperparameter_fit()  # as `otfml run` does before it saves the model
     otf_wall += time.perf_counter() - t_fit
 
     # the forces the OTF run used, against fresh MOPAC on every 20th frame
-    chk = MOPAC(method="PM7", label=os.path.join(work, "check", "m"), command=command)
+    chk = plain_mopac(b, os.path.join(work, "check", "m"), command)
     used_err = []
     for atoms, _e, used_f in frames:
         x = atoms.copy()
@@ -377,10 +414,14 @@ def main(argv=None) -> int:
         "atoms": n,
         "steps": args.steps,
         "temperature_K": temperature,
+        "charge": charge,
+        "multiplicity": mult,
+        "thermostat_fs": args.thermostat_fs,
         "model_settings": L.settings,
         "force_tolerance_eV_A": policy.force_tolerance,
         "adaptive": policy.adaptive,
         "calibration": policy.calibration,
+        "decide_on": policy.decide_on,
         "calibration_fit": L.policy.model_calibration(),
         "call_step_result": policy.call_step_result,
         "sparse_admission": policy.sparse_admission,

@@ -32,8 +32,8 @@ def main(argv=None) -> int:
     from otf_md import parse_settings
     from threadpoolctl import threadpool_limits
 
-    from otfml.training import train_from_frames
     from otfml.store import Store
+    from otfml.training import train_from_frames
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--store", required=True, help="an otfml store (an OTF run's)")
