@@ -125,6 +125,8 @@ class Learner(_HyperparameterFits, _Overlap, _Failures):
         #: set True to have the next step labelled by the reference whatever the model says;
         #: that step returns the reference's energy and forces (whatever call_step_result says)
         self.request_reference = False
+        #: energy per atom (eV) of the last reference label (the label check compares with it)
+        self.last_label_per_atom: float | None = None
         self._blas = _BlasLimit(self.settings["blas_threads"])
         self._overlap = self._overlap_possible()
         self._pool: ThreadPoolExecutor | None = None
@@ -142,6 +144,7 @@ class Learner(_HyperparameterFits, _Overlap, _Failures):
         """Rebuild the model from the frames in the store (:func:`one_fingerprint`)."""
         frames = one_fingerprint(list(self.store), f"store {self.store.path!r}")
         self.fingerprint = frames[-1].fingerprint
+        self.last_label_per_atom = frames[-1].energy / len(frames[-1].atoms)
         # fragments are counted against the structure the store's run started from
         self._n_fragments = fragments(frames[0].atoms)[0]
         t0 = time.perf_counter()
@@ -311,6 +314,7 @@ class Learner(_HyperparameterFits, _Overlap, _Failures):
                 self._check_fingerprint(label.fingerprint)
                 if not dissociated:  # a dissociation (allowed) is new to the model
                     self._check_label(label, pred, atoms, step)
+                self.last_label_per_atom = label.energy / len(atoms)
                 if self.store is not None:
                     self.store.append(atoms, label.energy, label.forces, label.fingerprint,
                                       step=step, walker=self.walker,

@@ -106,12 +106,17 @@ class _Failures:
                           "reference failed", pred)
 
     def _check_label(self, label, pred, atoms, step: int) -> None:
-        """Refuse a label implausibly far from a trained model (e.g. a false SCF)."""
+        """Refuse a label implausibly far from a trained model's prediction and from the
+        last label alike, per atom (e.g. a false SCF). A young model can be far off where
+        the labels themselves are not."""
         limit = self.policy.label_check
         if limit is None or pred is None or self.model.n_frames < max(self.policy.initial_calls,
                                                                        2):
             return
         per_atom = abs(label.energy - pred.energy) / len(atoms)
+        last = self.last_label_per_atom
+        if last is not None and abs(label.energy / len(atoms) - last) <= limit:
+            return
         if per_atom > limit:
             raise ReferenceFailed(
                 f"step {step}: implausible reference label: energy {label.energy:.4f} eV "

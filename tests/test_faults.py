@@ -642,3 +642,26 @@ def _frame(a):
 
     return SimpleNamespace(atoms=a.copy(), energy=a.get_potential_energy(),
                            forces=a.get_forces(), fingerprint={"charge": 0})
+
+
+def test_a_label_near_the_last_one_is_plausible_however_far_the_young_model_is(tmp_path):
+    """The label check refuses a reference energy far from the model's prediction only where
+    it is far from the last label too: a young model may mispredict by eV per atom where the
+    reference's own energies are steady; a false SCF is far from both."""
+    from types import SimpleNamespace
+
+    from otfml.reference.base import Label
+
+    learner = Learner(CalculatorReference(_ShiftedEMT()), store=str(tmp_path / "s.h5"))
+    a = molecule("CH3CH2OH")
+    for seed in range(3):
+        b = a.copy()
+        b.rattle(0.03, seed=seed)
+        learner.request_reference = True
+        learner.step(b)
+    last = learner.last_label_per_atom * len(a)
+    off = SimpleNamespace(energy=last - 30.0)  # a prediction 3.3 eV/atom off
+    learner._check_label(Label(last + 0.5, np.zeros((9, 3)), {}, 0.0), off, a, 4)
+    with pytest.raises(ReferenceFailed, match="implausible reference label"):
+        learner._check_label(Label(last - 30.0 + 40.0, np.zeros((9, 3)), {}, 0.0), off, a, 5)
+    learner.close()
