@@ -91,6 +91,10 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "max_frames": _f(int, 1000, "Most labelled frames the model holds; beyond it a tenth "
                          "leave the model (the store keeps them; see evict_frames). Bounds memory "
                          "and update time; null: no limit", nullable=True, minimum=1),
+        "memory_gb": _f(NUM, 1.0, "Memory for the model's arrays, GB: at the first labelled "
+                        "frame the model lowers max_frames (and its gradient cache) so that "
+                        "frames like it fit; null: max_frames alone decides",
+                        nullable=True, positive=True),
         "evict_frames": _f(str, "thin", "Which frames leave under max_frames: every other one "
                            "of the oldest fifth (thin: the model keeps a sparser sample of the "
                            "whole run), or the oldest tenth (oldest: only the latest stretch)",

@@ -66,6 +66,7 @@ def model_from_settings(species, settings: dict) -> SparseGP:
                     sparse_tolerance=settings["sparse_tolerance"],
                     prune=settings["prune_sparse"], max_frames=settings["max_frames"],
                     evict=settings["evict_frames"], threads=settings["predict_threads"],
+                    memory_gb=settings["memory_gb"],
                     baseline=baseline)
 
 

@@ -889,3 +889,20 @@ def test_selection_functions_are_pure_and_agree_with_the_kernel():
     assert drop[0] in (1, 4) and len(drop) >= 1
     np.testing.assert_array_equal(Z, before[0])
     np.testing.assert_array_equal(Li, before[1])
+
+
+def test_a_memory_budget_lowers_the_frames_held(caplog):
+    """model.memory_gb: at the first frame the model keeps only as many frames as fit."""
+    frames = _emt_frames(3, seed=6)
+    probe = SparseGP(Descriptor([1, 6, 8]), memory_gb=None)
+    probe.add_frame(*frames[0], solve=False)
+    geom = probe._geometry(probe.descriptor.environments(frames[0][0]))
+    budget = probe.memory_estimate(geom, 200)["total"] / 1024.0**3
+    with caplog.at_level("INFO", logger="otfml.gp"):
+        gp = SparseGP(Descriptor([1, 6, 8]), memory_gb=budget)
+        gp.add_frame(*frames[0], solve=False)
+    assert 190 <= gp.max_frames <= 200 and "holds at most" in caplog.text
+    assert gp.memory_estimate(geom, gp.max_frames)["total"] <= budget * 1024.0**3
+    assert probe.max_frames == 1000  # no budget: max_frames alone
+    with pytest.raises(ValueError, match="memory_gb"):
+        SparseGP(Descriptor([1, 6, 8]), memory_gb=0.0)

@@ -229,6 +229,7 @@ class _Frames:
         self._n_atoms += N
         if not self._memory_checked and self.max_frames is not None:  # once, at the first frame
             self._memory_checked = True
+            self._fit_budget(geom)
             self._reserve(geom)
             self._report_memory(geom)
         if solve:

@@ -21,6 +21,8 @@ def _physical_memory() -> float | None:
         return None
 
 
+#: fewest frames a memory budget leaves the model
+_MIN_FRAMES = 50
 
 
 class _Memory:
@@ -66,6 +68,32 @@ class _Memory:
         out["total"] = sum(out.values())
         out["peak"] = out["total"] + (0.0 if self._reserved else out["rows"])
         return out
+
+    def _fit_budget(self, geom: dict) -> None:
+        """Lower ``max_frames`` and ``cache_bytes`` so that frames like the first fit in
+        ``memory_gb`` (once, at the first frame)."""
+        if self.memory_gb is None:
+            return
+        budget = self.memory_gb * 1024.0**3
+        self.cache_bytes = min(self.cache_bytes, int(budget / 3))
+
+        def fits(n: int) -> bool:
+            return self.memory_estimate(geom, n)["total"] <= budget
+
+        lo, hi = 1, self.max_frames
+        if fits(hi):
+            return
+        while lo < hi:  # the largest n that fits (the estimate grows with n)
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+        n = max(lo, _MIN_FRAMES)
+        log.info("model.memory_gb = %g: the model holds at most %d frames of %d atoms "
+                 "(model.max_frames %d)", self.memory_gb, n, len(self.frames[0].numbers),
+                 self.max_frames)
+        if not fits(n):
+            log.warning("model.memory_gb = %g GB is too little for %d frames of %d atoms; "
+                        "raise it", self.memory_gb, n, len(self.frames[0].numbers))
+        self.max_frames = n
 
     def _frames_cached(self, geom: dict, n_frames: int) -> int:
         """How many of ``n_frames`` frames like ``geom`` the gradient cache takes."""

@@ -64,6 +64,10 @@ class SparseGP(_Rows, _SparseSet, _Frames, _Memory, _Likelihood, _Factor):
         a tenth of them is taken out of the model (their contributions are
         subtracted from the accumulators; the store keeps them), so memory
         and the update time stay bounded in long runs.  None: no limit.
+    memory_gb : float or None, default 1.0
+        Memory for the model's arrays, GB. At the first frame, ``max_frames`` (and
+        ``cache_bytes``) are lowered so that frames like it fit (:meth:`memory_estimate`).
+        None: no budget.
     evict : {"thin", "oldest"}, default "thin"
         Which frames leave under ``max_frames``: every other one of the
         oldest fifth ("thin"), so that the model keeps an ever sparser sample
@@ -95,6 +99,7 @@ class SparseGP(_Rows, _SparseSet, _Frames, _Memory, _Likelihood, _Factor):
         prune: bool = default("model", "prune_sparse"),
         max_frames: int | None = default("model", "max_frames"),
         evict: str = default("model", "evict_frames"),
+        memory_gb: float | None = default("model", "memory_gb"),
         cache_dtype=np.float32,
         threads: int | None = None,
         baseline: ScreenedCoulomb | None = None,
@@ -116,6 +121,9 @@ class SparseGP(_Rows, _SparseSet, _Frames, _Memory, _Likelihood, _Factor):
         self.prune = bool(prune)
         self.max_frames = None if max_frames is None else int(max_frames)
         self.evict = evict
+        if memory_gb is not None and not memory_gb > 0:
+            raise ValueError(f"memory_gb = {memory_gb}: give a positive size, or None")
+        self.memory_gb = None if memory_gb is None else float(memory_gb)
         self.cache_dtype = np.dtype(cache_dtype)
         #: frames taken out of the model so far (see ``max_frames`` and ``evict``)
         self.n_dropped = 0
