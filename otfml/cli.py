@@ -33,8 +33,11 @@ def _cmd_run(args) -> int:
 def human_summary(s: dict) -> str:
     """A few lines a person reads at the end of a run (summary.json has everything)."""
     calls, steps = s["reference_calls"], max(s["steps"], 1)
-    lines = [f"{s['structure']}: {s['steps']} steps, {calls} reference calls "
-             f"({100 * calls / steps:.1f} %), {s['wall_s']:.1f} s"]
+    stages = s.get("stages", [s])
+    md = sum(st.get("md_steps", 0) for st in stages)
+    what = f"{md} MD steps, " if md else ""
+    lines = [f"{s['structure']}: {what}{s['steps']} energy/force evaluations, {calls} reference "
+             f"calls ({100 * calls / steps:.1f} %), {s['wall_s']:.1f} s"]
     floors = s.get("force_error_floor_eV_A")
     if floors:
         lines.append("force-error floor (eV/Å): " + ", ".join(

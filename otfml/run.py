@@ -346,6 +346,7 @@ def _run_stage(cfg: dict, stage: dict, sdir: str, starts: list[Atoms], calc: OTF
         "driver": drv["type"],
         "steps": steps,
         "reference_calls": calls,
+        **({"md_steps": max(steps - 1, 0)} if drv["type"] == "md" else {}),
         "wall_s": time.perf_counter() - t0,
         "learning": stage["learning"],
         **extra,

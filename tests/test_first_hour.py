@@ -39,14 +39,15 @@ def test_a_run_ends_with_a_summary_a_person_reads(finished_run):
     _, run, printed = finished_run
     assert "{" not in printed  # no raw JSON
     first = printed.splitlines()[0]
-    assert re.match(r"C2H6O: 61 steps, \d+ reference calls \(\d+\.\d %\), \d+\.\d s$", first)
+    assert re.match(r"C2H6O: 60 MD steps, 61 energy/force evaluations, \d+ reference calls "
+                    r"\(\d+\.\d %\), \d+\.\d s$", first)
     assert f"outputs in {run}" in printed and "report.html" in printed
     floors = re.search(r"force-error floor \(eV/Å\): H ([0-9.]+), C ([0-9.]+), O ([0-9.]+)",
                        printed)
     assert floors and all(0 <= float(v) < 1 for v in floors.groups())
     summary = json.loads((run / "summary.json").read_text())
     rows = (run / "steps.csv").read_text().splitlines()[1:]
-    assert summary["steps"] == len(rows) == 61
+    assert summary["steps"] == len(rows) == 61 and summary["md_steps"] == 60
     assert summary["reference_calls"] == sum(r.split(",")[6] == "reference" for r in rows)
 
 
