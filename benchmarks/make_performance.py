@@ -10,7 +10,6 @@ that reproduces each.
 from __future__ import annotations
 
 import glob
-import json
 import os
 import sys
 
@@ -18,6 +17,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import panel  # noqa: E402  (benchmarks/ is not a package)
+from otf_md import load_results  # noqa: E402
 
 PAGE = os.path.join(os.path.dirname(HERE), "docs", "performance.md")
 
@@ -32,11 +32,7 @@ benchmark.
 
 
 def _load(pattern: str) -> list[dict]:
-    out = []
-    for path in sorted(glob.glob(os.path.join(HERE, "results", pattern))):
-        with open(path) as fh:
-            out.append(json.load(fh))
-    return out
+    return load_results(sorted(glob.glob(os.path.join(HERE, "results", pattern))))
 
 
 def main() -> int:

@@ -185,6 +185,15 @@ def growth(history, rss: dict | None = None) -> list[dict]:
     return rows
 
 
+def load_results(paths) -> list[dict]:
+    """The ``--json`` results in the files ``paths``."""
+    out = []
+    for path in paths:
+        with open(path) as fh:
+            out.append(json.load(fh))
+    return out
+
+
 def parse_settings(items) -> dict:
     out = {}
     for item in items or []:
@@ -337,11 +346,7 @@ def main(argv=None) -> int:
                     help="print a markdown table of earlier --json outputs and exit")
     args = ap.parse_args(argv)
     if args.table:
-        results = []
-        for path in args.table:
-            with open(path) as fh:
-                results.append(json.load(fh))
-        print(table(results))
+        print(table(load_results(args.table)))
         return 0
     temperature = args.temperature or MOLECULES[args.molecule][1]
 

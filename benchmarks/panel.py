@@ -25,6 +25,9 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from otf_md import load_results  # noqa: E402  (benchmarks/ is not a package)
 
 #: system: (steps, plain MOPAC steps timed, targets) -- the targets of the panel
 #: (calls %, wall ratio, final-model MAE eV/Å, forces-used MAE eV/Å)
@@ -102,11 +105,7 @@ def main(argv=None) -> int:
                     help="options passed to otf_md.py (a variant, not the defaults)")
     args = ap.parse_args(argv)
     if args.table:
-        results = []
-        for path in args.table:
-            with open(path) as fh:
-                results.append(json.load(fh))
-        print(table(results))
+        print(table(load_results(args.table)))
         return 0
     os.makedirs(args.out, exist_ok=True)
     results = []

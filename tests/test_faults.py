@@ -283,17 +283,22 @@ class _ShiftedEMT(EMT):
         self.results["energy"] += self.shift
 
 
+def _labelled(learner: Learner, n: int = 3) -> Learner:
+    """``learner`` after reference labels of ``n`` rattled ethanol geometries."""
+    for seed in range(n):
+        b = molecule("CH3CH2OH")
+        b.rattle(0.03, seed=seed)
+        learner.request_reference = True
+        learner.step(b)
+    return learner
+
+
 def test_implausible_label_is_refused_not_stored(tmp_path, tally):
     calc = _ShiftedEMT()
     path = str(tmp_path / "s.h5")
     policy = LearningPolicy(force_tolerance=0.05, allow_fragmentation=True)
-    learner = Learner(CalculatorReference(calc), store=path, policy=policy)
+    learner = _labelled(Learner(CalculatorReference(calc), store=path, policy=policy), 4)
     a = molecule("CH3CH2OH")
-    for seed in range(4):
-        b = a.copy()
-        b.rattle(0.03, seed=seed)
-        learner.request_reference = True
-        learner.step(b)
     before = _snapshot(path)
     calc.shift = 40.0  # 4.4 eV/atom: what a false 'success' of the reference looks like
     learner.request_reference = True
@@ -652,13 +657,8 @@ def test_a_label_near_the_last_one_is_plausible_however_far_the_young_model_is(t
 
     from otfml.reference.base import Label
 
-    learner = Learner(CalculatorReference(_ShiftedEMT()), store=str(tmp_path / "s.h5"))
+    learner = _labelled(Learner(CalculatorReference(_ShiftedEMT()), store=str(tmp_path / "s.h5")))
     a = molecule("CH3CH2OH")
-    for seed in range(3):
-        b = a.copy()
-        b.rattle(0.03, seed=seed)
-        learner.request_reference = True
-        learner.step(b)
     last = learner.last_label_per_atom * len(a)
     off = SimpleNamespace(energy=last - 30.0)  # a prediction 3.3 eV/atom off
     learner._check_label(Label(last + 0.5, np.zeros((9, 3)), {}, 0.0), off, a, 4)
