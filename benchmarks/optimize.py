@@ -1,0 +1,153 @@
+"""Geometry optimization: reference calls to a confirmed minimum, side by side in one run.
+
+The 18 start structures of ``shared/geoopt`` (9 molecules, a rough build and an MMFF
+minimum of each, both far from the PM7 minimum) are optimized to fmax 0.05 eV/Å:
+
+* ``BFGS``: ASE's BFGS on MOPAC directly;
+* ``otfml``: otfml's default optimizer (``otfml.drivers.relax``: BFGS on the model, the
+  minimum confirmed by the reference) from an empty store;
+* ``Sella`` (internal coordinates) where it is installed (``pip install sella``).
+
+Every run ends with an independent MOPAC call at the returned geometry: a start counts as
+converged when its largest force is at most fmax there. Printed per start: the reference
+calls (every MOPAC execution of the run; the independent check not counted), whether it
+converged, the final energy against the best in ``anchors.json``, and the optimizer's own
+time per call (its wall time less the MOPAC time). Then the geometric mean of the calls.
+
+    python benchmarks/optimize.py                       # every start
+    python benchmarks/optimize.py --starts ethanol_raw benzene_mmff --methods otfml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+from ase.calculators.calculator import Calculator, all_changes
+from ase.io import read
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+GEOOPT = os.path.join(os.path.dirname(os.path.dirname(HERE)), "shared", "geoopt")
+FMAX = 0.05
+
+
+class Counting(Calculator):
+    """MOPAC PM7 through otfml's reference, counting its calls and their time."""
+
+    implemented_properties = ["energy", "forces"]
+
+    def __init__(self) -> None:
+        from otfml.reference import MopacReference
+
+        super().__init__()
+        self.ref = MopacReference(workdir=tempfile.mkdtemp(prefix="otfml-opt-"))
+        self.calls, self.seconds = 0, 0.0
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        t0 = time.perf_counter()
+        label = self.ref.compute(self.atoms, 0, 1)
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        self.results = {"energy": label.energy, "forces": label.forces}
+
+
+def run_bfgs(atoms, steps: int) -> tuple[int, float]:
+    from ase.optimize import BFGS
+
+    calc = Counting()
+    atoms.calc = calc
+    BFGS(atoms, logfile=None).run(fmax=FMAX, steps=steps)
+    return calc.calls, calc.seconds
+
+
+def run_otfml(atoms, steps: int) -> tuple[int, float]:
+    from otfml import OTFCalculator
+    from otfml.drivers import relax
+
+    work = tempfile.mkdtemp(prefix="otfml-opt-")
+    calc = OTFCalculator(reference=Counting(), store=os.path.join(work, "s.h5"))
+    atoms.calc = calc
+    relax(atoms, fmax=FMAX, steps=steps, logfile=None)
+    ref = calc.learner.reference.calculator
+    calc.close()
+    return ref.calls, ref.seconds
+
+
+def run_sella(atoms, steps: int) -> tuple[int, float]:
+    from sella import Sella
+
+    calc = Counting()
+    atoms.calc = calc
+    Sella(atoms, internal=True, logfile=None).run(fmax=FMAX, steps=steps)
+    return calc.calls, calc.seconds
+
+
+METHODS = {"BFGS": run_bfgs, "otfml": run_otfml, "Sella": run_sella}
+
+
+def check(atoms) -> tuple[float, float]:
+    """An independent MOPAC call: the largest force (eV/Å) and the energy (eV)."""
+    calc = Counting()
+    a = atoms.copy()
+    a.calc = calc
+    return float(np.linalg.norm(a.get_forces(), axis=1).max()), float(a.get_potential_energy())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--geoopt", default=GEOOPT, help="folder of the starts and anchors.json")
+    ap.add_argument("--starts", nargs="+", default=None)
+    ap.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=list(METHODS))
+    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    with open(os.path.join(args.geoopt, "anchors.json")) as fh:
+        anchors = json.load(fh)
+    starts = args.starts or sorted(anchors)
+    rows = []
+    for method in args.methods:
+        for name in starts:
+            atoms = read(os.path.join(args.geoopt, f"{name}.xyz"))
+            t0 = time.perf_counter()
+            try:
+                calls, mopac_s = METHODS[method](atoms, args.steps)
+            except ImportError as err:
+                print(f"{method}: not installed ({err}); skipped", file=sys.stderr)
+                break
+            wall = time.perf_counter() - t0
+            fmax, energy = check(atoms)
+            rows.append({"method": method, "start": name, "calls": calls,
+                         "converged": fmax <= FMAX, "fmax": fmax,
+                         "above_best_meV": 1e3 * (energy - anchors[name]["best_energy_eV"]),
+                         "own_s_per_call": (wall - mopac_s) / max(calls, 1),
+                         "mopac_s_per_call": mopac_s / max(calls, 1)})
+            print(f"{method:9s} {name:22s} {calls:4d} calls  converged {fmax <= FMAX!s:5s} "
+                  f"{rows[-1]['above_best_meV']:8.1f} meV above the best  "
+                  f"own {1e3 * rows[-1]['own_s_per_call']:.0f} ms/call "
+                  f"(MOPAC {1e3 * rows[-1]['mopac_s_per_call']:.0f} ms)", file=sys.stderr)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print("| method | starts | geometric mean of calls | failures | within 10 meV of the best "
+          "| own time / MOPAC time per call |")
+    print("|---|---|---|---|---|---|")
+    for method in dict.fromkeys(r["method"] for r in rows):
+        rs = [r for r in rows if r["method"] == method]
+        gm = math.exp(np.mean([math.log(max(r["calls"], 1)) for r in rs]))
+        own = np.median([r["own_s_per_call"] for r in rs])
+        mop = np.median([r["mopac_s_per_call"] for r in rs])
+        print(f"| {method} | {len(rs)} | {gm:.1f} | {sum(not r['converged'] for r in rs)} | "
+              f"{sum(r['above_best_meV'] <= 10 for r in rs)} / {len(rs)} | "
+              f"{1e3 * own:.0f} / {1e3 * mop:.0f} ms |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
