@@ -51,6 +51,15 @@ def main() -> int:
         lines += ["", "Reproduce: `python benchmarks/panel.py --systems MOLECULE` (three "
                   "seeds), or one row with `python benchmarks/otf_md.py --molecule MOLECULE "
                   "--steps STEPS --plain-steps 2000 --seed SEED --thermostat-fs 100`.", ""]
+    opt = os.path.join(HERE, "results", "optimize.json")
+    if os.path.exists(opt):
+        import optimize
+
+        lines += ["## Geometry optimization (`optimize.py`)", "",
+                  "The 18 starts of `shared/geoopt` to fmax 0.05 eV/Å, each checked by an "
+                  "independent MOPAC call; otfml from an empty store.", "",
+                  optimize.table(load_results([opt])[0]), "",
+                  "Reproduce: `python benchmarks/optimize.py`.", ""]
     rep = _load("replay_*.json")
     if rep:
         lines += ["## The loop along one fixed MOPAC trajectory (`replay.py`)", "",

@@ -100,6 +100,22 @@ def check(atoms) -> tuple[float, float]:
     return float(np.linalg.norm(a.get_forces(), axis=1).max()), float(a.get_potential_energy())
 
 
+def table(rows: list[dict]) -> str:
+    """Per method: starts, geometric mean of the calls, failures, starts within 10 meV of the
+    best minimum, and the median of the optimizer's own and MOPAC's time per call."""
+    out = ["| method | starts | geometric mean of calls | failures | within 10 meV of the best "
+           "| own / MOPAC time per call |", "|---|---|---|---|---|---|"]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        rs = [r for r in rows if r["method"] == method]
+        gm = math.exp(np.mean([math.log(max(r["calls"], 1)) for r in rs]))
+        own = np.median([r["own_s_per_call"] for r in rs])
+        mop = np.median([r["mopac_s_per_call"] for r in rs])
+        out.append(f"| {method} | {len(rs)} | {gm:.1f} | {sum(not r['converged'] for r in rs)} "
+                   f"| {sum(r['above_best_meV'] <= 10 for r in rs)} / {len(rs)} | "
+                   f"{1e3 * own:.0f} / {1e3 * mop:.0f} ms |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--geoopt", default=GEOOPT, help="folder of the starts and anchors.json")
@@ -132,20 +148,7 @@ def main(argv=None) -> int:
                   f"{rows[-1]['above_best_meV']:8.1f} meV above the best  "
                   f"own {1e3 * rows[-1]['own_s_per_call']:.0f} ms/call "
                   f"(MOPAC {1e3 * rows[-1]['mopac_s_per_call']:.0f} ms)", file=sys.stderr)
-    if args.json:
-        print(json.dumps(rows, indent=1))
-        return 0
-    print("| method | starts | geometric mean of calls | failures | within 10 meV of the best "
-          "| own time / MOPAC time per call |")
-    print("|---|---|---|---|---|---|")
-    for method in dict.fromkeys(r["method"] for r in rows):
-        rs = [r for r in rows if r["method"] == method]
-        gm = math.exp(np.mean([math.log(max(r["calls"], 1)) for r in rs]))
-        own = np.median([r["own_s_per_call"] for r in rs])
-        mop = np.median([r["mopac_s_per_call"] for r in rs])
-        print(f"| {method} | {len(rs)} | {gm:.1f} | {sum(not r['converged'] for r in rs)} | "
-              f"{sum(r['above_best_meV'] <= 10 for r in rs)} / {len(rs)} | "
-              f"{1e3 * own:.0f} / {1e3 * mop:.0f} ms |")
+    print(json.dumps(rows, indent=1) if args.json else table(rows))
     return 0
 
 
