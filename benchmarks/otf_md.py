@@ -323,9 +323,10 @@ def main(argv=None) -> int:
     ap.add_argument("--force-tolerance", type=float, default=None,
                     help="eV/Å (default: otfml's default)")
     ap.add_argument("--min-steps-between-calls", type=int, default=0)
-    ap.add_argument("--calibration", choices=CALIBRATIONS, default="atom")
-    ap.add_argument("--decide-on", choices=("estimate", "learnable"), default="estimate",
-                    help="learning.decide_on")
+    ap.add_argument("--calibration", choices=CALIBRATIONS, default=None,
+                    help="learning.calibration (default: the policy's)")
+    ap.add_argument("--decide-on", choices=("estimate", "learnable"), default=None,
+                    help="learning.decide_on (default: the policy's)")
     ap.add_argument("--compensation-min-frames", type=int,
                     default=compensation_min_frames_default(), metavar="N",
                     help="EnergyCompensation's min_frames: compensate updates of models "
@@ -374,8 +375,9 @@ def main(argv=None) -> int:
     # otfml OTF MD from an empty store
     b = start(args.molecule, temperature, args.seed)
     policy = LearningPolicy(min_steps_between_calls=args.min_steps_between_calls,
-                            calibration=args.calibration, adaptive=args.adaptive,
-                            decide_on=args.decide_on,
+                            adaptive=args.adaptive,
+                            **({"calibration": args.calibration} if args.calibration else {}),
+                            **({"decide_on": args.decide_on} if args.decide_on else {}),
                             **({"call_step_result": args.call_step_result}
                                if args.call_step_result else {}),
                             **({"sparse_admission": json.loads(args.sparse_admission)}

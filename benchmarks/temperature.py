@@ -66,7 +66,7 @@ def nve(atoms, steps: int, check, compensation=None) -> dict:
 
 
 def run(mode: str, ensemble: str, molecule: str, steps: int, seed: int, work: str,
-        compensate: bool = False, calibration: str = "atom", settings: dict | None = None,
+        compensate: bool = False, calibration: str | None = None, settings: dict | None = None,
         force_tolerance: float | None = None) -> dict:
     from otfml.reference import MopacReference
 
@@ -82,7 +82,8 @@ def run(mode: str, ensemble: str, molecule: str, steps: int, seed: int, work: st
         atoms.calc = OTFCalculator(reference=MOPAC(method="PM7"),
                                    store=os.path.join(work, "otf.h5"),
                                    policy=LearningPolicy(
-                                       calibration=calibration,
+                                       **({} if calibration is None
+                                          else {"calibration": calibration}),
                                        **({} if force_tolerance is None
                                           else {"force_tolerance": force_tolerance})),
                                    model_settings=settings or {})
@@ -136,8 +137,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ensemble", choices=("nvt", "nve"), default="nvt")
     ap.add_argument("--compensate", action="store_true",
                     help="otfml run with otfml.compensation.EnergyCompensation attached")
-    ap.add_argument("--calibration", choices=CALIBRATIONS, default="atom",
-                    help="the otfml run's learning.calibration")
+    ap.add_argument("--calibration", choices=CALIBRATIONS, default=None,
+                    help="the otfml run's learning.calibration (default: the policy's)")
     ap.add_argument("--force-tolerance", type=float, default=None,
                     help="the otfml run's learning.force_tolerance, eV/Å (default: the policy's)")
     ap.add_argument("--set", action="append", metavar="KEY=VALUE",

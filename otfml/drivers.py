@@ -277,10 +277,12 @@ def relax(atoms: Atoms, fmax: float = 0.05, steps: int = 1000, optimizer: str = 
     """Optimize ``atoms`` on the model of its :class:`~otfml.OTFCalculator` and confirm the
     minimum with the reference.
 
-    An ASE optimizer runs until the forces it sees are below ``fmax``; the reference
-    then labels that geometry (:meth:`OTFCalculator.confirm`). Where its forces are
-    still above ``fmax`` the optimizer goes on from there with what the model learned,
-    until the reference agrees or ``steps`` are used up.
+    An ASE optimizer runs on the model until the forces it sees are below ``fmax``; the
+    reference then labels that geometry (:meth:`OTFCalculator.confirm`). Where its forces
+    are still above ``fmax`` the model cannot resolve the minimum (its error is larger than
+    ``fmax`` there): the optimizer goes on from there with every step labelled by the
+    reference (and learned), until the reference's forces are below ``fmax`` or ``steps``
+    are used up.
 
     Parameters
     ----------
@@ -311,23 +313,28 @@ def relax(atoms: Atoms, fmax: float = 0.05, steps: int = 1000, optimizer: str = 
     opt = opt_cls(atoms, logfile=logfile)
     for obs in observers:
         opt.attach(obs, interval=1)
-    budget, checks, converged, largest = steps, 0, False, float("nan")
-    energy = float("nan")
-    while budget > 0:
-        before = opt.nsteps
-        opt.run(fmax=fmax, steps=budget)
-        budget -= max(opt.nsteps - before, 1)
-        energy, forces = calc.confirm(atoms)  # the model says converged: ask the reference
-        checks += 1
-        for obs in observers:  # the confirmation is a step of the log too
-            obs()
+    learner = calc.learner
+    energy, forces = float("nan"), None
+    try:
+        opt.run(fmax=fmax, steps=steps)  # on the model, the reference where it is unsure
+        if calc.results.get("source") == "reference":
+            energy, forces = float(calc.results["energy"]), calc.results["forces"]
+        else:  # the model says converged: ask the reference
+            energy, forces = calc.confirm(atoms)
+            for obs in observers:  # the confirmation is a step of the log too
+                obs()
+        checks = 1
         largest = float(np.linalg.norm(forces, axis=1).max())
-        if largest <= fmax:
-            converged = True
-            break
-        log.info("reference fmax %.4f eV/Å > %.4f at the model's minimum; continuing",
-                 largest, fmax)
-    return Relaxed(converged, largest, energy, opt.nsteps, checks)
+        if largest > fmax and opt.nsteps < steps:
+            log.info("reference fmax %.4f eV/Å > %.4f at the model's minimum; going on with "
+                     "the reference at every step", largest, fmax)
+            learner.reference_only = True  # (the calculator holds the reference's results)
+            opt.run(fmax=fmax, steps=steps - opt.nsteps)
+            energy = float(atoms.get_potential_energy())
+            largest = float(np.linalg.norm(atoms.get_forces(), axis=1).max())
+    finally:
+        learner.reference_only = False
+    return Relaxed(largest <= fmax, largest, energy, opt.nsteps, checks)
 
 
 def run_optimize(starts: list[Atoms], calc: OTFCalculator, drv: dict, sdir: str, name: str,

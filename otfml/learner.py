@@ -125,6 +125,9 @@ class Learner(_HyperparameterFits, _Overlap, _Failures):
         #: set True to have the next step labelled by the reference whatever the model says;
         #: that step returns the reference's energy and forces (whatever call_step_result says)
         self.request_reference = False
+        #: set True to have every step labelled by the reference (and learned) until set
+        #: False again, e.g. where an optimizer needs forces more accurate than the model's
+        self.reference_only = False
         #: energy per atom (eV) of the last reference label (the label check compares with it)
         self.last_label_per_atom: float | None = None
         self._blas = _BlasLimit(self.settings["blas_threads"])
@@ -254,7 +257,7 @@ class Learner(_HyperparameterFits, _Overlap, _Failures):
         dec = self.policy.decide(step, self.n_calls, self.steps_since_call,
                                  None if pred is None else pred.novelty,
                                  n_frames=self.model.n_frames, numbers=atoms.numbers)
-        if self.request_reference:
+        if self.request_reference or self.reference_only:
             dec = Decision(True, "requested", dec.max_force_std, dec.force_std)
             self.request_reference = False
         if dec.reason == "budget exhausted" and not self._budget_warned:

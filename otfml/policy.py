@@ -87,7 +87,7 @@ class LearningPolicy(_Calibration):
         Accept geometries with more bonded fragments than the first one (e.g.
         a dissociation). By default such a geometry stops the run before the
         reference is called, naming the atoms that left.
-    calibration : {"atom", "element", "max", "floor", "element_floor"}, default "atom"
+    calibration : {"atom", "element", "max", "floor", "element_floor"}, default "element_floor"
         How a call's observation updates the factor: a least-squares fit of the
         per-atom errors against the per-atom novelty through the origin
         (``sqrt(sum e_i^2 / sum u_i^2)``), one per element ("element"; an
@@ -97,6 +97,10 @@ class LearningPolicy(_Calibration):
         u_i^2)``, fitted to the squared per-atom errors of the recent calls
         ("floor"; see the module's notes), or such a floor and factor for each
         element, fitted on its own atoms ("element_floor").
+    decide_on : {"learnable", "estimate"}, default "learnable"
+        What is compared with ``force_tolerance``: the part of an atom's estimate another
+        label can reduce (``scale_z * u_i``, without the floor of the floor calibrations),
+        so that the tolerance means the same at any size, or the whole estimate.
     call_step_result : {"reference", "updated_model"}, default "reference"
         What a step that called the reference returns: the reference's energy
         and forces, or the model's prediction at that geometry after it has

@@ -138,13 +138,13 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "max_calls": _f(int, None, "Budget of reference calls (null: unlimited)",
                         nullable=True, minimum=1),
         "initial_calls": _f(int, 2, "First steps that always call the reference", minimum=0),
-        "calibration": _f(str, "atom", "How observed errors calibrate the force-error "
+        "calibration": _f(str, "element_floor", "How observed errors calibrate the force-error "
                           "estimate: least-squares over atoms, one factor for all or one per "
                           "element; largest error / largest novelty; or an error floor "
                           "plus a factor (floor), or one per element (element_floor: for "
                           "elements that err differently, e.g. O and H in water)",
                           choices=CALIBRATIONS),
-        "decide_on": _f(str, "estimate", "What is compared with force_tolerance: the whole "
+        "decide_on": _f(str, "learnable", "What is compared with force_tolerance: the whole "
                         "calibrated estimate of an atom's force error (estimate), or only the "
                         "part another label can reduce, without the error floor the model keeps "
                         "whatever it learns (learnable; with the floor calibrations)",

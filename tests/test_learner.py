@@ -582,6 +582,7 @@ def test_a_call_admits_the_environments_that_caused_it(admission):
     a.rattle(0.05, seed=3)
     a.calc = OTFCalculator(EMT(), multiplicity=2,
                            policy=LearningPolicy(force_tolerance=0.3, calibration="floor",
+                                                 decide_on="estimate",
                                                  sparse_admission=admission),
                            model_settings={"sparse_tolerance": 0.1})
     L = a.calc.learner
@@ -735,7 +736,9 @@ def test_predictions_shared_between_threads_leave_a_run_as_it_was(monkeypatch):
 def _cluster_run(settings, steps=120):
     a = Icosahedron("Cu", 2)
     a.rattle(0.05, seed=3)
-    a.calc = OTFCalculator(EMT(), policy=LearningPolicy(force_tolerance=0.3),
+    # the whole estimate decides: a rule that calls often, so fits come in a short run
+    a.calc = OTFCalculator(EMT(), policy=LearningPolicy(force_tolerance=0.3, calibration="atom",
+                                                        decide_on="estimate"),
                            model_settings=settings, multiplicity=2)
     sources = _md(a, steps, seed=1)
     L = a.calc.learner

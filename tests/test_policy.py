@@ -74,7 +74,8 @@ def test_max_calibration():
 
 
 def test_floor_calibration_separates_the_error_the_novelty_does_not_see():
-    pol = LearningPolicy(force_tolerance=0.2, calibration="floor", initial_calls=1)
+    pol = LearningPolicy(force_tolerance=0.2, calibration="floor", initial_calls=1,
+                         decide_on="estimate")
     rng = np.random.default_rng(0)
     for _ in range(20):  # errors with a floor of 0.1 eV/Å plus 4/Å times the novelty
         u = rng.uniform(0.0, 0.05, 21)
@@ -104,6 +105,7 @@ def test_element_floor_calibration_fits_each_element_its_own_floor(caplog):
     from otfml.calibration import calibrated
 
     pol = LearningPolicy(force_tolerance=0.25, calibration="element_floor", initial_calls=1,
+                         decide_on="estimate",
                          calibration_window=5)
     rng = np.random.default_rng(0)
     z = np.array([8, 1, 1] * 7)
@@ -148,6 +150,7 @@ def test_element_floor_calibration_fits_each_element_its_own_floor(caplog):
 
 def test_a_floor_above_the_tolerance_is_reported_once_it_persists(caplog):
     pol = LearningPolicy(force_tolerance=0.05, calibration="floor", initial_calls=1,
+                         decide_on="estimate",
                          calibration_window=3)
     u = np.linspace(0.0, 0.02, 10)
 
@@ -164,6 +167,7 @@ def test_a_floor_above_the_tolerance_is_reported_once_it_persists(caplog):
         # a young model's high floor that falls below the tolerance is never reported
         caplog.clear()
         pol = LearningPolicy(force_tolerance=0.05, calibration="floor", initial_calls=1,
+                         decide_on="estimate",
                              calibration_window=3)
         for err_floor in (0.1, 0.1, 0.1, 0.02, 0.02, 0.02, 0.02, 0.02):
             pol.observe(u, np.hypot(err_floor, 2.0 * u))
@@ -172,7 +176,8 @@ def test_a_floor_above_the_tolerance_is_reported_once_it_persists(caplog):
 
 
 def test_decide_thresholds_in_ev_per_angstrom():
-    pol = LearningPolicy(force_tolerance=0.2, initial_calls=1)
+    pol = LearningPolicy(force_tolerance=0.2, initial_calls=1, calibration="atom",
+                         decide_on="estimate")
     pol.observe(np.array([0.1]), np.array([0.1]))  # scale 1 /Å
     assert pol.decide(5, 3, 1, np.array([0.05, 0.19])).call is False
     d = pol.decide(5, 3, 1, np.array([0.05, 0.21]))
@@ -209,3 +214,21 @@ def test_adaptive_tolerance_follows_errors_within_bounds():
 def test_bad_settings_are_named(kw, text):
     with pytest.raises(ConfigError, match=text):
         LearningPolicy(**kw)
+
+
+def test_the_learnable_part_decides_by_default():
+    """By default (element_floor, decide_on learnable) an atom whose error the model keeps
+    whatever it learns (its floor above the tolerance) does not call; novelty does."""
+    pol = LearningPolicy(force_tolerance=0.2, initial_calls=1)
+    assert (pol.calibration, pol.decide_on) == ("element_floor", "learnable")
+    rng = np.random.default_rng(0)
+    for _ in range(10):  # errors of 0.3 eV/Å whatever the novelty: a floor above tolerance
+        u = rng.uniform(0.0, 0.02, 4)
+        pol.observe(u, np.sqrt(0.3**2 + (5.0 * u) ** 2), numbers=np.array([8, 1, 1, 1]))
+    numbers = np.array([8, 1, 1, 1])
+    quiet = pol.decide(20, 10, 1, np.zeros(4), numbers=numbers)
+    assert not quiet.call and quiet.max_force_std > 0.2  # the estimate keeps the floor
+    assert pol.decide(21, 10, 1, np.array([0.1, 0, 0, 0]), numbers=numbers).call
+    estimate = LearningPolicy(force_tolerance=0.2, initial_calls=1,
+                              decide_on="estimate").inherit(pol)  # the same calibration
+    assert estimate.decide(20, 10, 1, np.zeros(4), numbers=numbers).call
