@@ -168,14 +168,15 @@ class _Factor:
             out[s] = (cols, Zs, *_triangular_panels(Li))
         return out
 
-    def _make_blocks(self, panels: dict | None = None) -> None:
+    def _make_blocks(self, panels: dict | None = None, C: np.ndarray | None = None) -> None:
         """The :class:`Posterior` of this solve, with the per-species slices it uses at every
         prediction (no copies in the hot path).
 
         Each species' block of ``L^-1`` is lower triangular (columns keep their order
         when added or removed; K_mm is block diagonal over species): ``predict``
         multiplies by it as a triangular matrix, kept as row panels. ``panels`` (from
-        :meth:`_species_panels`) where already made.
+        :meth:`_species_panels`) where already made; ``C`` (``LB^-1 L^-1``) where known (a
+        loaded model).
         """
         if panels is None or panels["Linv"] is not self._Linv:
             panels = self._species_panels()
@@ -191,4 +192,4 @@ class _Factor:
             }
         self.posterior = Posterior(self.descriptor, self.hyp.sigma, self.e0, self._blocks,
                                    self._LB, self._Linv, self.Z, self.zs, self._beta,
-                                   self.baseline, lanes=self._lanes, n_frames=self._n_e)
+                                   self.baseline, C=C, lanes=self._lanes, n_frames=self._n_e)

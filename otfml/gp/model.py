@@ -327,9 +327,7 @@ class SparseGP(_Rows, _SparseSet, _Frames, _Memory, _Likelihood, _Factor):
         gp.Z, gp.zs, gp.e0 = arrays["Z"], arrays["zs"].astype(np.int64), arrays["e0"]
         gp._beta, gp._LB, gp._Linv = arrays["beta"], arrays["LB"], arrays["Linv"]
         gp._n_e = int(meta["n_frames"])
-        gp.posterior = Posterior.from_arrays(gp.descriptor, gp.hyp.sigma, arrays, baseline,
-                                             gp._lanes, gp._n_e)
-        gp._blocks = gp.posterior.blocks
+        gp._make_blocks(C=arrays["C"])
         gp.extra = meta.get("extra", {})
         gp._fitted = gp.n_sparse > 0
         gp._trainable = False

@@ -78,26 +78,8 @@ class Posterior:
         self._C = C
         self._ctc: dict[int, np.ndarray] = {}
 
-    @classmethod
-    def from_arrays(cls, descriptor: Descriptor, sigma: float, arrays: dict,
-                    baseline: ScreenedCoulomb | None = None, lanes: Lanes | None = None,
-                    n_frames: int = 0) -> Posterior:
-        """A posterior from the arrays :meth:`arrays` gave (a model file's)."""
-        from ._kernels import _triangular_panels
-
-        zs = arrays["zs"].astype(np.int64)
-        blocks = {}
-        for s in range(len(descriptor.species)):
-            cols = np.flatnonzero(zs == s)
-            pan, offsets = _triangular_panels(arrays["Linv"][np.ix_(cols, cols)])
-            blocks[s] = {"cols": cols, "Z": np.ascontiguousarray(arrays["Z"][cols]),
-                         "beta": np.ascontiguousarray(arrays["beta"][cols]),
-                         "panels": pan, "offsets": offsets}
-        return cls(descriptor, sigma, arrays["e0"], blocks, arrays["LB"], arrays["Linv"],
-                   arrays["Z"], zs, arrays["beta"], baseline, arrays["C"], lanes, n_frames)
-
     def arrays(self) -> dict[str, np.ndarray]:
-        """Every array that :meth:`from_arrays` needs, by name (:data:`ARRAYS`)."""
+        """Every array a model file holds, by name (:data:`ARRAYS`)."""
         return {"Z": self.Z, "zs": self.zs, "e0": self.e0, "beta": self.beta, "LB": self.LB,
                 "Linv": self._Linv, "C": self.C}
 
