@@ -73,6 +73,8 @@ class Environments:
     sj: np.ndarray = field(repr=False)
     #: pair basis gradients (n_pairs, n_max, L, 3); None: recomputed from D when needed
     dB: np.ndarray | None = field(repr=False, default=None)
+    #: the same atoms' environments for a model's longer-range term, if it has one
+    long: Environments | None = field(repr=False, default=None)
 
 
 class Descriptor:

@@ -361,7 +361,8 @@ class Learner(_HyperparameterFits, _Overlap, _Failures):
         if u is None or not self.model.is_fitted:
             return None
         tol = self.model.sparse_tolerance
-        return float(np.clip(frac * u / self.model.hyp.sigma, tol / 4, tol))
+        scale = float(np.linalg.norm(self.model.hyp.term_sigmas()))  # novelty's largest value
+        return float(np.clip(frac * u / scale, tol / 4, tol))
 
     def close(self) -> None:
         """Close the store and the threads that prepare updates and fit hyperparameters

@@ -82,6 +82,13 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "centre_weight": _f(NUM, 0.7, "Weight of each atom's own term in its descriptor "
                             "(SOAP's central atom), so that the normalized kernel sees how dense "
                             "the neighbourhood is, not only its shape; 0: none", minimum=0),
+        "long_cutoff": _f(NUM, 6.0, "Cutoff (Å) of the model's second, longer-range term: "
+                          "a GP of its own on a radial (l <= long_l_max) descriptor whose "
+                          "local energies add to the many-body term's; null: no second term",
+                          nullable=True, positive=True),
+        "long_n_max": _f(int, 8, "Radial functions of the longer-range term", minimum=1),
+        "long_l_max": _f(int, 0, "Largest angular momentum of the longer-range term (0: "
+                         "radial only)", minimum=0),
         "max_sparse_per_species": _f(int, 600, "Cap on sparse environments per species",
                                      minimum=1),
         "sparse_tolerance": _f(NUM, 0.005, "Novelty (0-1) above which an environment of a "

@@ -62,7 +62,12 @@ def model_from_settings(species, settings: dict) -> SparseGP:
     baseline = (None if settings["coulomb_charges"] is None else
                 ScreenedCoulomb(settings["coulomb_charges"], settings["coulomb_width"],
                                 species=list(species)))
-    return SparseGP(desc, max_sparse_per_species=settings["max_sparse_per_species"],
+    long = (None if settings["long_cutoff"] is None else
+            Descriptor(species, cutoff=settings["long_cutoff"], n_max=settings["long_n_max"],
+                       l_max=settings["long_l_max"], r_min=settings["r_min"],
+                       centre_weight=settings["centre_weight"]))
+    return SparseGP(desc, long_descriptor=long,
+                    max_sparse_per_species=settings["max_sparse_per_species"],
                     sparse_tolerance=settings["sparse_tolerance"],
                     prune=settings["prune_sparse"], max_frames=settings["max_frames"],
                     evict=settings["evict_frames"], threads=settings["predict_threads"],

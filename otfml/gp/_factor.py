@@ -68,9 +68,8 @@ class _Factor:
             self._fitted = False
             return
         hyp = self.hyp.as_array()
-        sigma, se, sf = hyp
+        se, sf = hyp[1], hyp[2]
         M = self.n_sparse
-        s2 = sigma**2
         # the predictions' per-species pieces need only L^-1: cut on another thread, if
         # there is one, while this one updates the factor
         spawn = self._spawn_here() or _Task
@@ -97,13 +96,14 @@ class _Factor:
                 self.rebuild_accumulators()
         self.fit_baseline()  # free: the accumulators carry e0 linearly
         wh = self._whitened()
-        u = wh["c"] / se**2 + wh["bF"] / sf**2
-        # weights alpha = P^-1 b = L^-T B^-1 u; local energy eps = kt^T (s2 alpha);
-        # LB.T is the upper factor in Fortran order, which LAPACK takes without a copy
-        # (s2 times the vector, not s2 * Linv.T: that would form an M x M product)
-        self._beta = s2 * _times_blocks(
-            self._species_blocks(), scipy.linalg.cho_solve((LB.T, False), u, check_finite=False),
-            transpose=True)
+        s = self._column_sigmas(hyp)
+        u = s * (wh["c"] / se**2 + wh["bF"] / sf**2)
+        # the local energy eps = kt^T beta with beta = L^-T S B^-1 S u (kt the normalized
+        # kernel); LB.T is the upper factor in Fortran order, which LAPACK takes without a
+        # copy (S times the vector, not S Linv.T: that would form an M x M product)
+        self._beta = _times_blocks(
+            self._species_blocks(),
+            s * scipy.linalg.cho_solve((LB.T, False), u, check_finite=False), transpose=True)
         self._LB = LB
         self._make_blocks(panels=panels.join())
         self._fitted = True
@@ -131,13 +131,14 @@ class _Factor:
         if st is None or not np.array_equal(st["hyp"], hyp) or st["updates"] >= 100:
             return None
         M0, M = st["M"], self.n_sparse
-        sigma, se, sf = hyp
+        se, sf = hyp[1], hyp[2]
+        s0 = self._column_sigmas(hyp)[:M0, None]
         k = st["rank"]
         # another array: the last solve's posterior keeps reading the old factor
         LB = self._spare.setdefault("LB", _Spare()).square(M, room=0.1)
         LB[:M0, :M0] = self._LB
         if k:
-            V = np.hstack([np.column_stack([W[:M0] * (sigma / sf), ew[:M0] * (sigma / se)])
+            V = np.hstack([np.column_stack([W[:M0] * (s0 / sf), ew[:M0, None] * (s0 / se)])
                            for W, ew in st["rows"]])
             if not _update_factor_rows(LB, M0, V):
                 return None
@@ -163,7 +164,7 @@ class _Factor:
         """Each species' columns, rows of ``Z`` and block of ``L^-1`` as row panels
         (:func:`_triangular_panels`), for the current ``L^-1`` (key "Linv")."""
         out: dict = {"Linv": self._Linv}
-        for s in range(len(self.descriptor.species)):
+        for s in range(self.n_channels):
             cols, Li, Zs = self._species_block(s)
             out[s] = (cols, Zs, *_triangular_panels(Li))
         return out
@@ -181,7 +182,7 @@ class _Factor:
         if panels is None or panels["Linv"] is not self._Linv:
             panels = self._species_panels()
         self._blocks = {}
-        for s in range(len(self.descriptor.species)):
+        for s in range(self.n_channels):
             cols, Zs, pan, offsets = panels[s]
             self._blocks[s] = {
                 "cols": cols,
@@ -190,6 +191,6 @@ class _Factor:
                 "panels": pan,
                 "offsets": offsets,
             }
-        self.posterior = Posterior(self.descriptor, self.hyp.sigma, self.e0, self._blocks,
+        self.posterior = Posterior(self.terms, self.hyp.term_sigmas(), self.e0, self._blocks,
                                    self._LB, self._Linv, self.Z, self.zs, self._beta,
                                    self.baseline, C=C, lanes=self._lanes, n_frames=self._n_e)

@@ -13,7 +13,7 @@ from ase import Atoms
 from ..descriptor import Environments
 from ._buffers import _times_blocks
 from ._threads import _in_two, _Task
-from ._types import PreparedFrame, _Frame, _normalize
+from ._types import PreparedFrame, _Frame
 
 #: largest rank, as a fraction of M, of the changes to B that update its factor (SparseGP.solve)
 _UPDATE_RANK = 0.125
@@ -81,6 +81,13 @@ class _Frames:
             raise ValueError("reference energy/forces contain NaN or inf; frame refused")
         return forces
 
+    def _check_terms(self, env: Environments) -> None:
+        """ValueError where ``env`` lacks a term of the model (computed by a descriptor
+        alone rather than :meth:`environments`)."""
+        if len(self.terms) > 1 and env.long is None:
+            raise ValueError("these environments lack the model's longer-range term; "
+                             "compute them with SparseGP.environments")
+
     def _state(self) -> tuple:
         """What must not change between :meth:`prepare_frame` and :meth:`add_prepared`."""
         return self.n_sparse, len(self.frames), id(self._Linv), self.n_dropped
@@ -115,17 +122,19 @@ class _Frames:
                 "rebuild it from its store (otfml.training.model_from_store) to train further"
             )
         if env is None:
-            env = self.descriptor.environments(atoms)
-        ph, _ = _normalize(env.p)
+            env = self.environments(atoms)
+        else:
+            self._check_terms(env)
         if self.max_frames is not None and len(self.frames) >= self.max_frames:
             # before the new columns, whose rows the dropped frames would no longer need
             self._evict(len(self.frames) - self.max_frames + max(1, self.max_frames // 10))
         spawn = spawn or self._spawn_here() or _Task
-        picked = self._select_sparse(env, candidates, max_new_sparse, sparse_tolerance, spawn)
+        new_Z, new_zs = self._select_sparse(env, candidates, max_new_sparse, sparse_tolerance,
+                                            spawn)
         # L^-1's species blocks before the new columns (cut out for the selection already)
         blocks = self._species_blocks()
         M0 = self.n_sparse
-        basis = self._add_basis(ph[picked], env.species[picked], blocks) if picked else None
+        basis = self._add_basis(new_Z, new_zs, blocks) if len(new_zs) else None
         own = spawn(functools.partial(self._frame_rows, env, M0, blocks))  # after the basis
         if basis is not None:
             self._add_column_data(basis, spawn)
@@ -136,7 +145,7 @@ class _Frames:
         if self.baseline is not None:
             atom_e, base_f = self.baseline.energies_forces(atoms)
             base = (float(atom_e.sum()), base_f)
-        return PreparedFrame(env=env, n_new=len(picked), geom=geom, row_e=row_e,
+        return PreparedFrame(env=env, n_new=len(new_zs), geom=geom, row_e=row_e,
                              rows_f=rows_f, W=W, ew=ew, state=self._state(), base=base)
 
     def _frame_rows(self, env: Environments, M0: int, blocks: list) -> tuple:
@@ -223,7 +232,9 @@ class _Frames:
         self._RE.append(row_e[None, :])
         # the frame keeps its environments without the pair basis gradients (large for
         # big structures; recomputed from the pair vectors if the frame is not cached)
-        self.frames.append(_Frame(env.numbers.copy(), dataclasses.replace(env, dB=None),
+        kept = dataclasses.replace(env, dB=None, long=None if env.long is None else
+                                   dataclasses.replace(env.long, dB=None))
+        self.frames.append(_Frame(env.numbers.copy(), kept,
                                   float(energy), forces.copy(), counts, self._n_atoms, cached,
                                   geom["nbytes"] if cached else 0))
         self._n_atoms += N

@@ -60,9 +60,10 @@ class _Memory:
         blocks = geom["blocks"].values()
         cached = sum(a.nbytes for blk in blocks for key, a in blk.items() if key != "inc")
         cache = self._frames_cached(geom, n_frames) * cached
-        per_frame = sum(a.nbytes for a in (env.p, env.c, env.pi, env.pj, env.D, env.sj,
-                                           env.species, env.numbers, self.frames[0].forces))
-        M = self.max_sparse_per_species * len(self.descriptor.species)
+        per_frame = sum(a.nbytes for e in (env, env.long) if e is not None
+                        for a in (e.p, e.c, e.pi, e.pj, e.D, e.sj, e.species, e.numbers))
+        per_frame += self.frames[0].forces.nbytes
+        M = self.max_sparse_per_species * self.n_channels
         out = {"rows": float(rows), "cache": float(cache), "frames": float(n_frames * per_frame),
                "matrices": 8.0 * 8 * M * M}  # L^-1, the accumulators, factors, copies
         out["total"] = sum(out.values())

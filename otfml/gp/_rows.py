@@ -13,7 +13,7 @@ from ..descriptor import Environments
 from ._buffers import _Grow
 from ._kernels import _pair_range
 from ._threads import _in_two, _Task
-from ._types import _normalize
+from ._types import _normalize, term_env
 
 
 def _incidence(pi: np.ndarray, pj: np.ndarray, n_atoms: int) -> scipy.sparse.csr_matrix:
@@ -47,10 +47,14 @@ def _pair_force_terms(G: np.ndarray, ph: np.ndarray, u: np.ndarray, scale: np.nd
 class _Rows:
     """Energy and force rows of the frames of a :class:`SparseGP`."""
 
+    def _term_Z(self, cols: np.ndarray, channel: int) -> np.ndarray:
+        """Rows ``cols`` of ``Z`` (all of ``channel``) in their term's features."""
+        return self.Z[cols, self._slices[self._channel_term(channel)]]
+
     def _geometry(self, env: Environments) -> dict:
         """What the rows of one frame need besides the sparse set (cached per frame).
 
-        Per centre species ``s``: the pairs it owns as a contiguous block of
+        Per channel ``s`` (a term's centre species): the pairs it owns as a contiguous block of
         ``G = dp_i/dD_ij`` (P, 3, F), ``u = G p_hat_i`` (P, 3), the centres' unit
         descriptors and norms, and the sparse incidence matrix (n_atoms x P,
         +1 on the neighbour, -1 on the centre) that scatters pair terms to atoms.
@@ -64,21 +68,24 @@ class _Rows:
         so every accumulator stays the Gram matrix of the stored rows.
         """
         N = len(env.species)
-        ph, norm = _normalize(env.p)
-        G = self.descriptor.gradient(env)
+        S = len(self.descriptor.species)
         blocks = {}
-        for s in np.unique(env.species):
-            sel = np.flatnonzero(env.species[env.pi] == s)
-            P = len(sel)
-            ci = env.pi[sel]
-            Gs = np.ascontiguousarray(G[sel]).reshape(P * 3, -1)
-            inc = _incidence(ci, env.pj[sel], N)
-            u = np.einsum("qcf,qf->qc", Gs.reshape(P, 3, -1), ph[ci])
-            blocks[int(s)] = {"G": Gs.astype(self.cache_dtype, copy=False), "u": u,
-                              "ph": ph[ci].astype(self.cache_dtype, copy=False),
-                              "scale": 2.0 / norm[ci],
-                              "inc": inc, "atoms": ph[env.species == s],
-                              "pi": ci, "pj": env.pj[sel]}
+        for t, desc in enumerate(self.terms):
+            et = term_env(env, t)
+            ph, norm = _normalize(et.p)
+            G = desc.gradient(et)
+            for s in np.unique(et.species):
+                sel = np.flatnonzero(et.species[et.pi] == s)
+                P = len(sel)
+                ci = et.pi[sel]
+                Gs = np.ascontiguousarray(G[sel]).reshape(P * 3, -1)
+                inc = _incidence(ci, et.pj[sel], N)
+                u = np.einsum("qcf,qf->qc", Gs.reshape(P, 3, -1), ph[ci])
+                blocks[int(t * S + s)] = {
+                    "G": Gs.astype(self.cache_dtype, copy=False), "u": u,
+                    "ph": ph[ci].astype(self.cache_dtype, copy=False),
+                    "scale": 2.0 / norm[ci], "inc": inc, "atoms": ph[et.species == s],
+                    "pi": ci, "pj": et.pj[sel]}
         nbytes = sum(blk["G"].nbytes for blk in blocks.values())
         return {"blocks": blocks, "nbytes": nbytes}
 
@@ -99,7 +106,7 @@ class _Rows:
             cs = np.flatnonzero(zc == s)
             if len(cs) == 0:
                 continue
-            Zc = self.Z[cols[cs]]
+            Zc = self._term_Z(cols[cs], s)
             row_e[cs] = np.sum((blk["atoms"] @ Zc.T) ** 2, axis=0)
             if len(blk["u"]):
                 dEdr[:, :, cs] += _pair_force_terms(blk["G"], blk["ph"], blk["u"], blk["scale"],
@@ -107,9 +114,9 @@ class _Rows:
         return row_e, -dEdr.reshape(3 * N, len(cols))
 
     def _cache_geometry(self, geom: dict, frame: int, atom_start: int) -> None:
-        """Append one frame's geometry to the per-species buffers (global atom indices)."""
-        F = self.descriptor.n_features
+        """Append one frame's geometry to the per-channel buffers (global atom indices)."""
         for s, blk in geom["blocks"].items():
+            F = blk["atoms"].shape[1]
             g = self._geo.setdefault(s, {
                 "G": _Grow(F, self.cache_dtype), "ph": _Grow(F, self.cache_dtype),
                 "scale": _Grow(1), "u": _Grow(3),
@@ -140,7 +147,7 @@ class _Rows:
             cs = np.flatnonzero(zc == s)
             if len(cs) == 0 or g["ph"].n == 0:
                 continue
-            Zc = self.Z[cols[cs]]
+            Zc = self._term_Z(cols[cs], s)
             k_at = (g["atoms"].view @ Zc.T) ** 2
             frames_of = g["atom_frame"].view[:, 0]
             inc_f = scipy.sparse.csr_matrix(

@@ -12,7 +12,7 @@ import scipy.linalg
 from ..descriptor import Environments
 from ._buffers import _Spare, _take_square, _times_blocks
 from ._threads import _in_two, _Task
-from ._types import _JITTER, _normalize
+from ._types import _JITTER, _normalize, term_env
 from .selection import conditioned, pivots, redundant
 
 log = logging.getLogger(__name__)
@@ -35,8 +35,8 @@ class _SparseSet:
     def _select_sparse(
         self, env: Environments, candidates: np.ndarray | None, max_new: int | None,
         tol: float | None = None, spawn: Callable[[Callable], _Task] | None = None,
-    ) -> list[int]:
-        """Greedy choice of the atoms of ``env`` that join the sparse set.
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Greedy choice of the environments of ``env`` that join the sparse set, term by term.
 
         Pivoted Cholesky on the kernel of the candidates conditioned on the
         current sparse set: repeatedly take the candidate the set (plus the
@@ -48,23 +48,49 @@ class _SparseSet:
         below :data:`ADMISSION_FILL` of its cap, and never makes room by pruning:
         finer environments admitted into a full set would swap others out at almost
         every call.
+
+        Returns
+        -------
+        Z : ndarray, shape (n_new, F)
+            The new columns' normalized descriptors (in their term's features of ``Z``).
+        channels : ndarray of int, shape (n_new,)
+            Their channels.
         """
-        ph, _ = _normalize(env.p)
         if candidates is None:
-            candidates = np.arange(len(ph))
+            candidates = np.arange(len(env.species))
         candidates = np.asarray(candidates, dtype=np.int64)
+        S = len(self.descriptor.species)
+        new_Z, new_zs = [], []
+        for t in range(len(self.terms)):
+            ph, _ = _normalize(term_env(env, t).p)
+            for s, at in self._select_term(ph, env.species, candidates, t * S, max_new, tol,
+                                           spawn):
+                z = np.zeros((len(at), self.Z.shape[1]))
+                z[:, self._slices[t]] = ph[at]
+                new_Z.append(z)
+                new_zs.append(np.full(len(at), s, dtype=np.int64))
+        if not new_Z:
+            return np.zeros((0, self.Z.shape[1])), np.zeros(0, dtype=np.int64)
+        return np.vstack(new_Z), np.concatenate(new_zs)
+
+    def _select_term(self, ph: np.ndarray, species: np.ndarray, candidates: np.ndarray,
+                     first: int, max_new: int | None, tol: float | None,
+                     spawn: Callable[[Callable], _Task] | None) -> list[tuple[int, np.ndarray]]:
+        """:meth:`_select_sparse` for one term: ``ph`` its unit descriptors, ``first`` its
+        first channel. Returns (channel, chosen atoms) pairs."""
         cap = self.max_sparse_per_species
         own = self.sparse_tolerance
-        chosen: list[int] = []
-        for s in np.unique(env.species[candidates]):
-            at = candidates[env.species[candidates] == s]
+        out = []
+        for sp in np.unique(species[candidates]):
+            s = int(first + sp)
+            at = candidates[species[candidates] == sp]
             limit = len(at) if max_new is None else min(len(at), max_new)
             C = self._conditioned(s, ph[at])
             n_have = int(np.sum(self.zs == s))
             room = int(ADMISSION_FILL * cap) - n_have
             if tol is not None and tol < own and room > 0:
                 picked, _, _ = pivots(C, min(limit, room), tol)
-                chosen.extend(int(at[i]) for i in picked)
+                out.append((s, at[np.asarray(picked, dtype=np.int64)]))
                 continue
             if self.prune and n_have + limit > cap:
                 want, values, _ = pivots(C, limit, own)
@@ -75,7 +101,7 @@ class _SparseSet:
                         C = self._conditioned(s, ph[at])
                         n_have -= gone
             picked, _, rest = pivots(C, min(limit, cap - n_have), own)
-            chosen.extend(int(at[i]) for i in picked)
+            out.append((s, at[np.asarray(picked, dtype=np.int64)]))
             full = n_have + len(picked) >= cap
             if full and s not in self._full_warned and len(rest) and np.diag(rest).max() > (
                     own**2):
@@ -89,7 +115,7 @@ class _SparseSet:
                     "reference may be asked at most steps. Raise model.max_sparse_per_species "
                     "(each prediction and update costs more) or model.sparse_tolerance (fewer, "
                     "coarser environments)", el, cap, why, el)
-        return chosen
+        return out
 
     def _prune_species(self, s: int, n: int, threshold: float,
                        spawn: Callable[[Callable], _Task] | None = None) -> int:
@@ -164,7 +190,7 @@ class _SparseSet:
         which the next :meth:`_grown` grows in place."""
         self._square.pop(name, None)
         buf = self._spare.setdefault(name, _Spare()).square(
-            max(M, self.max_sparse_per_species * len(self.descriptor.species)))
+            max(M, self.max_sparse_per_species * self.n_channels))
         self._square[name] = buf
         return buf[:M, :M]
 

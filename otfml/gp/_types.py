@@ -25,14 +25,40 @@ class Hyperparameters:
         Energy noise per atom, eV (a frame of N atoms has noise ``sigma_e*sqrt(N)``).
     sigma_f : float
         Force-component noise, eV/Å.
+    sigma_long : float or None
+        Signal standard deviation of the longer-range term's local energy, eV (None:
+        the model has no such term).
     """
 
     sigma: float = 1.0
     sigma_e: float = 0.005
     sigma_f: float = 0.05
+    sigma_long: float | None = None
 
     def as_array(self) -> np.ndarray:
-        return np.array([self.sigma, self.sigma_e, self.sigma_f])
+        """(sigma, sigma_e, sigma_f[, sigma_long]): the fitted values, in this order."""
+        extra = [] if self.sigma_long is None else [self.sigma_long]
+        return np.array([self.sigma, self.sigma_e, self.sigma_f, *extra])
+
+    def term_sigmas(self) -> np.ndarray:
+        """Signal standard deviation of each model term, eV: (sigma[, sigma_long])."""
+        return np.array([self.sigma] + ([] if self.sigma_long is None else [self.sigma_long]))
+
+
+def term_sigmas(theta: np.ndarray) -> np.ndarray:
+    """The terms' signal standard deviations of a vector ``theta`` of
+    :meth:`Hyperparameters.as_array`'s layout."""
+    return np.concatenate([theta[:1], theta[3:]])
+
+
+def term_env(env: Environments, t: int) -> Environments:
+    """The environments of model term ``t`` (0: the many-body term, 1: the longer-range one)."""
+    if t == 0:
+        return env
+    if env.long is None:
+        raise ValueError("these environments lack the model's longer-range term; compute "
+                         "them with SparseGP.environments")
+    return env.long
 
 
 #: bounds (low, high) of the fitted hyperparameters: sigma (eV), sigma_e (eV), sigma_f (eV/Å)

@@ -11,7 +11,7 @@ import scipy.linalg
 import scipy.optimize
 
 from ._buffers import _times_blocks
-from ._types import Hyperparameters
+from ._types import Hyperparameters, term_sigmas
 
 log = logging.getLogger(__name__)
 
@@ -22,10 +22,16 @@ log = logging.getLogger(__name__)
 #: many O(M^3) evaluations on a fit that starts at the optimum and ends where it began.
 _FIT_GTOL = 0.1
 
-def _B_rows(AE: np.ndarray, AF: np.ndarray, theta: np.ndarray, start: int = 0) -> np.ndarray:
-    """Rows ``start:`` of ``B = I + sigma^2 (AE/se^2 + AF/sf^2)`` (see ``SparseGP._whitened``)."""
-    sigma, se, sf = theta
-    B = sigma**2 * (AE[start:] / se**2 + AF[start:] / sf**2)
+def _B_rows(AE: np.ndarray, AF: np.ndarray, theta: np.ndarray, term: np.ndarray,
+            start: int = 0) -> np.ndarray:
+    """Rows ``start:`` of ``B = I + S (AE/se^2 + AF/sf^2) S`` (see ``SparseGP._whitened``):
+    ``S`` the diagonal of each column's signal standard deviation, its term's (``term``,
+    (M,)) of ``theta``."""
+    se, sf = theta[1], theta[2]
+    s = term_sigmas(theta)[term]
+    B = AE[start:] / se**2 + AF[start:] / sf**2
+    B *= s[start:, None]
+    B *= s[None, :]
     B[:, start:] += np.eye(len(AE) - start)
     return B
 
@@ -33,18 +39,19 @@ def _B_rows(AE: np.ndarray, AF: np.ndarray, theta: np.ndarray, start: int = 0) -
 def log_likelihood(data: dict, theta: np.ndarray, eval_gradient: bool = False):
     """DTC log marginal likelihood (and its gradient with respect to log(theta)) of the
     labels summarized in ``data`` (``SparseGP._likelihood_data``) at ``theta`` =
-    (sigma, sigma_e, sigma_f); ``-inf`` where B is singular."""
-    sigma, se, sf = theta
-    M = len(data["c"])
-    s2 = sigma**2
-    B = _B_rows(data["AE"], data["AF"], theta)
-    u = data["c"] / se**2 + data["bF"] / sf**2
+    (sigma, sigma_e, sigma_f[, sigma_long]); ``-inf`` where B is singular."""
+    se, sf = theta[1], theta[2]
+    term = data["term"]
+    s = term_sigmas(theta)[term]
+    B = _B_rows(data["AE"], data["AF"], theta, term)
+    u = s * (data["c"] / se**2 + data["bF"] / sf**2)
+    n = len(theta)
     try:
         LB = scipy.linalg.cho_factor(B, lower=True, overwrite_a=True, check_finite=False)
     except np.linalg.LinAlgError:
-        return (-np.inf, np.zeros(3)) if eval_gradient else -np.inf
-    beta = scipy.linalg.cho_solve(LB, u, check_finite=False)
-    T = s2 * u @ beta  # = b^T P^-1 b
+        return (-np.inf, np.zeros(n)) if eval_gradient else -np.inf
+    v = scipy.linalg.cho_solve(LB, u, check_finite=False)  # B^-1 S u
+    T = u @ v  # = b^T P^-1 b
     e0, n_e, n_f, ff = data["e0"], data["n_e"], data["n_f"], data["ff"]
     yWy = data["EE"] - 2 * e0 @ data["En"] + e0 @ data["nn"] @ e0
     Q = (yWy / se**2 + ff / sf**2 - T
@@ -57,21 +64,27 @@ def log_likelihood(data: dict, theta: np.ndarray, eval_gradient: bool = False):
     # B^-1 from its factor (LAPACK potri, cheaper than solving against the identity)
     Binv, info = scipy.linalg.lapack.dpotri(LB[0], lower=1, overwrite_c=1)
     if info:
-        return -np.inf, np.zeros(3)
+        return -np.inf, np.zeros(n)
     Binv = np.tril(Binv) + np.tril(Binv, -1).T
-    # dQ/dlog(theta); T = s2 u^T B^-1 u, dT = s2 (2 beta.du - beta^T dB beta) (+ 2T for
-    # sigma); with dB = 2 (B - I) for sigma, B beta = u and tr(B^-1 B) = M
-    dQ_s = -(2 * T - 2 * s2 * (u @ beta - beta @ beta)) + 2 * (M - np.trace(Binv))
-    ge, gf = -2 * s2 / se**2, -2 * s2 / sf**2  # dB_e = ge AE, dB_f = gf AF
-    du_e = -2 * data["c"] / se**2
+    # dQ/dlog(theta); T = u^T B^-1 u with u = S u0, v = B^-1 u.
+    # A term's sigma: dS = D_t S, dB = D_t (B - I) + (B - I) D_t, so dT = 2 |v_t|^2 and
+    # d log det B = 2 (M_t - tr_t B^-1).
+    # The noises: dB_e = -2/se^2 S AE S and du_e = -2 S c / se^2 (likewise for sf).
+    dBinv = np.diag(Binv)
+    dQ_t = [-2 * v[term == t] @ v[term == t] + 2 * (np.sum(term == t) - dBinv[term == t].sum())
+            for t in range(n - 2)]
+    sv = s * v
+    SBS = Binv * s[:, None]
+    SBS *= s[None, :]
+    du_e = -2 * s * data["c"] / se**2
     dQ_e = (-2 * yWy / se**2 + 2 * n_e
-            - s2 * (2 * beta @ du_e - ge * beta @ data["AE"] @ beta)
-            + ge * np.sum(Binv * data["AE"]))
-    du_f = -2 * data["bF"] / sf**2
+            - (2 * v @ du_e + 2 / se**2 * sv @ data["AE"] @ sv)
+            - 2 / se**2 * np.sum(SBS * data["AE"]))
+    du_f = -2 * s * data["bF"] / sf**2
     dQ_f = (-2 * ff / sf**2 + 2 * n_f
-            - s2 * (2 * beta @ du_f - gf * beta @ data["AF"] @ beta)
-            + gf * np.sum(Binv * data["AF"]))
-    return lml, -0.5 * np.array([dQ_s, dQ_e, dQ_f])
+            - (2 * v @ du_f + 2 / sf**2 * sv @ data["AF"] @ sv)
+            - 2 / sf**2 * np.sum(SBS * data["AF"]))
+    return lml, -0.5 * np.array([dQ_t[0], dQ_e, dQ_f, *dQ_t[1:]])
 
 
 
@@ -81,8 +94,9 @@ class _Likelihood:
     def _whitened(self) -> dict:
         """Accumulators in the basis whitened by L (the Cholesky factor of K_mm).
 
-        In this basis ``P = K_mm + K_mn Lam^-1 K_nm = sigma^2 L B L^T`` with
-        ``B = I + sigma^2 (AEw/se^2 + AFw/sf^2)``, whose eigenvalues are >= 1, so
+        In this basis ``P = K_mm + K_mn Lam^-1 K_nm = L S B S L^T`` with
+        ``B = I + S (AEw/se^2 + AFw/sf^2) S`` (``S``: each column's signal standard
+        deviation, its term's, on the diagonal), whose eigenvalues are >= 1, so
         the solve stays well conditioned however small the noises get.  The
         energy block is a sum of outer products of the whitened energy rows (PSD
         by construction; its rank is at most the number of frames), kept up to
@@ -98,11 +112,15 @@ class _Likelihood:
         }
 
     def _B(self, theta: np.ndarray, start: int = 0) -> np.ndarray:
-        """Rows ``start:`` of ``B = I + sigma^2 (AEw/se^2 + AFw/sf^2)``, (M - start, M).
+        """Rows ``start:`` of ``B = I + S (AEw/se^2 + AFw/sf^2) S``, (M - start, M).
 
-        ``theta`` is (sigma, sigma_e, sigma_f); see :meth:`_whitened`.
+        ``theta`` as :meth:`Hyperparameters.as_array`; see :meth:`_whitened`.
         """
-        return _B_rows(self._AEw, self._AFw, theta, start)
+        return _B_rows(self._AEw, self._AFw, theta, self._column_terms(), start)
+
+    def _column_terms(self) -> np.ndarray:
+        """The model term of each sparse column, (M,)."""
+        return self.zs // len(self.descriptor.species)
 
     def _likelihood_data(self, copy: bool = False) -> dict:
         """What the log marginal likelihood needs: the whitened accumulators
@@ -115,6 +133,7 @@ class _Likelihood:
         if copy:
             data["AE"], data["AF"] = data["AE"].copy(), data["AF"].copy()
         data.update(EE=self._EE, En=self._En.copy(), nn=self._nn.copy(), ff=self._ff,
+                    term=self._column_terms(),
                     n_e=self._n_e, n_f=self._n_f, logN=self._logN, e0=self.e0.copy())
         return data
 
@@ -125,19 +144,20 @@ class _Likelihood:
 
         Parameters
         ----------
-        theta : array (3,), optional
-            (sigma, sigma_e, sigma_f) in eV, eV, eV/Å; current values by default.
+        theta : array (3,) or (4,), optional
+            (sigma, sigma_e, sigma_f[, sigma_long]) in eV, eV, eV/Å, eV; current values
+            by default.
         eval_gradient : bool, default False
             Also return the gradient with respect to ``log(theta)``.
 
         Returns
         -------
-        float, or (float, ndarray (3,))
+        float, or (float, ndarray like theta)
             Log likelihood (and its gradient); ``-inf`` if the system is singular.
         """
         theta = self.hyp.as_array() if theta is None else np.asarray(theta, float)
         if self.n_sparse == 0 or self._n_e == 0:
-            return (0.0, np.zeros(3)) if eval_gradient else 0.0
+            return (0.0, np.zeros(len(theta))) if eval_gradient else 0.0
         return log_likelihood(self._likelihood_data(), theta, eval_gradient)
 
     def hyperparameter_fit(self, maxiter: int = 100, copy: bool = True
@@ -163,7 +183,7 @@ class _Likelihood:
         def neg(x):
             v, g = log_likelihood(data, np.exp(x), eval_gradient=True)
             if not np.isfinite(v):
-                return 1e300, np.zeros(3)
+                return 1e300, np.zeros(len(x))
             return -v, -g
 
         def run() -> Hyperparameters | None:

@@ -24,14 +24,15 @@ from ._memory import _Memory
 from ._rows import _Rows
 from ._sparse import _SparseSet
 from ._threads import Lanes, _Task
-from ._types import DEFAULT_BOUNDS, Hyperparameters, Prediction, _Frame
+from ._types import DEFAULT_BOUNDS, Hyperparameters, Prediction, _Frame, term_sigmas
 from .likelihood import _Likelihood
 from .posterior import ARRAYS, Posterior
 
 __all__ = ["SparseGP"]
 
 _MODEL_FORMAT = "otfml-sparse-gp"
-_MODEL_VERSION = 1
+_MODEL_VERSION = 2  # 2: a longer-range term (version 1 files are models without one)
+_READS = (1, 2)
 
 class SparseGP(_Rows, _SparseSet, _Frames, _Memory, _Likelihood, _Factor):
     """Sparse GP force field on power-spectrum descriptors.
@@ -84,6 +85,11 @@ class SparseGP(_Rows, _SparseSet, _Frames, _Memory, _Likelihood, _Factor):
     baseline : otfml.baseline.ScreenedCoulomb, optional
         A fixed long-range term: the model learns the labels less it and
         predicts with it added (saved with the model).
+    long_descriptor : Descriptor, optional
+        Descriptor of a second, longer-range term: a GP of its own (its own sparse set,
+        capped per species as the first, and signal variance ``sigma_long``) whose local
+        energies add to the first term's; the hyperparameters of both are fitted
+        together. Same species as ``descriptor``.
 
     The defaults are those of :data:`otfml.settings.SCHEMA` (``model.*``).
     """
@@ -103,6 +109,7 @@ class SparseGP(_Rows, _SparseSet, _Frames, _Memory, _Likelihood, _Factor):
         cache_dtype=np.float32,
         threads: int | None = None,
         baseline: ScreenedCoulomb | None = None,
+        long_descriptor: Descriptor | None = None,
     ) -> None:
         if threads is not None and threads < 1:
             raise ValueError(f"threads = {threads}: give at least 1, or None for automatic")
@@ -110,11 +117,25 @@ class SparseGP(_Rows, _SparseSet, _Frames, _Memory, _Likelihood, _Factor):
             raise ValueError(f"max_frames = {max_frames}: give at least 1, or None for no limit")
         if evict not in EVICTIONS:
             raise ValueError(f"evict = {evict!r}: give one of {', '.join(EVICTIONS)}")
+        if long_descriptor is not None and long_descriptor.species != descriptor.species:
+            raise ValueError(f"the longer-range term's species {long_descriptor.species} differ "
+                             f"from the model's {descriptor.species}")
         self.descriptor = descriptor
+        #: the descriptors of the model's terms: the many-body one, then the longer-range one
+        self.terms: tuple[Descriptor, ...] = (descriptor,) + (
+            () if long_descriptor is None else (long_descriptor,))
         #: a fixed term the model learns on top of (labels minus it; predictions plus it)
         self.baseline = baseline
-        self.hyp = hyperparameters or Hyperparameters()
-        self.bounds = tuple(tuple(map(float, b)) for b in bounds)
+        hyp = hyperparameters or Hyperparameters()
+        if len(self.terms) > 1 and hyp.sigma_long is None:
+            hyp = Hyperparameters(hyp.sigma, hyp.sigma_e, hyp.sigma_f, sigma_long=hyp.sigma)
+        elif len(self.terms) == 1:
+            hyp.sigma_long = None
+        self.hyp = hyp
+        bounds = tuple(tuple(map(float, b)) for b in bounds)
+        if len(self.terms) > 1 and len(bounds) == 3:  # the second term's sigma as the first's
+            bounds = bounds + (bounds[0],)
+        self.bounds = bounds[:2 + len(self.terms)]
         self.max_sparse_per_species = int(max_sparse_per_species)
         self.sparse_tolerance = float(sparse_tolerance)
         self.cache_bytes = int(cache_bytes)
@@ -127,16 +148,21 @@ class SparseGP(_Rows, _SparseSet, _Frames, _Memory, _Likelihood, _Factor):
         self.cache_dtype = np.dtype(cache_dtype)
         #: frames taken out of the model so far (see ``max_frames`` and ``evict``)
         self.n_dropped = 0
-        #: sparse environments swapped out so far, per species index
+        #: sparse environments swapped out so far, per channel (term * species + species index)
         self.n_pruned: dict[int, int] = {}
         self._cache_bytes = 0
         self._reserved = False  # rows reserved for max_frames frames (see _reserve)
         self._memory_checked = False  # _reserve and _report_memory ran (first frame)
-        F = descriptor.n_features
         S = len(descriptor.species)
-        M_max = self.max_sparse_per_species * S  # buffer columns are reserved once
-        self.Z = np.zeros((0, F))  # normalized sparse descriptors (M, F)
-        self.zs = np.zeros(0, dtype=np.int64)  # species index of each column
+        # the sparse columns: channel t * S + s of term t and species s; a column's
+        # normalized descriptor sits in its term's features of Z, zero elsewhere, so that
+        # K_mm is block diagonal over channels
+        widths = np.cumsum([0] + [d.n_features for d in self.terms])
+        self._slices = [slice(int(a), int(b)) for a, b in zip(widths[:-1], widths[1:])]
+        self.n_channels = S * len(self.terms)
+        M_max = self.max_sparse_per_species * self.n_channels  # buffer columns reserved once
+        self.Z = np.zeros((0, int(widths[-1])))  # normalized sparse descriptors (M, F)
+        self.zs = np.zeros(0, dtype=np.int64)  # channel of each column
         self.frames: list[_Frame] = []
         self.e0 = np.zeros(S)
         self._trainable = True
@@ -187,13 +213,31 @@ class SparseGP(_Rows, _SparseSet, _Frames, _Memory, _Likelihood, _Factor):
         return self._n_e
 
     def sparse_counts(self) -> dict[str, int]:
-        """Sparse environments per element symbol."""
-        return {chemical_symbols[z]: int(np.sum(self.zs == k))
-                for k, z in enumerate(self.descriptor.species)}
+        """Sparse environments per element symbol (the longer-range term's as
+        ``"O (6 Å)"``)."""
+        return {self._element(c): int(np.sum(self.zs == c)) for c in range(self.n_channels)}
 
-    def _element(self, s: int) -> str:
-        """Chemical symbol of species index ``s``."""
-        return chemical_symbols[self.descriptor.species[s]]
+    def _element(self, c: int) -> str:
+        """Chemical symbol of channel ``c`` (with the cutoff, for the longer-range term)."""
+        t, s = divmod(c, len(self.descriptor.species))
+        el = chemical_symbols[self.descriptor.species[s]]
+        return el if t == 0 else f"{el} ({self.terms[t].cutoff:g} Å)"
+
+    def _channel_term(self, c: int) -> int:
+        """The model term of channel ``c``."""
+        return c // len(self.descriptor.species)
+
+    def _column_sigmas(self, theta: np.ndarray | None = None) -> np.ndarray:
+        """Each sparse column's signal standard deviation (its term's), eV, (M,)."""
+        sig = term_sigmas(self.hyp.as_array() if theta is None else theta)
+        return sig[self.zs // len(self.descriptor.species)]
+
+    def environments(self, atoms: Atoms) -> Environments:
+        """The descriptors of ``atoms`` for every term of the model."""
+        env = self.descriptor.environments(atoms)
+        if len(self.terms) > 1:
+            env.long = self.terms[1].environments(atoms)
+        return env
 
     def _cols(self, s: int) -> np.ndarray:
         return np.flatnonzero(self.zs == s)
@@ -209,7 +253,8 @@ class SparseGP(_Rows, _SparseSet, _Frames, _Memory, _Likelihood, _Factor):
         return K
 
     def _species_block(self, s: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Columns of species ``s``, its block of ``L^-1`` (M_s, M_s) and its rows of ``Z``.
+        """Columns of channel ``s``, its block of ``L^-1`` (M_s, M_s) and its rows of ``Z``
+        (its term's features).
 
         Contiguous copies, kept until ``L^-1`` is replaced (every change to the sparse set
         replaces it): selecting a frame's new environments, pruning and the next solve
@@ -221,12 +266,14 @@ class SparseGP(_Rows, _SparseSet, _Frames, _Memory, _Likelihood, _Factor):
             self._species_cache = cache
         if s not in cache[1]:
             cols = self._cols(s)
-            cache[1][s] = (cols, self._Linv[np.ix_(cols, cols)], np.ascontiguousarray(self.Z[cols]))
+            sl = self._slices[self._channel_term(s)]
+            cache[1][s] = (cols, self._Linv[np.ix_(cols, cols)],
+                           np.ascontiguousarray(self.Z[cols, sl]))
         return cache[1][s]
 
     def _species_blocks(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Each species' columns and block of ``L^-1`` (:meth:`_species_block`), by index."""
-        return [self._species_block(s)[:2] for s in range(len(self.descriptor.species))]
+        """Each channel's columns and block of ``L^-1`` (:meth:`_species_block`), by index."""
+        return [self._species_block(s)[:2] for s in range(self.n_channels)]
 
     def _reset_accumulators(self, M: int) -> None:
         S = len(self.descriptor.species)
@@ -284,6 +331,7 @@ class SparseGP(_Rows, _SparseSet, _Frames, _Memory, _Likelihood, _Factor):
             "format": _MODEL_FORMAT,
             "version": _MODEL_VERSION,
             "descriptor": self.descriptor.to_dict(),
+            "long_descriptor": None if len(self.terms) == 1 else self.terms[1].to_dict(),
             "hyperparameters": [float(x) for x in self.hyp.as_array()],
             "bounds": self.bounds,
             "max_sparse_per_species": self.max_sparse_per_species,
@@ -313,17 +361,19 @@ class SparseGP(_Rows, _SparseSet, _Frames, _Memory, _Likelihood, _Factor):
         if not ok:
             raise ConfigError(f"{path!r} is not an otfml model file (no otfml model format "
                               "marker); rebuild it with `otfml train STORE.h5 -o model.npz`")
-        if meta.get("version") != _MODEL_VERSION:
+        if meta.get("version") not in _READS:
             raise ConfigError(
                 f"{path!r} has model format version {meta.get('version')}, "
-                f"this otfml reads version {_MODEL_VERSION}; retrain it from its store"
+                f"this otfml reads versions {_READS}; retrain it from its store"
             )
         baseline = (None if meta.get("baseline") is None
                     else ScreenedCoulomb.from_dict(meta["baseline"]))
+        long = meta.get("long_descriptor")
         gp = cls(Descriptor.from_dict(meta["descriptor"]),
                  Hyperparameters(*meta["hyperparameters"]), bounds=meta["bounds"],
                  max_sparse_per_species=meta["max_sparse_per_species"],
-                 sparse_tolerance=meta["sparse_tolerance"], baseline=baseline)
+                 sparse_tolerance=meta["sparse_tolerance"], baseline=baseline,
+                 long_descriptor=None if long is None else Descriptor.from_dict(long))
         gp.Z, gp.zs, gp.e0 = arrays["Z"], arrays["zs"].astype(np.int64), arrays["e0"]
         gp._beta, gp._LB, gp._Linv = arrays["beta"], arrays["LB"], arrays["Linv"]
         gp._n_e = int(meta["n_frames"])
