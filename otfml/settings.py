@@ -87,6 +87,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
                           "local energies add to the many-body term's; null: no second term",
                           nullable=True, positive=True),
         "long_n_max": _f(int, 8, "Radial functions of the longer-range term", minimum=1),
+        "long_max_sparse_per_species": _f(int, 200, "Cap on the longer-range term's sparse "
+                                          "environments per species", minimum=1),
         "long_l_max": _f(int, 0, "Largest angular momentum of the longer-range term (0: "
                          "radial only)", minimum=0),
         "max_sparse_per_species": _f(int, 600, "Cap on sparse environments per species",

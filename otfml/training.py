@@ -67,6 +67,7 @@ def model_from_settings(species, settings: dict) -> SparseGP:
                        l_max=settings["long_l_max"], r_min=settings["r_min"],
                        centre_weight=settings["centre_weight"]))
     return SparseGP(desc, long_descriptor=long,
+                    long_max_sparse=settings["long_max_sparse_per_species"],
                     max_sparse_per_species=settings["max_sparse_per_species"],
                     sparse_tolerance=settings["sparse_tolerance"],
                     prune=settings["prune_sparse"], max_frames=settings["max_frames"],

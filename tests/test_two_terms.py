@@ -126,7 +126,7 @@ def test_dropping_frames_and_pruning_keep_the_model_consistent():
     """Frames taken out and environments swapped out of either term: the model equals one
     built from its remaining data (its accumulators re-formed from the stored rows)."""
     frames = _emt_frames(9, seed=7)
-    gp = _two_terms(max_sparse_per_species=6)
+    gp = _two_terms(max_sparse_per_species=6, long_max_sparse=6)
     for a, e, f in frames:
         gp.add_frame(a, e, f, solve=False)
     assert sum(gp.n_pruned.values()) > 0

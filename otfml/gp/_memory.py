@@ -63,7 +63,7 @@ class _Memory:
         per_frame = sum(a.nbytes for e in (env, env.long) if e is not None
                         for a in (e.p, e.c, e.pi, e.pj, e.D, e.sj, e.species, e.numbers))
         per_frame += self.frames[0].forces.nbytes
-        M = self.max_sparse_per_species * self.n_channels
+        M = self.max_sparse()
         out = {"rows": float(rows), "cache": float(cache), "frames": float(n_frames * per_frame),
                "matrices": 8.0 * 8 * M * M}  # L^-1, the accumulators, factors, copies
         out["total"] = sum(out.values())

@@ -78,11 +78,11 @@ class _SparseSet:
                      spawn: Callable[[Callable], _Task] | None) -> list[tuple[int, np.ndarray]]:
         """:meth:`_select_sparse` for one term: ``ph`` its unit descriptors, ``first`` its
         first channel. Returns (channel, chosen atoms) pairs."""
-        cap = self.max_sparse_per_species
         own = self.sparse_tolerance
         out = []
         for sp in np.unique(species[candidates]):
             s = int(first + sp)
+            cap = self._cap(s)
             at = candidates[species[candidates] == sp]
             limit = len(at) if max_new is None else min(len(at), max_new)
             C = self._conditioned(s, ph[at])
@@ -110,9 +110,10 @@ class _SparseSet:
                 why = ("and none of its environments is redundant enough to swap out"
                        if self.prune else "and pruning is off")
                 log.warning(
-                    "the sparse set of %s is full (max_sparse_per_species = %d) %s: new %s "
+                    "the sparse set of %s is full (cap %d) %s: new %s "
                     "environments cannot join, so their uncertainty stays high and the "
                     "reference may be asked at most steps. Raise model.max_sparse_per_species "
+                    "(model.long_max_sparse_per_species for the longer-range term) "
                     "(each prediction and update costs more) or model.sparse_tolerance (fewer, "
                     "coarser environments)", el, cap, why, el)
         return out
@@ -190,7 +191,7 @@ class _SparseSet:
         which the next :meth:`_grown` grows in place."""
         self._square.pop(name, None)
         buf = self._spare.setdefault(name, _Spare()).square(
-            max(M, self.max_sparse_per_species * self.n_channels))
+            max(M, self.max_sparse()))
         self._square[name] = buf
         return buf[:M, :M]
 

@@ -90,6 +90,8 @@ class SparseGP(_Rows, _SparseSet, _Frames, _Memory, _Likelihood, _Factor):
         capped per species as the first, and signal variance ``sigma_long``) whose local
         energies add to the first term's; the hyperparameters of both are fitted
         together. Same species as ``descriptor``.
+    long_max_sparse : int, default 200
+        Cap on the longer-range term's sparse environments of one species.
 
     The defaults are those of :data:`otfml.settings.SCHEMA` (``model.*``).
     """
@@ -110,6 +112,7 @@ class SparseGP(_Rows, _SparseSet, _Frames, _Memory, _Likelihood, _Factor):
         threads: int | None = None,
         baseline: ScreenedCoulomb | None = None,
         long_descriptor: Descriptor | None = None,
+        long_max_sparse: int = default("model", "long_max_sparse_per_species"),
     ) -> None:
         if threads is not None and threads < 1:
             raise ValueError(f"threads = {threads}: give at least 1, or None for automatic")
@@ -137,6 +140,7 @@ class SparseGP(_Rows, _SparseSet, _Frames, _Memory, _Likelihood, _Factor):
             bounds = bounds + (bounds[0],)
         self.bounds = bounds[:2 + len(self.terms)]
         self.max_sparse_per_species = int(max_sparse_per_species)
+        self.long_max_sparse = int(long_max_sparse)
         self.sparse_tolerance = float(sparse_tolerance)
         self.cache_bytes = int(cache_bytes)
         self.prune = bool(prune)
@@ -160,7 +164,7 @@ class SparseGP(_Rows, _SparseSet, _Frames, _Memory, _Likelihood, _Factor):
         widths = np.cumsum([0] + [d.n_features for d in self.terms])
         self._slices = [slice(int(a), int(b)) for a, b in zip(widths[:-1], widths[1:])]
         self.n_channels = S * len(self.terms)
-        M_max = self.max_sparse_per_species * self.n_channels  # buffer columns reserved once
+        M_max = self.max_sparse()  # buffer columns are reserved once
         self.Z = np.zeros((0, int(widths[-1])))  # normalized sparse descriptors (M, F)
         self.zs = np.zeros(0, dtype=np.int64)  # channel of each column
         self.frames: list[_Frame] = []
@@ -222,6 +226,15 @@ class SparseGP(_Rows, _SparseSet, _Frames, _Memory, _Likelihood, _Factor):
         t, s = divmod(c, len(self.descriptor.species))
         el = chemical_symbols[self.descriptor.species[s]]
         return el if t == 0 else f"{el} ({self.terms[t].cutoff:g} Å)"
+
+    def _cap(self, c: int) -> int:
+        """Most sparse environments channel ``c`` holds."""
+        return self.max_sparse_per_species if c < len(self.descriptor.species) else (
+            self.long_max_sparse)
+
+    def max_sparse(self) -> int:
+        """Most sparse environments the model holds (every channel full)."""
+        return sum(self._cap(c) for c in range(self.n_channels))
 
     def _channel_term(self, c: int) -> int:
         """The model term of channel ``c``."""
@@ -335,6 +348,7 @@ class SparseGP(_Rows, _SparseSet, _Frames, _Memory, _Likelihood, _Factor):
             "hyperparameters": [float(x) for x in self.hyp.as_array()],
             "bounds": self.bounds,
             "max_sparse_per_species": self.max_sparse_per_species,
+            "long_max_sparse": self.long_max_sparse,
             "sparse_tolerance": self.sparse_tolerance,
             "n_frames": self._n_e,
             "baseline": None if self.baseline is None else self.baseline.to_dict(),
@@ -372,6 +386,7 @@ class SparseGP(_Rows, _SparseSet, _Frames, _Memory, _Likelihood, _Factor):
         gp = cls(Descriptor.from_dict(meta["descriptor"]),
                  Hyperparameters(*meta["hyperparameters"]), bounds=meta["bounds"],
                  max_sparse_per_species=meta["max_sparse_per_species"],
+                 long_max_sparse=meta.get("long_max_sparse", 200),
                  sparse_tolerance=meta["sparse_tolerance"], baseline=baseline,
                  long_descriptor=None if long is None else Descriptor.from_dict(long))
         gp.Z, gp.zs, gp.e0 = arrays["Z"], arrays["zs"].astype(np.int64), arrays["e0"]
