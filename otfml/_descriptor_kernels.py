@@ -9,6 +9,10 @@ import numpy as np
 from numba import njit
 
 
+#: half-width (Å) of the inner switch of a descriptor with ``inner_cutoff``
+INNER = 0.5
+
+
 @njit(cache=True, nogil=True, fastmath=False)
 def _solid_harmonics(x, y, z, l_max, norm, Y, dY):
     """Real solid harmonics R_lm(x, y, z) and their Cartesian gradients.
@@ -78,10 +82,11 @@ def _solid_harmonics(x, y, z, l_max, norm, Y, dY):
 
 
 @njit(cache=True, nogil=True)
-def _pair_basis(D, r_c, mu, width, l_max, norm, r0, m, B, dB):
-    """Basis values B[n, lm] = g_n f_c w Y_lm of one pair vector and dB/dD.
+def _pair_basis(D, r_c, mu, width, l_max, norm, r0, m, ri, B, dB):
+    """Basis values B[n, lm] = g_n f_c w s Y_lm of one pair vector and dB/dD.
 
-    ``w = 1 / (1 + (r / r0)^m)`` is the radial scaling (1 where ``r0 <= 0``).
+    ``w = 1 / (1 + (r / r0)^m)`` is the radial scaling (1 where ``r0 <= 0``); ``s`` the
+    inner switch, rising from 0 at ``ri - INNER`` to 1 at ``ri + INNER`` (1 where ``ri <= 0``).
     B has shape (n_max, L); dB has shape (n_max, L, 3).
     """
     r = math.sqrt(D[0] * D[0] + D[1] * D[1] + D[2] * D[2])
@@ -106,6 +111,12 @@ def _pair_basis(D, r_c, mu, width, l_max, norm, r0, m, B, dB):
         w = 1.0 / (1.0 + x)
         dfc = dfc * w - fc * w * w * m * x / r
         fc = fc * w
+    if ri > 0.0 and r < ri + INNER:
+        t = math.pi * (r - ri + INNER) / (2.0 * INNER)
+        sw = 0.5 * (1.0 - math.cos(t)) if t > 0.0 else 0.0
+        dsw = 0.25 * math.pi / INNER * math.sin(t) if t > 0.0 else 0.0
+        dfc = dfc * sw + fc * dsw
+        fc = fc * sw
     inv_w2 = 1.0 / (width * width)
     for n in range(mu.shape[0]):
         t = r - mu[n]
@@ -121,14 +132,14 @@ def _pair_basis(D, r_c, mu, width, l_max, norm, r0, m, B, dB):
 
 
 @njit(cache=True, nogil=True)
-def _pair_bases(D, r_c, mu, width, l_max, norm, r0, m):
+def _pair_bases(D, r_c, mu, width, l_max, norm, r0, m, ri):
     """Basis values of every pair (n_pairs, n_max, L) and their gradients (n_pairs, n_max, L, 3)."""
     n_max = mu.shape[0]
     L = (l_max + 1) * (l_max + 1)
     B = np.empty((D.shape[0], n_max, L))
     dB = np.empty((D.shape[0], n_max, L, 3))
     for q in range(D.shape[0]):
-        _pair_basis(D[q], r_c, mu, width, l_max, norm, r0, m, B[q], dB[q])
+        _pair_basis(D[q], r_c, mu, width, l_max, norm, r0, m, ri, B[q], dB[q])
     return B, dB
 
 

@@ -41,7 +41,7 @@ from ase import Atoms
 from ase.neighborlist import primitive_neighbor_list
 from numba import njit
 
-from ._descriptor_kernels import _backprop, _expansion, _gradient, _pair_bases, _power
+from ._descriptor_kernels import INNER, _backprop, _expansion, _gradient, _pair_bases, _power
 from .errors import IsolatedAtoms
 from .settings import default
 
@@ -104,6 +104,11 @@ class Descriptor:
     centre_weight : float, default 0.7
         Weight ``w`` of the centre's own term (module notes), so that the normalized
         kernel sees how dense the neighbourhood is, not only its shape; 0: none.
+    inner_cutoff : float or None, default None
+        Neighbours closer than ``inner_cutoff - 0.5`` Å do not count; the weight of the
+        others rises smoothly (a cosine) to 1 at ``inner_cutoff + 0.5`` Å: a descriptor of
+        the shell beyond another's cutoff. An atom with no neighbour in the shell keeps
+        the centre's term alone (needs ``centre_weight`` > 0). None: every neighbour counts.
 
     The defaults are those of :data:`otfml.settings.SCHEMA` (``model.*``).
     """
@@ -118,6 +123,7 @@ class Descriptor:
         radial_scaling: float | None = default("model", "radial_scaling"),
         radial_power: float = default("model", "radial_power"),
         centre_weight: float = default("model", "centre_weight"),
+        inner_cutoff: float | None = None,
     ) -> None:
         species = sorted({int(z) for z in species})
         if not species:
@@ -131,6 +137,12 @@ class Descriptor:
             raise ValueError(f"n_max={n_max} must be >= 1 and l_max={l_max} >= 0")
         if not centre_weight >= 0:
             raise ValueError(f"centre_weight={centre_weight} must be >= 0 (0: no centre term)")
+        if inner_cutoff is not None and not (0 < inner_cutoff < cutoff - INNER):
+            raise ValueError(f"inner_cutoff={inner_cutoff} Å must lie between 0 and the "
+                             f"cutoff less {INNER} Å ({cutoff - INNER} Å)")
+        if inner_cutoff is not None and not centre_weight > 0:
+            raise ValueError("a descriptor with an inner_cutoff needs centre_weight > 0 (an "
+                             "atom with no neighbour in its shell keeps the centre's term)")
         self.species = tuple(species)
         self.cutoff = float(cutoff)
         self.n_max = int(n_max)
@@ -139,6 +151,8 @@ class Descriptor:
         self.radial_scaling = None if radial_scaling is None else float(radial_scaling)
         self.radial_power = float(radial_power)
         self.centre_weight = float(centre_weight)
+        self.inner_cutoff = None if inner_cutoff is None else float(inner_cutoff)
+        self._ri = 0.0 if inner_cutoff is None else self.inner_cutoff  # 0: off (numba)
         self._r0 = 0.0 if radial_scaling is None else self.radial_scaling  # 0: off (numba)
         self._index = np.full(max(species) + 1, -1, dtype=np.int64)
         self._index[list(species)] = np.arange(len(species))
@@ -182,12 +196,13 @@ class Descriptor:
             "radial_scaling": self.radial_scaling,
             "radial_power": self.radial_power,
             "centre_weight": self.centre_weight,
+            "inner_cutoff": self.inner_cutoff,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> Descriptor:
         """Rebuild a descriptor from :meth:`to_dict` output (a setting a file lacks is off)."""
-        return cls(**{"radial_scaling": None, "centre_weight": 0.0, **d})
+        return cls(**{"radial_scaling": None, "centre_weight": 0.0, "inner_cutoff": None, **d})
 
     def species_index(self, numbers: np.ndarray) -> np.ndarray:
         """Map atomic numbers to species indices, refusing unknown elements."""
@@ -233,13 +248,16 @@ class Descriptor:
             )
         else:
             pi, pj, D = _molecular_pairs(pos, self.cutoff)
+        if self.inner_cutoff is not None:  # pairs inside the shell have zero weight
+            keep = np.einsum("qc,qc->q", D, D) > (self.inner_cutoff - INNER) ** 2
+            pi, pj, D = pi[keep], pj[keep], D[keep]
         pi = pi.astype(np.int64)
         pj = pj.astype(np.int64)
         D = np.ascontiguousarray(D, dtype=float)
         sj = spec[pj]
         B, dB = _pair_bases(D, self.cutoff, self.mu, self.width, self.l_max, self._norm,
-                            self._r0, self.radial_power)
-        if self.centre_weight > 0 and len(numbers) and np.bincount(
+                            self._r0, self.radial_power, self._ri)
+        if self.centre_weight > 0 and self.inner_cutoff is None and len(numbers) and np.bincount(
                 pi, minlength=len(numbers)).min() == 0:
             # the centre's term would give such an atom a descriptor; it has no environment
             raise IsolatedAtoms("an atom has no neighbour within the cutoff (isolated atom); "
@@ -270,7 +288,7 @@ class Descriptor:
         if env.dB is not None:
             return env.dB
         return _pair_bases(env.D, self.cutoff, self.mu, self.width, self.l_max, self._norm,
-                           self._r0, self.radial_power)[1]
+                           self._r0, self.radial_power, self._ri)[1]
 
 
 @njit(cache=True, nogil=True)

@@ -62,10 +62,20 @@ def model_from_settings(species, settings: dict) -> SparseGP:
     baseline = (None if settings["coulomb_charges"] is None else
                 ScreenedCoulomb(settings["coulomb_charges"], settings["coulomb_width"],
                                 species=list(species)))
-    long = (None if settings["long_cutoff"] is None else
-            Descriptor(species, cutoff=settings["long_cutoff"], n_max=settings["long_n_max"],
-                       l_max=settings["long_l_max"], r_min=settings["r_min"],
-                       centre_weight=settings["centre_weight"]))
+    long = None
+    if settings["long_cutoff"] is not None:
+        # the shell beyond the many-body term's cutoff: radial functions from 0.5 Å inside it
+        inner = settings["cutoff"]
+        if not settings["long_cutoff"] > inner + 1.0:
+            raise ConfigError(f"model.long_cutoff = {settings['long_cutoff']} Å must exceed "
+                              f"model.cutoff + 1 Å = {inner + 1.0} Å (or be null: no "
+                              "longer-range term)")
+        if not settings["centre_weight"] > 0:
+            raise ConfigError("model.long_cutoff needs model.centre_weight > 0; set "
+                              "long_cutoff: null to use centre_weight 0")
+        long = Descriptor(species, cutoff=settings["long_cutoff"], n_max=settings["long_n_max"],
+                          l_max=settings["long_l_max"], r_min=inner - 0.5,
+                          centre_weight=settings["centre_weight"], inner_cutoff=inner)
     return SparseGP(desc, long_descriptor=long,
                     long_max_sparse=settings["long_max_sparse_per_species"],
                     max_sparse_per_species=settings["max_sparse_per_species"],

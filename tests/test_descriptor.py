@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from ase import Atoms
 from ase.build import molecule
 from scipy.spatial.transform import Rotation
 from scipy.special import eval_legendre
@@ -41,19 +42,20 @@ def test_invariance_rotation_translation_permutation(ethanol):
     assert np.abs(d.environments(c).p - p[perm]).max() < 1e-12
 
 
-@pytest.mark.parametrize("pbc, r0, centre", [(False, None, 0.0), (True, None, 0.0),
-                                              (False, 1.5, 0.0), (False, None, 0.7),
-                                              (True, 1.5, 0.7)])
-def test_adjoint_and_full_gradient_match_finite_differences(ethanol, pbc, r0, centre):
+@pytest.mark.parametrize("pbc, r0, centre, inner", [
+    (False, None, 0.0, None), (True, None, 0.0, None), (False, 1.5, 0.0, None),
+    (False, None, 0.7, None), (True, 1.5, 0.7, None), (False, None, 0.7, 2.0),
+    (True, None, 0.7, 2.0)])
+def test_adjoint_and_full_gradient_match_finite_differences(ethanol, pbc, r0, centre, inner):
     """E = sum_i w_i . p_i: backprop forces and the dp/dr array agree with FD (1e-6),
-    with and without a radial scaling and the centre's term."""
+    with and without a radial scaling, the centre's term and an inner cutoff."""
     a = ethanol.copy()
     if pbc:
         a.cell = [7.0, 7.5, 8.0]
         a.pbc = True
         a.center()
     d = Descriptor([1, 6, 8], cutoff=3.5, radial_scaling=r0, radial_power=3.0,
-                   centre_weight=centre)
+                   centre_weight=centre, inner_cutoff=inner)
     env = d.environments(a)
     W = np.random.default_rng(1).normal(size=env.p.shape)
     F = d.backprop(env, W)
@@ -135,3 +137,26 @@ def test_smooth_at_cutoff():
     ps = [d.environments(Atoms("H2", positions=[[0, 0, 0], [0, 0, r]])).p[0]
           for r in (2.999999, 3.000001)]
     assert np.abs(ps[0] - ps[1]).max() < 1e-9
+
+
+def test_an_inner_cutoff_leaves_out_the_near_neighbours_smoothly(ethanol):
+    """With inner_cutoff r_i, neighbours closer than r_i - 0.5 Å do not count (the bonded
+    ones of ethanol), one moved across r_i - 0.5 Å changes nothing abruptly, and an atom
+    with none in its shell keeps the centre's term alone."""
+    d = Descriptor([1, 6, 8], cutoff=5.0, l_max=0, centre_weight=0.7, inner_cutoff=2.0)
+    env = d.environments(ethanol)
+    r = np.linalg.norm(env.D, axis=1)
+    assert r.min() > 1.5 and len(env.pi) < len(Descriptor([1, 6, 8], cutoff=5.0).environments(
+        ethanol).pi)
+    h2 = molecule("H2")  # 0.74 Å apart: nothing in the shell
+    p = Descriptor([1], cutoff=5.0, l_max=0, centre_weight=0.7, inner_cutoff=2.0
+                   ).environments(h2).p
+    assert np.count_nonzero(p) == 2 and np.allclose(p[:, -1], 0.49)
+    x = [Descriptor([1], cutoff=5.0, l_max=0, centre_weight=0.7, inner_cutoff=2.0).environments(
+        Atoms("H2", positions=[[0, 0, 0], [0, 0, d_]])).p[0] for d_ in (1.3, 1.499, 1.501)]
+    assert np.array_equal(x[0], x[1])  # no weight inside the shell
+    assert 0 < np.abs(x[2] - x[1]).max() < 1e-5  # and a weight that starts from zero
+    with pytest.raises(ValueError, match="centre_weight > 0"):
+        Descriptor([1], cutoff=5.0, centre_weight=0.0, inner_cutoff=2.0)
+    with pytest.raises(ValueError, match="inner_cutoff=4.8"):
+        Descriptor([1], cutoff=5.0, inner_cutoff=4.8)

@@ -9,6 +9,7 @@ from otfml.descriptor import Descriptor
 from otfml.gp import SparseGP
 from otfml.training import MODEL_DEFAULTS, model_from_settings
 
+from .conftest import numeric_force
 from .test_gp import _assert_forces_are_negative_energy_gradient, _emt_frames
 
 SPECIES = [1, 6, 8]
@@ -170,3 +171,30 @@ def test_the_default_model_has_the_second_term_and_null_turns_it_off():
     assert len(one.terms) == 1 and one.hyp.sigma_long is None
     w = molecule("H2O")
     assert gp.environments(w).long is not None
+
+
+def test_the_default_shell_term_learns_where_some_atoms_have_nobody_in_the_shell():
+    """The default second term sees the shell from 2.5 to 6 Å: a lone water has nobody
+    there (centre term only), a dimer at 4 Å has; both train and predict, and the forces
+    stay the exact gradient."""
+    from ase.calculators.emt import EMT
+
+    gp = model_from_settings([1, 8], dict(MODEL_DEFAULTS))
+    assert gp.terms[1].inner_cutoff == MODEL_DEFAULTS["cutoff"]
+    rng = np.random.default_rng(0)
+    for k in range(4):
+        w = molecule("H2O")
+        if k % 2:
+            other = molecule("H2O")
+            other.translate([4.0, 0.0, 0.0])
+            w += other
+        w.positions += rng.normal(scale=0.03, size=w.positions.shape)
+        w.calc = EMT()
+        gp.add_frame(w, w.get_potential_energy(), w.get_forces())
+    assert len(gp.environments(molecule("H2O")).long.pi) == 0
+    assert gp.sparse_counts()["O (6 Å)"] >= 1
+    F = gp.predict(w).forces  # the dimer
+    for i in (0, 3, 5):
+        for c in range(3):
+            fd = numeric_force(lambda x: gp.predict(x).energy, w, i, c)
+            assert F[i, c] == pytest.approx(fd, abs=1e-6)

@@ -41,7 +41,7 @@ def _pair_force_terms(G: np.ndarray, ph: np.ndarray, u: np.ndarray, scale: np.nd
     # d kt_is / d D_ij = 2 d_is / |p_i| (G z_s - d_is G p_hat_i)
     T -= d[:, None, :] * u[:, :, None]
     T *= (scale[:, None] * d)[:, None, :]
-    return (inc @ T.reshape(P, -1)).reshape(inc.shape[0], 3, len(Zc))
+    return (inc @ T.reshape(P, 3 * len(Zc))).reshape(inc.shape[0], 3, len(Zc))
 
 
 class _Rows:
@@ -78,9 +78,9 @@ class _Rows:
                 sel = np.flatnonzero(et.species[et.pi] == s)
                 P = len(sel)
                 ci = et.pi[sel]
-                Gs = np.ascontiguousarray(G[sel]).reshape(P * 3, -1)
+                Gs = np.ascontiguousarray(G[sel]).reshape(P * 3, G.shape[2])
                 inc = _incidence(ci, et.pj[sel], N)
-                u = np.einsum("qcf,qf->qc", Gs.reshape(P, 3, -1), ph[ci])
+                u = np.einsum("qcf,qf->qc", Gs.reshape(P, 3, G.shape[2]), ph[ci])
                 blocks[int(t * S + s)] = {
                     "G": Gs.astype(self.cache_dtype, copy=False), "u": u,
                     "ph": ph[ci].astype(self.cache_dtype, copy=False),
@@ -145,7 +145,7 @@ class _Rows:
         dEdr = np.zeros((na, 3, len(cols)))
         for s, g in self._geo.items():
             cs = np.flatnonzero(zc == s)
-            if len(cs) == 0 or g["ph"].n == 0:
+            if len(cs) == 0 or g["atoms"].n == 0:
                 continue
             Zc = self._term_Z(cols[cs], s)
             k_at = (g["atoms"].view @ Zc.T) ** 2
@@ -154,6 +154,8 @@ class _Rows:
                 (np.ones(len(frames_of)), (frames_of, np.arange(len(frames_of)))),
                 shape=(nf, len(frames_of)))
             E[:, cs] = inc_f @ k_at
+            if g["ph"].n == 0:  # no pairs (a shell with nobody in it): energy rows only
+                continue
             inc = _incidence(g["pi"].view[:, 0], g["pj"].view[:, 0], na)
             dEdr[:, :, cs] += _pair_force_terms(g["G"].view, g["ph"].view, g["u"].view,
                                                 g["scale"].view[:, 0], inc, Zc, spawn)
