@@ -83,11 +83,14 @@ SCHEMA: dict[str, dict[str, Field]] = {
                             "(SOAP's central atom), so that the normalized kernel sees how dense "
                             "the neighbourhood is, not only its shape; 0: none", minimum=0),
         "long_cutoff": _f(NUM, 6.0, "Cutoff (Å) of the model's second, longer-range term: "
-                          "a GP of its own on a radial (l <= long_l_max) descriptor of the "
-                          "shell beyond `cutoff` (neighbours from cutoff - 0.5 Å on, weighed "
-                          "in smoothly up to cutoff + 0.5 Å), whose local energies add to the "
-                          "many-body term's; null: no second term",
+                          "a GP of its own on a radial (l <= long_l_max) descriptor, whose "
+                          "local energies add to the many-body term's; null: no second term",
                           nullable=True, positive=True),
+        "long_inner_cutoff": _f(NUM, None, "Neighbours closer than this less 0.5 Å are left "
+                                "out of the longer-range term, and its weight rises smoothly "
+                                "to 1 at this plus 0.5 Å (a term of the shell beyond it, e.g. "
+                                "`cutoff`); null: every neighbour counts",
+                                nullable=True, positive=True),
         "long_n_max": _f(int, 8, "Radial functions of the longer-range term", minimum=1),
         "long_max_sparse_per_species": _f(int, 200, "Cap on the longer-range term's sparse "
                                           "environments per species", minimum=1),

@@ -64,17 +64,17 @@ def model_from_settings(species, settings: dict) -> SparseGP:
                                 species=list(species)))
     long = None
     if settings["long_cutoff"] is not None:
-        # the shell beyond the many-body term's cutoff: radial functions from 0.5 Å inside it
-        inner = settings["cutoff"]
-        if not settings["long_cutoff"] > inner + 1.0:
+        inner = settings["long_inner_cutoff"]
+        if inner is not None and not settings["long_cutoff"] > inner + 1.0:
             raise ConfigError(f"model.long_cutoff = {settings['long_cutoff']} Å must exceed "
-                              f"model.cutoff + 1 Å = {inner + 1.0} Å (or be null: no "
-                              "longer-range term)")
-        if not settings["centre_weight"] > 0:
-            raise ConfigError("model.long_cutoff needs model.centre_weight > 0; set "
-                              "long_cutoff: null to use centre_weight 0")
+                              f"model.long_inner_cutoff + 1 Å = {inner + 1.0} Å")
+        if inner is not None and not settings["centre_weight"] > 0:
+            raise ConfigError("model.long_inner_cutoff needs model.centre_weight > 0 (an atom "
+                              "with nobody in the shell keeps the centre's term)")
+        # radial functions from 0.5 Å inside the inner cutoff, if any
+        r_min = settings["r_min"] if inner is None else inner - 0.5
         long = Descriptor(species, cutoff=settings["long_cutoff"], n_max=settings["long_n_max"],
-                          l_max=settings["long_l_max"], r_min=inner - 0.5,
+                          l_max=settings["long_l_max"], r_min=r_min,
                           centre_weight=settings["centre_weight"], inner_cutoff=inner)
     return SparseGP(desc, long_descriptor=long,
                     long_max_sparse=settings["long_max_sparse_per_species"],

@@ -173,14 +173,14 @@ def test_the_default_model_has_the_second_term_and_null_turns_it_off():
     assert gp.environments(w).long is not None
 
 
-def test_the_default_shell_term_learns_where_some_atoms_have_nobody_in_the_shell():
-    """The default second term sees the shell from 2.5 to 6 Å: a lone water has nobody
+def test_a_shell_term_learns_where_some_atoms_have_nobody_in_the_shell():
+    """A second term of the shell from 2.5 to 6 Å (long_inner_cutoff 3): a lone water has nobody
     there (centre term only), a dimer at 4 Å has; both train and predict, and the forces
     stay the exact gradient."""
     from ase.calculators.emt import EMT
 
-    gp = model_from_settings([1, 8], dict(MODEL_DEFAULTS))
-    assert gp.terms[1].inner_cutoff == MODEL_DEFAULTS["cutoff"]
+    gp = model_from_settings([1, 8], {**MODEL_DEFAULTS, "long_inner_cutoff": 3.0})
+    assert gp.terms[1].inner_cutoff == 3.0
     rng = np.random.default_rng(0)
     for k in range(4):
         w = molecule("H2O")
