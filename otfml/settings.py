@@ -82,9 +82,10 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "centre_weight": _f(NUM, 0.7, "Weight of each atom's own term in its descriptor "
                             "(SOAP's central atom), so that the normalized kernel sees how dense "
                             "the neighbourhood is, not only its shape; 0: none", minimum=0),
-        "long_cutoff": _f(NUM, 6.0, "Cutoff (Å) of the model's second, longer-range term: "
+        "long_cutoff": _f(NUM, None, "Cutoff (Å) of the model's second, longer-range term: "
                           "a GP of its own on a radial (l <= long_l_max) descriptor, whose "
-                          "local energies add to the many-body term's; null: no second term",
+                          "local energies add to the many-body term's, fitted jointly with "
+                          "it (e.g. 6); null (the default): no second term",
                           nullable=True, positive=True),
         "long_inner_cutoff": _f(NUM, None, "Neighbours closer than this less 0.5 Å are left "
                                 "out of the longer-range term, and its weight rises smoothly "

@@ -10,8 +10,8 @@ from ase.md.verlet import VelocityVerlet
 
 from otfml import OTFCalculator
 from otfml.compensation import EnergyCompensation
-from otfml.policy import LearningPolicy
 from otfml.drivers import thermalize
+from otfml.policy import LearningPolicy
 
 from .conftest import mopac
 
@@ -22,8 +22,7 @@ def cluster():
     a.rattle(0.05, seed=1)
     thermalize(a, 300, np.random.default_rng(0), zero_drift=False)
     Stationary(a)
-    a.calc = OTFCalculator(EMT(), policy=LearningPolicy(force_tolerance=0.5), multiplicity=2,
-                           model_settings={"long_cutoff": None})  # one term: the tests' rate
+    a.calc = OTFCalculator(EMT(), policy=LearningPolicy(force_tolerance=0.5), multiplicity=2)
     return a
 
 
@@ -147,8 +146,7 @@ def test_nve_keeps_the_kinetic_plus_the_used_surface_s_energy(call_step_result):
         # the whole estimate decides: a rule that calls often, so both surfaces alternate
         a.calc = OTFCalculator(EMT(), policy=LearningPolicy(
             force_tolerance=0.2, call_step_result=call_step_result, calibration="atom",
-            decide_on="estimate"), multiplicity=2,
-            model_settings={"long_cutoff": None})  # one term: calls often enough here
+            decide_on="estimate"), multiplicity=2)
         runs[min_frames] = _nve_drift(a, min_frames, 1.0, 200)
         assert 20 < a.calc.learner.n_calls < 180  # both model steps and calls
         a.calc.close()

@@ -14,10 +14,10 @@ from ase.md.langevin import Langevin
 from ase.optimize import BFGS
 
 from otfml import EnergyCompensation, OTFCalculator
+from otfml.drivers import thermalize
 from otfml.errors import ConfigError, FingerprintMismatch
 from otfml.learner import HyperparameterSchedule, Learner
 from otfml.policy import LearningPolicy
-from otfml.drivers import thermalize
 from otfml.store import Store
 
 from .conftest import mopac
@@ -53,8 +53,7 @@ def test_loop_calls_store_and_trusts(tmp_path):
     # EMT is a crude surface for a molecule (an H drifts off): a loose tolerance and allowed
     # fragmentation keep this about the loop
     a.calc = OTFCalculator(EMT(), store=str(tmp_path / "s.h5"),
-                           policy=LearningPolicy(force_tolerance=1.0, allow_fragmentation=True),
-                           model_settings={"long_cutoff": None})
+                           policy=LearningPolicy(force_tolerance=1.0, allow_fragmentation=True))
     sources = _md(a, 150)
     L = a.calc.learner
     assert sources.count("reference") == L.n_calls
@@ -737,11 +736,10 @@ def test_predictions_shared_between_threads_leave_a_run_as_it_was(monkeypatch):
 def _cluster_run(settings, steps=120):
     a = Icosahedron("Cu", 2)
     a.rattle(0.05, seed=3)
-    # the whole estimate decides: a rule that calls often, so fits come in a short run (with
-    # the one-term model: the two-term one learns a 13-atom cluster in a few calls)
+    # the whole estimate decides: a rule that calls often, so fits come in a short run
     a.calc = OTFCalculator(EMT(), policy=LearningPolicy(force_tolerance=0.3, calibration="atom",
                                                         decide_on="estimate"),
-                           model_settings={"long_cutoff": None, **settings}, multiplicity=2)
+                           model_settings=settings, multiplicity=2)
     sources = _md(a, steps, seed=1)
     L = a.calc.learner
     called = [h["step"] for h in L.history if h["called"]]

@@ -61,11 +61,9 @@ def test_train_evaluate_and_warm_start_agree_on_one_fingerprint(mixed_store, tmp
     assert learner.n_warm == 3 and learner.model.n_frames == 3
     assert learner.fingerprint["method"] == "EMT-other"
     a = _labelled(1, 2)[0][0]
-    # the same frames make the same model, up to where the hyperparameter fit stopped (it
-    # stops once no gradient component exceeds 0.1, which leaves the four of the two-term
-    # model about 1e-3 eV/Å apart in forces of several eV/Å)
+    # the same frames make the same model, up to where the hyperparameter fit stopped
     np.testing.assert_allclose(learner.model.predict(a).forces, model.predict(a).forces,
-                               rtol=1e-3, atol=3e-3)
+                               rtol=1e-4, atol=1e-4)
     learner.close()
     with Store(mixed_store) as st:
         assert len(st) == 8  # nothing was dropped from the store

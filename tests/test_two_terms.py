@@ -164,10 +164,11 @@ def test_environments_without_the_second_term_are_refused(trained):
         SparseGP(Descriptor([1, 8]), long_descriptor=Descriptor([1, 6, 8]))
 
 
-def test_the_default_model_has_the_second_term_and_null_turns_it_off():
-    gp = model_from_settings([1, 8], dict(MODEL_DEFAULTS))
-    assert len(gp.terms) == 2 and gp.terms[1].cutoff == MODEL_DEFAULTS["long_cutoff"]
-    one = model_from_settings([1, 8], {**MODEL_DEFAULTS, "long_cutoff": None})
+def test_model_long_cutoff_adds_the_second_term_and_null_leaves_it_out():
+    gp = model_from_settings([1, 8], {**MODEL_DEFAULTS, "long_cutoff": 6.0})
+    assert len(gp.terms) == 2 and gp.terms[1].cutoff == 6.0
+    assert gp.terms[1].l_max == MODEL_DEFAULTS["long_l_max"]
+    one = model_from_settings([1, 8], dict(MODEL_DEFAULTS))  # the default: one term
     assert len(one.terms) == 1 and one.hyp.sigma_long is None
     w = molecule("H2O")
     assert gp.environments(w).long is not None
@@ -179,7 +180,8 @@ def test_a_shell_term_learns_where_some_atoms_have_nobody_in_the_shell():
     stay the exact gradient."""
     from ase.calculators.emt import EMT
 
-    gp = model_from_settings([1, 8], {**MODEL_DEFAULTS, "long_inner_cutoff": 3.0})
+    gp = model_from_settings([1, 8], {**MODEL_DEFAULTS, "long_cutoff": 6.0,
+                                      "long_inner_cutoff": 3.0})
     assert gp.terms[1].inner_cutoff == 3.0
     rng = np.random.default_rng(0)
     for k in range(4):

@@ -333,8 +333,9 @@ class SparseGP(_Rows, _SparseSet, _Frames, _Memory, _Likelihood, _Factor):
     # ------------------------------------------------------------------
     # persistence
     # ------------------------------------------------------------------
-    def save(self, path: str, extra: dict | None = None) -> None:
-        """Save what prediction needs to an ``.npz`` file (exact round trip).
+    def save(self, path, extra: dict | None = None) -> None:
+        """Save what prediction needs to an ``.npz`` file, or a binary file object
+        (exact round trip).
 
         ``extra`` (JSON-able) is stored alongside and returned by :meth:`load`
         as ``model.extra``.
@@ -353,13 +354,18 @@ class SparseGP(_Rows, _SparseSet, _Frames, _Memory, _Likelihood, _Factor):
             "n_frames": self._n_e,
             "baseline": None if self.baseline is None else self.baseline.to_dict(),
         }
+        arrays = {"meta": np.array(json.dumps(meta)), **self.posterior.arrays()}
+        if hasattr(path, "write"):
+            np.savez(path, **arrays)
+            return
         with open(path, "wb") as fh:
-            np.savez(fh, meta=np.array(json.dumps(meta)), **self.posterior.arrays())
+            np.savez(fh, **arrays)
 
     @classmethod
-    def load(cls, path: str) -> SparseGP:
-        """Load a model saved by :meth:`save` (prediction only)."""
-        if not os.path.isfile(path):
+    def load(cls, path) -> SparseGP:
+        """Load a model saved by :meth:`save` (prediction only); ``path`` or a binary
+        file object."""
+        if not hasattr(path, "read") and not os.path.isfile(path):
             raise ConfigError(f"model file {path!r} does not exist; give the path of a file "
                               "written by `otfml train` or a run's model.npz")
         try:
