@@ -8,7 +8,6 @@ import math
 import numpy as np
 from numba import njit
 
-
 #: half-width (Å) of the inner switch of a descriptor with ``inner_cutoff``
 INNER = 0.5
 

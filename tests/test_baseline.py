@@ -13,8 +13,8 @@ from otfml.baseline import COULOMB_CONSTANT, ScreenedCoulomb
 from otfml.descriptor import Descriptor
 from otfml.errors import ConfigError
 from otfml.gp import SparseGP
-from otfml.training import check_model_settings, train_from_frames
 from otfml.store import Store
+from otfml.training import check_model_settings, train_from_frames
 
 from .conftest import mopac, numeric_force
 

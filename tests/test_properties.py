@@ -11,8 +11,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from scipy.spatial.transform import Rotation
 
-from otfml.training import train_from_frames
 from otfml.store import Frame
+from otfml.training import train_from_frames
 
 from .conftest import numeric_force
 

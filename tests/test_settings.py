@@ -3,8 +3,8 @@
 import numpy as np
 
 from otfml import Descriptor, LearningPolicy, SparseGP
-from otfml.training import MODEL_DEFAULTS
 from otfml.settings import SCHEMA, defaults
+from otfml.training import MODEL_DEFAULTS
 
 
 def test_python_constructors_take_the_schema_defaults():
