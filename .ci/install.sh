@@ -32,7 +32,7 @@ if [ ! -x .venv/bin/python ]; then
     fi
   fi
 fi
-extras="${OTFML_EXTRAS:-test}"
+extras="${OTFML_EXTRAS:-test,mpi}"
 stamp=".venv/.otfml-installed-$(cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)-$extras"
 if [ ! -e "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null

@@ -121,6 +121,15 @@ class OTFCalculator(Calculator):
             multiplicity=multiplicity,
         )
 
+    @classmethod
+    def from_learner(cls, learner: Learner) -> OTFCalculator:
+        """A calculator around an existing learner (e.g. a parallel session's walker,
+        :class:`otfml.parallel.ParallelSession`)."""
+        calc = cls.__new__(cls)
+        Calculator.__init__(calc)
+        calc.learner = learner
+        return calc
+
     @property
     def model(self):
         """The :class:`otfml.gp.SparseGP` being trained."""

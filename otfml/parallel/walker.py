@@ -1,0 +1,101 @@
+"""Ranks 1..K: dynamics on the latest model version; labels go to the coordinator."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+from ase import Atoms
+
+from ..learner import Learner
+from ..outcome import StepResult
+from ..structure import check_geometry
+from .protocol import LABEL, MODEL, LabelMessage, ModelVersion, model_from_bytes
+
+log = logging.getLogger(__name__)
+
+
+class WalkerLearner(Learner):
+    """A :class:`otfml.learner.Learner` that predicts with the coordinator's model versions.
+
+    Where its decision asks for the reference, it first takes a newer version if one has
+    come (and trusts it if that one is sure: the request is dropped); otherwise it calls
+    its own reference, sends the label to the coordinator (rank 0), and returns the
+    label's values. It never trains: every version comes from the coordinator, taken at
+    a step boundary without waiting for it.
+
+    Parameters
+    ----------
+    comm : mpi4py.MPI.Comm
+        The session's communicator (this rank is walker ``rank - 1``).
+    reference : otfml.reference.Reference
+        This walker's reference (its own MOPAC process, working directory, ...).
+    **kwargs
+        :class:`otfml.learner.Learner` arguments (no store: rank 0 keeps it).
+    """
+
+    def __init__(self, comm, reference, **kwargs) -> None:
+        super().__init__(reference, walker=comm.Get_rank() - 1, **kwargs)
+        self.comm = comm
+        #: the model version in use (0: none yet)
+        self.version = 0
+        #: checksum of each version this walker used
+        self.checksums: dict[int, str] = {}
+        #: seconds from a label's arrival at the coordinator to this walker's use of the
+        #: version that learned it
+        self.latency: list[float] = []
+        #: requests dropped because a newer version was sure
+        self.n_screened = 0
+
+    def take_newest(self) -> bool:
+        """Take the newest model version that has arrived, if any (True if one did)."""
+        newest: ModelVersion | None = None
+        while self.comm.Iprobe(source=0, tag=MODEL):
+            newest = self.comm.recv(source=0, tag=MODEL)
+        if newest is None or newest.version <= self.version:
+            return False
+        self.model = model_from_bytes(newest.data)
+        if self.settings["predict_threads"] is not None:
+            self.model.threads = self.settings["predict_threads"]
+        self.policy = newest.policy
+        self.version = newest.version
+        self.checksums[newest.version] = newest.checksum
+        self.latency.append(time.time() - newest.label_arrived)
+        return True
+
+    def step(self, atoms: Atoms) -> StepResult:
+        self.take_newest()
+        return super().step(atoms)
+
+    def _learn(self, atoms, step, charge, mult, pred, dec) -> StepResult:
+        if dec.reason != "requested" and self.take_newest() and self.model.is_fitted:
+            new = self.predict(atoms)
+            again = self.policy.decide(step, self.n_calls, self.steps_since_call, new.novelty,
+                                       n_frames=self.model.n_frames, numbers=atoms.numbers)
+            if not again.call:
+                self.n_screened += 1
+                self.steps_since_call += 1
+                return StepResult(new.energy, new.forces, "model", again.force_std,
+                                  again.max_force_std, "screened by a newer model", new)
+            pred, dec = new, again
+        check_geometry(atoms, step)
+        work = atoms.copy()
+        work.info["otfml_step"] = step
+        t0 = time.perf_counter()
+        label = self.reference.compute(work, charge, mult)
+        self.timings["reference"].append(time.perf_counter() - t0)
+        self._check_fingerprint(label.fingerprint)
+        self._check_label(label, pred, atoms, step)
+        self.last_label_per_atom = label.energy / len(atoms)
+        self.comm.send(LabelMessage(
+            atoms.numbers.copy(), atoms.positions.copy(), atoms.cell.array.copy(),
+            atoms.pbc.copy(), {k: v for k, v in atoms.info.items()
+                               if k in ("charge", "multiplicity")},
+            label.energy, label.forces, label.fingerprint, label.seconds, self.walker, step,
+            self.version, float(dec.max_force_std)), dest=0, tag=LABEL)
+        self.n_calls += 1
+        self.steps_since_call = 0
+        self.timings["update"].append(0.0)
+        return StepResult(label.energy, label.forces, "reference", np.zeros(len(atoms)),
+                          dec.max_force_std, dec.reason)

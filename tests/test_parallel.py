@@ -1,0 +1,70 @@
+"""Walkers sharing one model and one store, run with the real ``mpirun`` (oversubscribed)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import mopac
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MPIRUN = shutil.which("mpirun") or os.path.join(os.path.dirname(sys.executable), "mpirun")
+
+pytestmark = pytest.mark.skipif(not os.path.exists(MPIRUN),
+                                reason="mpirun not installed (pip install -e .[mpi])")
+
+
+def _mpirun(ranks: int, *args, timeout: float = 240) -> dict:
+    env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+           "OMPI_MCA_rmaps_base_oversubscribe": "1", "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run([MPIRUN, "--oversubscribe", "-n", str(ranks), sys.executable,
+                          os.path.join(HERE, "mpi_walkers.py"), *map(str, args)],
+                         capture_output=True, text=True, timeout=timeout, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    with open(os.path.join(args[0], "result.json")) as fh:
+        return json.load(fh)
+
+
+def _check_shared(res: dict, walkers: int) -> None:
+    """Every label stored exactly once, and every version a walker used is the
+    coordinator's, byte for byte."""
+    s = res["summaries"]
+    assert sorted(s) == [str(w) for w in range(walkers)]
+    frames = [tuple(f) for f in res["frames"]]
+    assert len(frames) == len(set(frames)) == sum(d["reference_calls"] for d in s.values())
+    for w, d in s.items():
+        assert sum(1 for f in frames if f[0] == int(w)) == d["reference_calls"]
+        assert d["versions_used"] >= 1
+        for v, digest in d["checksums"].items():
+            assert res["checksums"][v] == digest
+        assert len(d["latency_s"]) == d["versions_used"]
+    assert res["versions"] == len(frames)  # one version per label
+
+
+def test_two_walkers_share_one_model_and_store(tmp_path):
+    res = _mpirun(3, tmp_path, 150, "emt")
+    _check_shared(res, 2)
+    # they learned from each other: the model steps are most of the steps
+    s = res["summaries"]
+    assert sum(d["reference_calls"] for d in s.values()) < 0.6 * sum(d["steps"] for d in s.values())
+    rows = (tmp_path / "labels.csv").read_text().splitlines()
+    assert rows[0].startswith("frame,walker,step,asked_version,version")
+    assert len(rows) == 1 + len(res["frames"])
+
+
+def test_a_walker_whose_reference_fails_leaves_and_the_others_go_on(tmp_path):
+    res = _mpirun(3, tmp_path, 150, "emt", 1)
+    s = res["summaries"]
+    assert "injected failure" in s["1"]["error"] and s["1"]["reference_calls"] == 2
+    assert "error" not in s["0"] and s["0"]["steps"] == 151  # 150 MD steps and the start
+    _check_shared(res, 2)
+
+
+@mopac
+def test_walkers_with_mopac(tmp_path):
+    res = _mpirun(3, tmp_path, 100, "mopac")
+    _check_shared(res, 2)
+    assert all(d["steps"] == 101 for d in res["summaries"].values())
