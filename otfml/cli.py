@@ -26,8 +26,24 @@ def _cmd_run(args) -> int:
     if args.resume and args.restart:
         raise OTFMLError("--resume and --restart exclude each other")
     summary = run(cfg, resume=True if args.resume else (False if args.restart else None))
-    print(human_summary(summary))
+    if "walkers" in summary:  # rank 0 of a parallel run
+        print(parallel_summary(summary))
+    elif "walker_rank" not in summary:  # a parallel walker's rank prints nothing
+        print(human_summary(summary))
     return 0
+
+
+def parallel_summary(s: dict) -> str:
+    """A few lines at the end of a parallel run (rank 0's summary.json has everything)."""
+    lines = [f"{len(s['walkers'])} walkers: {s['steps']} energy/force evaluations, "
+             f"{s['reference_calls']} reference calls ({100 * s['reference_fraction']:.1f} %), "
+             f"{s['model_versions']} model versions"]
+    for w, ws in s["walkers"].items():
+        lines.append(f"  walker {w}: {ws['steps']} steps, {ws['reference_calls']} calls"
+                     + (f", stopped: {ws['error']}" if "error" in ws else "")
+                     + f" ({ws.get('directory', '')})")
+    lines.append(f"store {s['store']}, model {s['model']}, labels {s['labels']}")
+    return "\n".join(lines)
 
 
 def human_summary(s: dict) -> str:

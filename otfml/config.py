@@ -36,9 +36,10 @@ def check_value(path: str, value, field: Field, source: str):
     if not ok:
         raise ConfigError(f"{source}: {path} = {value!r} is a {type(value).__name__}; "
                           f"it must be a {_type_name(field.type)} ({field.doc})")
-    if isinstance(value, list) and not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"{source}: {path} = {value!r}; every item must be a string "
-                          f"({field.doc})")
+    if isinstance(value, list) and not all(
+            isinstance(v, field.items) and not isinstance(v, bool) for v in value):
+        raise ConfigError(f"{source}: {path} = {value!r}; every item must be a "
+                          f"{_type_name(field.items)} ({field.doc})")
     if field.choices is not None:
         match = [c for c in field.choices if str(c).lower() == str(value).lower()]
         if not match:

@@ -60,18 +60,33 @@ def run(cfg: dict, resume: bool | None = None) -> dict:
         over (the store is kept and warm-starts the model).  Changed settings take
         effect and are logged.
     """
+    from .parallel.workflow import mpi_size, run_parallel, walker_settings
+
     base = cfg.get("_base", ".")
     outdir = os.path.join(base, cfg["output"]["directory"])
+    if mpi_size() > 1:
+        return run_parallel(cfg, resume, _run_in)
+    if len(walker_settings(cfg)) > 1:
+        raise ConfigError(f"the walkers section makes {len(walker_settings(cfg))} walkers: run "
+                          f"the workflow under `mpirun -n {len(walker_settings(cfg)) + 1} otfml "
+                          "run ...` (rank 0 coordinates), or remove the walkers lists")
+    return _run_in(cfg, outdir, resume)
+
+
+def _run_in(cfg: dict, outdir: str, resume: bool | None,
+            calc: OTFCalculator | None = None) -> dict:
+    """:func:`run` in ``outdir``; with ``calc`` (a parallel walker's), on its model and
+    reference instead of a calculator of its own."""
     # everything that can be checked is, before the run directory is made or touched
     structures = build_structures(cfg)
-    reference = build_reference(cfg)
+    reference = build_reference(cfg) if calc is None else None
     _check_same_run(cfg, outdir, structures)
     os.makedirs(outdir, exist_ok=True)
     handler = logging.FileHandler(os.path.join(outdir, "otfml.log"))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("otfml").addHandler(handler)
     try:
-        return _run(cfg, outdir, resume, structures, reference)
+        return _run(cfg, outdir, resume, structures, reference, calc)
     finally:
         logging.getLogger("otfml").removeHandler(handler)
         handler.close()
@@ -193,7 +208,7 @@ def _lowest_frames(store, count: int) -> list[Atoms]:
 
 
 def _run(cfg: dict, outdir: str, resume: bool | None, structures: list[Atoms],
-         reference) -> dict:
+         reference, calc: OTFCalculator | None = None) -> dict:
     state = _read_state(outdir)
     unfinished = state is not None and state.get("status") == "running"
     public = {k: v for k, v in cfg.items() if not k.startswith("_")}
@@ -221,12 +236,15 @@ def _run(cfg: dict, outdir: str, resume: bool | None, structures: list[Atoms],
     _write_state(outdir, state)
 
     store = os.path.join(outdir, cfg["store"]["path"])
-    _warm_start_store(cfg, store)
-    first = cfg["stages"][0]["learning"]
-    calc = OTFCalculator(reference, store=store, policy=LearningPolicy(**first),
-                         model_settings=cfg["model"], charge=cfg["system"]["charge"],
-                         multiplicity=cfg["system"]["multiplicity"],
-                         species=sorted({int(z) for a in structures for z in a.numbers}))
+    if calc is None:
+        _warm_start_store(cfg, store)
+        first = cfg["stages"][0]["learning"]
+        calc = OTFCalculator(reference, store=store, policy=LearningPolicy(**first),
+                             model_settings=cfg["model"], charge=cfg["system"]["charge"],
+                             multiplicity=cfg["system"]["multiplicity"],
+                             species=sorted({int(z) for a in structures for z in a.numbers}))
+    else:
+        store = None  # the coordinator's
     L = calc.learner
     t0 = time.perf_counter()
     summaries, previous = [], None
@@ -252,7 +270,7 @@ def _run(cfg: dict, outdir: str, resume: bool | None, structures: list[Atoms],
         L.finish_hyperparameter_fit()  # the model the run leaves has the last fit
         wall = time.perf_counter() - t0
         model_path = os.path.join(outdir, "model.npz")
-        if L.model is not None and L.model.is_fitted:
+        if L.model is not None and L.model.is_fitted and L.store is not None:
             L.model.save(model_path, extra={**L.policy.model_calibration(),
                                             "store": os.path.abspath(store)})
         calc.close()

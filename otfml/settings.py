@@ -35,6 +35,8 @@ class Field:
     maximum: float | None = None
     positive: bool = False
     nullable: bool = False
+    #: the type(s) of a list's items
+    items: tuple = (str,)
 
 
 def _f(types, default, doc, **kw) -> Field:
@@ -228,6 +230,17 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "progress_every": _f(int, 100, "Without a terminal (batch jobs), log a progress line "
                              "every N steps instead of the progress bar", minimum=1),
     },
+    "walkers": {
+        "structure": _f(list, None, "Under mpirun: one walker per structure (files or names "
+                        "as system.structure), in the product with the other lists; null: "
+                        "system.structure for all", nullable=True),
+        "temperature_K": _f(list, None, "Under mpirun: one walker per temperature (every "
+                            "stage's driver.temperature_K), in the product with the other "
+                            "lists; null: the driver's", nullable=True, items=NUM),
+        "seed": _f(list, None, "Under mpirun: one walker per seed (every stage's driver.seed), "
+                   "in the product with the other lists; null: the driver's", nullable=True,
+                   items=(int,)),
+    },
 }
 
 #: sections a stage of a multi-stage workflow (``stages:``) may override
@@ -247,7 +260,7 @@ def defaults(section: str) -> dict[str, Any]:
 
 def _type_name(types: tuple) -> str:
     names = {int: "integer", float: "number", str: "string", bool: "true/false",
-             list: "list of strings"}
+             list: "list"}
     return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in types))
 
 
@@ -256,7 +269,9 @@ def keys_markdown() -> str:
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for section, fields in SCHEMA.items():
         for key, f in fields.items():
-            kind = _type_name(f.type) + (", choices: " + "/".join(f.choices) if f.choices else "")
+            kind = (f"list of {_type_name(f.items)}s" if f.type == (list,) else
+                    _type_name(f.type)) + (", choices: " + "/".join(f.choices) if f.choices
+                                           else "")
             lines.append(f"| `{section}.{key}` | {kind} | `{f.default!r}` | {f.doc} |")
     lines.append("| `stages` | list | `None` | Multi-stage workflow: stages run in order and share "
                  "the system, reference, model, store and output directory (each stage writes "

@@ -68,3 +68,73 @@ def test_walkers_with_mopac(tmp_path):
     res = _mpirun(3, tmp_path, 100, "mopac")
     _check_shared(res, 2)
     assert all(d["steps"] == 101 for d in res["summaries"].values())
+
+
+WORKFLOW = """
+system:
+  structure: CH3CH2OH
+driver:
+  steps: {steps}
+  log_interval: 10
+walkers:
+  temperature_K: [300, 500]
+output:
+  directory: run
+"""
+
+
+def _otfml_run(ranks: int, path, timeout: float = 240):
+    env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+           "PYTHONWARNINGS": "ignore"}
+    otfml = os.path.join(os.path.dirname(sys.executable), "otfml")
+    return subprocess.Popen([MPIRUN, "--oversubscribe", "-n", str(ranks), otfml, "run",
+                             str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env)
+
+
+@mopac
+def test_a_workflow_s_walkers_under_mpirun_resume_after_sigkill(tmp_path):
+    """`mpirun -n 3 otfml run wf.yaml` with two walkers (300 and 500 K): each writes its own
+    directory, rank 0 the store, labels.csv, model and the summary of both. Killed with
+    SIGKILL half-way, the same command resumes: the walkers continue from their
+    checkpoints and no committed frame is lost."""
+    from otfml.store import Store
+
+    from .conftest import kill_when_written
+
+    wf = tmp_path / "wf.yaml"
+    wf.write_text(WORKFLOW.format(steps=400))
+    proc = _otfml_run(3, wf)
+    kill_when_written(proc, tmp_path / "run" / "walkers" / "w01" / "steps.csv", 20, 120)
+    with Store(tmp_path / "run" / "otfml.h5") as st:
+        before = len(st)
+    assert before > 0
+    proc = _otfml_run(3, wf)
+    out = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 0, out[-3000:]
+    assert "2 walkers" in out and "walker 1:" in out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert sorted(summary["walkers"]) == ["0", "1"]
+    with Store(tmp_path / "run" / "otfml.h5") as st:
+        frames = [(st.frame(i).walker, st.frame(i).step) for i in range(len(st))]
+    assert len(frames) >= before + summary["reference_calls"]  # before the kill, and after
+    for w in ("w00", "w01"):
+        steps = (tmp_path / "run" / "walkers" / w / "steps.csv").read_text().splitlines()
+        assert int(steps[-1].split(",")[0]) == 400  # every walker reached its last step
+    wrong = _otfml_run(2, wf)
+    out = wrong.communicate(timeout=120)[0]
+    assert wrong.returncode != 0 and "mpirun -n 3" in out
+
+
+def test_walkers_without_mpirun_are_refused_with_the_command_to_use(tmp_path, capsys):
+    from otfml.cli import main
+
+    wf = tmp_path / "wf.yaml"
+    wf.write_text(WORKFLOW.format(steps=10))
+    assert main(["run", str(wf)]) == 2
+    assert "mpirun -n 3 otfml run" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(WORKFLOW.format(steps=10).replace("[300, 500]", "[300, hot]"))
+    assert main(["run", str(bad)]) == 2
+    assert "walkers.temperature_K" in capsys.readouterr().err

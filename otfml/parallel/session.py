@@ -55,7 +55,9 @@ class ParallelSession:
         Learning settings (the coordinator's calibration reaches the walkers with every
         model version).
     model_settings : dict, optional
-        Overrides of :data:`otfml.training.MODEL_DEFAULTS`.
+        Overrides of :data:`otfml.training.MODEL_DEFAULTS`. ``predict_threads`` and
+        ``blas_threads`` default to the node's cores shared between the ranks (at least 1;
+        all ranks are taken to share one node).
     species : list of int
         Atomic numbers of every structure any walker will see.
     charge, multiplicity : int, optional
@@ -83,6 +85,10 @@ class ParallelSession:
         self.comm = comm
         self.rank = comm.Get_rank()
         _serial_ase()
+        # the ranks share the node's cores: threads per rank, unless the settings say
+        share = max(1, (os.cpu_count() or 1) // comm.Get_size())
+        model_settings = {"predict_threads": share, "blas_threads": share,
+                          **(model_settings or {})}
         self._kwargs = {"policy": policy or LearningPolicy(), "model_settings": model_settings,
                         "species": sorted({int(z) for z in species}), "charge": charge,
                         "multiplicity": multiplicity}
@@ -94,6 +100,8 @@ class ParallelSession:
         self.summaries: dict[int, dict] = {}
         #: rank 0: the coordinator (its learner holds the model and the store)
         self.coordinator: Coordinator | None = None
+        #: a walker's own figures to add to its summary (JSON-able), e.g. its MD's wall time
+        self.extra: dict = {}
 
     @property
     def walker(self) -> int | None:
@@ -141,7 +149,7 @@ class ParallelSession:
                 "versions_used": len(L.checksums), "last_version": L.version,
                 "checksums": L.checksums, "latency_s": L.latency,
                 "median_model_step_s": med(L.timings["model"]),
-                "median_reference_s": med(L.timings["reference"])}
+                "median_reference_s": med(L.timings["reference"]), **self.extra}
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         """A walker leaves the session (its summary goes to rank 0). One whose work

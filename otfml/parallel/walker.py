@@ -58,7 +58,8 @@ class WalkerLearner(Learner):
         self.model = model_from_bytes(newest.data)
         if self.settings["predict_threads"] is not None:
             self.model.threads = self.settings["predict_threads"]
-        self.policy = newest.policy
+        # this walker's settings (its stage's), the coordinator's calibration
+        self.policy = type(self.policy)(**self.policy.settings()).inherit(newest.policy)
         self.version = newest.version
         self.checksums[newest.version] = newest.checksum
         self.latency.append(time.time() - newest.label_arrived)

@@ -1,0 +1,120 @@
+"""Walkers sharing one model over MPI: throughput against one walker, side by side.
+
+Every job is ``mpirun --oversubscribe -n K+1 python benchmarks/parallel_walk.py`` (rank 0
+coordinates, K walkers), PM7 through MOPAC, on this machine's cores:
+
+* model steps dominate: ethanol (500 K) from a store of a warm-up job's labels, K = 1..4
+  walkers of ``--steps`` steps each: summed MD steps per second (walkers' MD time);
+* MOPAC dominates: 64 waters (300 K) from an empty store, ``--water-steps`` steps each:
+  reference labels per second;
+* sharing: ethanol from an empty store, 2 walkers sharing one model against the same 2
+  walkers run as 2 independent jobs: total reference calls.
+
+Also printed per K: the time from a label's arrival at the coordinator to each walker's use
+of the version that learned it (median and worst), the coordinator's update time, the size
+of a model version, and the peak memory of a rank.
+
+    python benchmarks/parallel.py                     # the whole benchmark (~10 min on 2 cores)
+    python benchmarks/parallel.py --ks 1 2 --steps 500 --water-steps 4   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def job(work: str, k: int, molecule: str, steps: int, first_seed: int = 0,
+        store: str | None = None) -> dict:
+    """One mpirun job of K walkers in ``work`` (a copy of ``store`` first, if given)."""
+    os.makedirs(work, exist_ok=True)
+    if store is not None:
+        shutil.copy(store, os.path.join(work, "shared.h5"))
+    mpirun = shutil.which("mpirun") or os.path.join(os.path.dirname(sys.executable), "mpirun")
+    env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+           "PYTHONWARNINGS": "ignore"}
+    cmd = [mpirun, "--oversubscribe", "-n", str(k + 1), sys.executable,
+           os.path.join(HERE, "parallel_walk.py"), work, molecule, str(steps), str(first_seed)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+    with open(os.path.join(work, "result.json")) as fh:
+        return json.load(fh)
+
+
+def figures(res: dict) -> dict:
+    w = list(res["walkers"].values())
+    md = max(d["md_s"] for d in w)
+    lat = [x for d in w for x in d["latency_s"]]
+    return {"walkers": len(w), "steps": sum(d["steps"] for d in w),
+            "calls": sum(d["reference_calls"] for d in w),
+            "screened": sum(d["screened"] for d in w),
+            "steps_per_s": sum(d["steps"] for d in w) / md,
+            "labels_per_s": sum(d["reference_calls"] for d in w) / md,
+            "latency_median_s": statistics.median(lat) if lat else None,
+            "latency_worst_s": max(lat) if lat else None,
+            "update_median_s": statistics.median(res["update_s"]) if res["update_s"] else None,
+            "version_MB": max(res["version_MB"]) if res["version_MB"] else 0.0,
+            "peak_rank_MB": max([d["rss_MB"] for d in w] + [res["coordinator_rss_MB"]])}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--ks", nargs="+", type=int, default=[1, 2, 3, 4])
+    ap.add_argument("--steps", type=int, default=3000, help="ethanol steps per walker")
+    ap.add_argument("--warm-steps", type=int, default=3000,
+                    help="steps of the one-walker job whose labels warm-start the timed jobs")
+    ap.add_argument("--water-steps", type=int, default=6, help="64-water steps per walker")
+    ap.add_argument("--share-steps", type=int, default=2000,
+                    help="ethanol steps per walker of the sharing comparison")
+    ap.add_argument("--json", help="write the figures here")
+    args = ap.parse_args(argv)
+    root = tempfile.mkdtemp(prefix="otfml-parallel-")
+    warm = job(os.path.join(root, "warm"), 1, "ethanol", args.warm_steps, first_seed=100)
+    store = os.path.join(root, "warm", "shared.h5")
+    rows = {"model": {}, "mopac": {}}
+    for k in args.ks:
+        rows["model"][k] = figures(job(os.path.join(root, f"model{k}"), k, "ethanol",
+                                       args.steps, store=store))
+        rows["mopac"][k] = figures(job(os.path.join(root, f"water{k}"), k, "water64",
+                                       args.water_steps))
+    shared = figures(job(os.path.join(root, "shared"), 2, "ethanol", args.share_steps))
+    alone = [figures(job(os.path.join(root, f"alone{w}"), 1, "ethanol", args.share_steps,
+                         first_seed=w)) for w in (0, 1)]
+    one_m, one_w = rows["model"].get(1), rows["mopac"].get(1)
+    print(f"warm-up: {warm['versions']} labels from {args.warm_steps} steps of one walker\n")
+    print("| K walkers | ethanol steps/s (x one) | water64 labels/s (x one) | label to every "
+          "walker's model, median / worst s | update median s | version MB | peak rank MB |")
+    print("|---|---|---|---|---|---|---|")
+    for k in args.ks:
+        m, w = rows["model"][k], rows["mopac"][k]
+        xm = f" ({m['steps_per_s'] / one_m['steps_per_s']:.2f}x)" if one_m else ""
+        xw = f" ({w['labels_per_s'] / one_w['labels_per_s']:.2f}x)" if one_w else ""
+        lat = (f"{m['latency_median_s']:.3f} / {m['latency_worst_s']:.3f}"
+               if m["latency_median_s"] is not None else "-")
+        upd = f"{m['update_median_s']:.3f}" if m["update_median_s"] is not None else "-"
+        print(f"| {k} | {m['steps_per_s']:.0f}{xm} | {w['labels_per_s']:.3f}{xw} | {lat} | "
+              f"{upd} | {m['version_MB']:.1f} | {max(m['peak_rank_MB'], w['peak_rank_MB']):.0f} |")
+    total_alone = sum(a["calls"] for a in alone)
+    print(f"\nsharing, ethanol, 2 walkers x {args.share_steps} steps from an empty store: "
+          f"{shared['calls']} reference calls with one shared model ({shared['screened']} "
+          f"requests screened by a newer version) against {total_alone} for the same two "
+          f"walkers run apart ({alone[0]['calls']} + {alone[1]['calls']})")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"args": vars(args), "rows": rows, "shared": shared, "alone": alone},
+                      fh, indent=1, default=float)
+    shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
