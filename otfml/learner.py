@@ -89,6 +89,9 @@ class Learner(_HyperparameterFits, _Overlap, _Failures):
         self.charge = charge
         self.multiplicity = multiplicity
         self.walker = walker
+        #: the model version the label being learned was asked with (stored with it; a
+        #: parallel run's coordinator sets it, -1 elsewhere)
+        self.asked_version = -1
         self.model = model
         if model is not None and self.settings["predict_threads"] is not None:
             model.threads = self.settings["predict_threads"]
@@ -321,7 +324,8 @@ class Learner(_HyperparameterFits, _Overlap, _Failures):
                 if self.store is not None:
                     self.store.append(atoms, label.energy, label.forces, label.fingerprint,
                                       step=step, walker=self.walker,
-                                      max_std=float(dec.max_force_std))
+                                      max_std=float(dec.max_force_std),
+                                      model_version=self.asked_version)
             except BaseException:
                 if prepared is not None:  # the frame gets no labels: take its columns out again
                     self._discard(prepared)

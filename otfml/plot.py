@@ -204,14 +204,21 @@ def _rows(d: dict) -> str:
 
 
 def write_report(run_dir: str) -> str:
-    """Write ``run_dir/report.html``: the summary table, stage tables and all figures."""
-    figures = plot_run(run_dir)
+    """Write ``run_dir/report.html``: the summary table, stage tables and all figures; for a
+    parallel run (``mpirun ... otfml run``), every walker's table and figures."""
+    walkers_dir = os.path.join(run_dir, "walkers")
+    if os.path.isdir(walkers_dir) and not os.path.exists(os.path.join(run_dir, "run.json")):
+        figures = [f for w in sorted(os.listdir(walkers_dir))
+                   for f in plot_run(os.path.join(walkers_dir, w))]
+    else:
+        figures = plot_run(run_dir)
     summary_path = os.path.join(run_dir, "summary.json")
     summary = {}
     if os.path.exists(summary_path):
         with open(summary_path) as fh:
             summary = json.load(fh)
     stages = summary.pop("stages", [])
+    walkers = summary.pop("walkers", {})
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>otfml run report</title>",
         "<style>body{font-family:sans-serif;max-width:960px;margin:2em auto}"
@@ -225,6 +232,8 @@ def write_report(run_dir: str) -> str:
     for st in stages:
         parts.append(f"<h3>Stage {html.escape(str(st.get('stage')))}</h3>"
                      f"<table>{_rows(st)}</table>")
+    for w, ws in walkers.items():
+        parts.append(f"<h3>Walker {html.escape(str(w))}</h3><table>{_rows(ws)}</table>")
     evaluation = os.path.join(run_dir, "evaluation.json")
     model = os.path.join(run_dir, "model.npz")
     if os.path.exists(evaluation):
@@ -236,7 +245,8 @@ def write_report(run_dir: str) -> str:
     parts.append("<h2>Figures</h2>")
     for f in figures:
         rel = os.path.relpath(f, run_dir)
-        parts.append(f"<h3>{html.escape(os.path.basename(f))}</h3><img src='{html.escape(rel)}'>")
+        title = rel if walkers else os.path.basename(f)
+        parts.append(f"<h3>{html.escape(title)}</h3><img src='{html.escape(rel)}'>")
     parts.append("</body></html>")
     path = os.path.join(run_dir, "report.html")
     with open(path, "w") as fh:

@@ -1,8 +1,8 @@
 """Append-only HDF5 store of labelled frames (the source of truth).
 
-Schema version 1 (``docs/design.md``)::
+Schema version 2 (``docs/design.md``)::
 
-    /                 attrs: format="otfml-store", schema_version=1,
+    /                 attrs: format="otfml-store", schema_version=2,
                              units (JSON: energy eV, positions Å, forces eV/Å)
     /frames           (n,) compound, one row per frame:
                         natoms i4, offset i8 (first row in /atoms), energy f8 (eV),
@@ -10,11 +10,15 @@ Schema version 1 (``docs/design.md``)::
                         step i8 (-1 unknown), walker i4,
                         max_std f8 (largest per-atom force-error estimate at the
                                     call, eV/Å; NaN: no model yet),
-                        time f8 (UNIX), fingerprint i4 (row of /fingerprints)
+                        time f8 (UNIX), fingerprint i4 (row of /fingerprints),
+                        model_version i8 (the model version the walker of a parallel
+                                          run predicted with when it asked; -1: none)
     /atoms            (N,) compound, one row per atom: number i4, position (3,) f8 (Å),
                         force (3,) f8 (eV/Å)
     /fingerprints     (k,) bytes, JSON reference fingerprints
     /committed        (1,) i8, number of complete frames
+
+Version 1 stores (without ``model_version``) are read and appended to as they are.
 
 Writes go through HDF5's single-writer/multiple-reader (SWMR) mode: an append
 writes the atom rows, then the frame row, flushes, and only then raises
@@ -43,7 +47,9 @@ __all__ = ["Store", "Frame", "SCHEMA_VERSION"]
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: schema versions this otfml reads and appends to
+_READS = (1, 2)
 _FORMAT = "otfml-store"
 UNITS = {"energy": "eV", "positions": "Angstrom", "forces": "eV/Angstrom",
          "cell": "Angstrom", "max_std": "eV/Angstrom"}
@@ -52,6 +58,7 @@ _FRAME_DTYPE = np.dtype([
     ("natoms", "i4"), ("offset", "i8"), ("energy", "f8"), ("charge", "i4"),
     ("multiplicity", "i4"), ("cell", "f8", (3, 3)), ("pbc", "?", (3,)), ("step", "i8"),
     ("walker", "i4"), ("max_std", "f8"), ("time", "f8"), ("fingerprint", "i4"),
+    ("model_version", "i8"),
 ])
 _ATOM_DTYPE = np.dtype([("number", "i4"), ("position", "f8", (3,)), ("force", "f8", (3,))])
 _MAX_FINGERPRINTS = 1024
@@ -84,6 +91,8 @@ class Frame:
         Largest per-atom force-error estimate when the call was made, eV/Å (NaN if none).
     time : float
         UNIX time of the append.
+    model_version : int
+        The model version a parallel run's walker predicted with when it asked (-1: none).
     """
 
     atoms: Atoms
@@ -94,6 +103,7 @@ class Frame:
     walker: int = 0
     max_std: float = float("nan")
     time: float = 0.0
+    model_version: int = -1
 
 
 def fingerprint_key(fp: dict) -> str:
@@ -223,10 +233,10 @@ class Store(_CrashSafety):
         if attrs.get("format") != _FORMAT:
             raise StoreError(f"{self.path!r} is an HDF5 file but not an otfml store")
         ver = int(attrs.get("schema_version", -1))
-        if ver != SCHEMA_VERSION:
+        if ver not in _READS:
             raise StoreError(
-                f"store {self.path!r} has schema version {ver}; this otfml reads version "
-                f"{SCHEMA_VERSION}. Use the otfml release that wrote it to export the "
+                f"store {self.path!r} has schema version {ver}; this otfml reads versions "
+                f"{', '.join(map(str, _READS))}. Use the otfml release that wrote it to export the "
                 "frames (otfml export) and import them into a new store"
             )
 
@@ -286,6 +296,7 @@ class Store(_CrashSafety):
         step: int = -1,
         walker: int = 0,
         max_std: float = float("nan"),
+        model_version: int = -1,
     ) -> int:
         """Append one labelled frame and flush it to disk.
 
@@ -304,6 +315,9 @@ class Store(_CrashSafety):
             Where the call was made.
         max_std : float
             Largest per-atom force-error estimate at the call, eV/Å (NaN if none).
+        model_version : int
+            The model version a parallel walker asked with (-1: none; not kept in a
+            version 1 store).
 
         Returns
         -------
@@ -333,12 +347,17 @@ class Store(_CrashSafety):
         rows["number"] = atoms.numbers
         rows["position"] = atoms.positions
         rows["force"] = forces
-        frame = np.zeros(1, dtype=_FRAME_DTYPE)
+        frame = np.zeros(1, dtype=ds["frames"].dtype)  # a version 1 store's rows as they are
         try:
             fid = self._fingerprint_id(fingerprint)
-            frame[0] = (n_at, start, float(energy), int(fingerprint["charge"]),
-                        int(fingerprint["multiplicity"]), atoms.cell.array, atoms.pbc,
-                        int(step), int(walker), float(max_std), time.time(), fid)
+            values = {"natoms": n_at, "offset": start, "energy": float(energy),
+                      "charge": int(fingerprint["charge"]),
+                      "multiplicity": int(fingerprint["multiplicity"]),
+                      "cell": atoms.cell.array, "pbc": atoms.pbc, "step": int(step),
+                      "walker": int(walker), "max_std": float(max_std), "time": time.time(),
+                      "fingerprint": fid, "model_version": int(model_version)}
+            for name in frame.dtype.names:
+                frame[name] = values[name]
             ds["atoms"].resize((start + n_at,))
             ds["atoms"][start:] = rows
             ds["frames"].resize((n + 1,))
@@ -401,7 +420,9 @@ class Store(_CrashSafety):
         atoms.info["multiplicity"] = int(row["multiplicity"])
         return Frame(atoms=atoms, energy=float(row["energy"]), forces=np.array(at["force"]),
                      fingerprint=fp, step=int(row["step"]), walker=int(row["walker"]),
-                     max_std=float(row["max_std"]), time=float(row["time"]))
+                     max_std=float(row["max_std"]), time=float(row["time"]),
+                     model_version=(int(row["model_version"]) if "model_version" in
+                                    row.dtype.names else -1))
 
     def __iter__(self):
         for i in range(len(self)):

@@ -74,7 +74,7 @@ with ParallelSession(reference, store=os.path.join(out, "shared.h5"), species=sp
 if s.walker is None:
     c = s.coordinator
     with Store(os.path.join(out, "shared.h5")) as st:
-        frames = [(st.frame(i).walker, st.frame(i).step) for i in range(len(st))]
+        frames = [(fr.walker, fr.step, fr.model_version) for fr in st]
     with open(os.path.join(out, "result.json"), "w") as fh:
         json.dump({"frames": frames, "versions": c.version, "checksums": c.checksums,
                    "summaries": s.summaries}, fh, default=float)

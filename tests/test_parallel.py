@@ -33,15 +33,18 @@ def _check_shared(res: dict, walkers: int) -> None:
     coordinator's, byte for byte."""
     s = res["summaries"]
     assert sorted(s) == [str(w) for w in range(walkers)]
-    frames = [tuple(f) for f in res["frames"]]
+    frames = [tuple(f[:2]) for f in res["frames"]]
     assert len(frames) == len(set(frames)) == sum(d["reference_calls"] for d in s.values())
+    # each frame holds the model version its walker asked with (0: none yet)
+    assert all(0 <= f[2] < res["versions"] for f in res["frames"])
     for w, d in s.items():
         assert sum(1 for f in frames if f[0] == int(w)) == d["reference_calls"]
-        assert d["versions_used"] >= 1
+        assert d["versions_used"] >= 1 or "error" in d  # one that stopped early may not
         for v, digest in d["checksums"].items():
             assert res["checksums"][v] == digest
         assert len(d["latency_s"]) == d["versions_used"]
-    assert res["versions"] == len(frames)  # one version per label
+    # one version per label, or fewer where labels that came together went into one
+    assert 1 <= res["versions"] <= len(frames)
 
 
 def test_two_walkers_share_one_model_and_store(tmp_path):
@@ -121,6 +124,10 @@ def test_a_workflow_s_walkers_under_mpirun_resume_after_sigkill(tmp_path):
     for w in ("w00", "w01"):
         steps = (tmp_path / "run" / "walkers" / w / "steps.csv").read_text().splitlines()
         assert int(steps[-1].split(",")[0]) == 400  # every walker reached its last step
+    from otfml.plot import write_report
+
+    page = open(write_report(str(tmp_path / "run"))).read()
+    assert "Walker 0" in page and "Walker 1" in page and "walkers/w01/plots/calls.png" in page
     wrong = _otfml_run(2, wf)
     out = wrong.communicate(timeout=120)[0]
     assert wrong.returncode != 0 and "mpirun -n 3" in out

@@ -40,7 +40,7 @@ def test_round_trip_is_bit_exact(tmp_path):
             assert fr.energy == e and fr.step == 10 * k and fr.fingerprint == FP
         s = st.summary()
         assert s["frames"] == 5 and s["species"] == {"H": 22, "C": 6, "O": 5}
-        assert s["units"]["forces"] == "eV/Angstrom" and s["schema_version"] == 1
+        assert s["units"]["forces"] == "eV/Angstrom" and s["schema_version"] == 2
 
 
 def test_second_writer_is_refused_reader_allowed(tmp_path):
@@ -130,6 +130,26 @@ def test_other_schema_version_is_refused(tmp_path):
         f.attrs["schema_version"] = 99
     with pytest.raises(StoreError, match="schema version 99"):
         Store(path)
+
+
+def test_a_version_1_store_is_read_and_appended_to_as_it_is(tmp_path):
+    """Stores written before the model_version column (schema 1) keep their rows: frames
+    read with model_version -1, and new frames are appended in the old layout."""
+    path = tmp_path / "s.h5"
+    with Store(path, "a") as st:
+        st.append(*_frame(0), FP, model_version=7)
+        assert st.frame(0).model_version == 7
+    with h5py.File(path, "r+", libver="latest") as f:
+        old = f["frames"][:]
+        v1 = np.dtype([d for d in old.dtype.descr if d[0] != "model_version"])
+        del f["frames"]
+        f.create_dataset("frames", data=old[list(v1.names)].astype(v1), maxshape=(None,),
+                         chunks=(256,))
+        f.attrs["schema_version"] = 1
+    with Store(path, "a") as st:
+        st.append(*_frame(1), FP, model_version=3)
+        assert len(st) == 2 and [fr.model_version for fr in st] == [-1, -1]
+        np.testing.assert_array_equal(st.frame(1).forces, _frame(1)[2])
 
 
 def test_nan_frame_refused_store_intact(tmp_path):

@@ -333,9 +333,10 @@ class SparseGP(_Rows, _SparseSet, _Frames, _Memory, _Likelihood, _Factor):
     # ------------------------------------------------------------------
     # persistence
     # ------------------------------------------------------------------
-    def save(self, path, extra: dict | None = None) -> None:
+    def save(self, path, extra: dict | None = None, compact: bool = False) -> None:
         """Save what prediction needs to an ``.npz`` file, or a binary file object
-        (exact round trip).
+        (exact round trip). ``compact`` leaves out the M x M matrix that only the
+        variances read (they form it when first asked, O(M^3)).
 
         ``extra`` (JSON-able) is stored alongside and returned by :meth:`load`
         as ``model.extra``.
@@ -354,7 +355,7 @@ class SparseGP(_Rows, _SparseSet, _Frames, _Memory, _Likelihood, _Factor):
             "n_frames": self._n_e,
             "baseline": None if self.baseline is None else self.baseline.to_dict(),
         }
-        arrays = {"meta": np.array(json.dumps(meta)), **self.posterior.arrays()}
+        arrays = {"meta": np.array(json.dumps(meta)), **self.posterior.arrays(not compact)}
         if hasattr(path, "write"):
             np.savez(path, **arrays)
             return
@@ -371,7 +372,8 @@ class SparseGP(_Rows, _SparseSet, _Frames, _Memory, _Likelihood, _Factor):
         try:
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
-                arrays = {k: data[k] for k in ARRAYS}
+                arrays = {k: data[k] for k in ARRAYS if k != "C"}
+                arrays["C"] = data["C"] if "C" in data.files else None
             ok = isinstance(meta, dict) and meta.get("format") == _MODEL_FORMAT
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as err:
             raise ConfigError(

@@ -82,10 +82,14 @@ class Posterior:
         self._C = C
         self._ctc: dict = {}
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        """Every array a model file holds, by name (:data:`ARRAYS`)."""
-        return {"Z": self.Z, "zs": self.zs, "e0": self.e0, "beta": self.beta, "LB": self.LB,
-                "Linv": self._Linv, "C": self.C}
+    def arrays(self, with_C: bool = True) -> dict[str, np.ndarray]:
+        """Every array a model file holds, by name (:data:`ARRAYS`); without ``C`` (which
+        the variances form on first use, O(M^3)) unless ``with_C``."""
+        out = {"Z": self.Z, "zs": self.zs, "e0": self.e0, "beta": self.beta, "LB": self.LB,
+               "Linv": self._Linv}
+        if with_C:
+            out["C"] = self.C
+        return out
 
     @property
     def n_sparse(self) -> int:

@@ -64,6 +64,8 @@ class Coordinator:
         self.update_s: list[float] = []
         self.summaries: dict[int, dict] = {}
         self._pending: list = []
+        #: arrival time of the oldest label learned but not yet in a published version
+        self._waiting_since: float | None = None
         self._csv = None
         if directory is not None:
             os.makedirs(directory, exist_ok=True)
@@ -80,7 +82,8 @@ class Coordinator:
 
         walkers = self.comm.Get_size() - 1
         if self.learner.model is not None and self.learner.model.is_fitted:
-            self._publish(time.time())  # a warm start: the walkers begin with it
+            self._waiting_since = time.time()
+            self._publish()  # a warm start: the walkers begin with it
         status = MPI.Status()
         while len(self.summaries) < walkers:
             if not self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status):
@@ -93,6 +96,11 @@ class Coordinator:
                 self.summaries[src - 1] = msg
             elif tag == LABEL:
                 self._learn(msg, time.time())
+                # labels that came meanwhile are learned first: one version for all of them
+                if not self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=LABEL):
+                    self._publish()
+        L = self.learner
+        L.asked_version = -1
         # the walkers take the versions still on their way until this goodbye (messages
         # from one rank to another arrive in order)
         for rank in range(1, walkers + 1):
@@ -106,6 +114,7 @@ class Coordinator:
         L = self.learner
         self.received.label = Label(msg.energy, msg.forces, msg.fingerprint, msg.seconds)
         L.walker = msg.walker
+        L.asked_version = msg.version
         L.n_steps = msg.step - 1  # the store records the walker's step
         L.request_reference = True
         n_before = len(L.store) if L.store is not None else L.n_calls
@@ -116,17 +125,19 @@ class Coordinator:
             log.error("walker %d, step %d: label refused: %s", msg.walker, msg.step, err)
             return
         self.update_s.append(time.perf_counter() - t0)
-        self._publish(arrived)
-        if self._csv is not None:
-            self._csv.writerow([n_before, msg.walker, msg.step, msg.version, self.version,
+        if self._waiting_since is None:
+            self._waiting_since = arrived
+        if self._csv is not None:  # the version this label goes into is the next one
+            self._csv.writerow([n_before, msg.walker, msg.step, msg.version, self.version + 1,
                                 f"{msg.sent:.6f}", f"{arrived:.6f}", f"{time.time():.6f}",
                                 f"{msg.seconds:.4f}", f"{self.update_s[-1]:.4f}"])
             self._fh.flush()
 
-    def _publish(self, arrived: float) -> None:
+    def _publish(self) -> None:
         """Send the model as it is now to every walker, as the next version."""
         L = self.learner
-        if L.model is None or not L.model.is_fitted:
+        arrived, self._waiting_since = self._waiting_since, None
+        if L.model is None or not L.model.is_fitted or arrived is None:
             return
         self.version += 1
         data, digest = model_bytes(L.model)

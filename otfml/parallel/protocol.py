@@ -91,7 +91,7 @@ class ModelVersion:
 def model_bytes(model) -> tuple[bytes, str]:
     """A model's file as bytes, and their checksum."""
     buf = io.BytesIO()
-    model.save(buf)
+    model.save(buf, compact=True)
     data = buf.getvalue()
     return data, checksum(data)
 
