@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ks", nargs="+", type=int, default=[1, 2, 3, 4])
     ap.add_argument("--steps", type=int, default=3000, help="ethanol steps per walker")
-    ap.add_argument("--warm-steps", type=int, default=3000,
+    ap.add_argument("--warm-steps", type=int, default=10000,
                     help="steps of the one-walker job whose labels warm-start the timed jobs")
     ap.add_argument("--water-steps", type=int, default=6, help="64-water steps per walker")
     ap.add_argument("--share-steps", type=int, default=2000,

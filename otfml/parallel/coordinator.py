@@ -15,8 +15,11 @@ from .protocol import DONE, LABEL, MODEL, LabelMessage, ModelVersion, model_byte
 log = logging.getLogger(__name__)
 
 #: seconds between polls for a message while nothing arrives (the coordinator then yields
-#: its core to the walkers sharing it)
-_POLL_S = 0.002
+#: its core to the walkers sharing it), and while model versions are still being sent (a
+#: large message moves only while its sender calls into MPI)
+_POLL_S, _SENDING_POLL_S = 0.002, 0.0002
+#: longest a learned label waits for the next version while more labels keep arriving, s
+_MAX_WAIT_S = 0.25
 
 #: columns of the coordinator's labels.csv
 LABEL_COLUMNS = ("frame", "walker", "step", "asked_version", "version", "sent", "arrived",
@@ -87,8 +90,8 @@ class Coordinator:
         status = MPI.Status()
         while len(self.summaries) < walkers:
             if not self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status):
-                time.sleep(_POLL_S)
                 self._tidy()
+                time.sleep(_SENDING_POLL_S if self._pending else _POLL_S)
                 continue
             src, tag = status.Get_source(), status.Get_tag()
             msg = self.comm.recv(source=src, tag=tag)
@@ -96,8 +99,10 @@ class Coordinator:
                 self.summaries[src - 1] = msg
             elif tag == LABEL:
                 self._learn(msg, time.time())
-                # labels that came meanwhile are learned first: one version for all of them
-                if not self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=LABEL):
+                # labels that came meanwhile are learned first, one version for all of them,
+                # unless the oldest of them has waited for _MAX_WAIT_S already
+                if (not self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=LABEL)
+                        or time.time() - self._waiting_since > _MAX_WAIT_S):
                     self._publish()
         L = self.learner
         L.asked_version = -1

@@ -162,6 +162,8 @@ class ParallelSession:
             return False
         from mpi4py import MPI
 
+        if self._calc is not None:
+            self._calc.learner.flush()  # every label reaches rank 0 before the goodbye
         summary = self.summary()
         failed = isinstance(exc, Exception)
         if failed:

@@ -47,6 +47,7 @@ class WalkerLearner(Learner):
         self.latency: list[float] = []
         #: requests dropped because a newer version was sure
         self.n_screened = 0
+        self._sends: list = []  # labels on their way to the coordinator
 
     def take_newest(self) -> bool:
         """Take the newest model version that has arrived, if any (True if one did)."""
@@ -67,7 +68,15 @@ class WalkerLearner(Learner):
 
     def step(self, atoms: Atoms) -> StepResult:
         self.take_newest()
+        if self._sends:
+            self._sends = [r for r in self._sends if not r.Test()]
         return super().step(atoms)
+
+    def flush(self) -> None:
+        """Wait until every label this walker sent has reached the coordinator."""
+        for req in self._sends:
+            req.wait()
+        self._sends = []
 
     def _learn(self, atoms, step, charge, mult, pred, dec) -> StepResult:
         if dec.reason != "requested" and self.take_newest() and self.model.is_fitted:
@@ -89,12 +98,16 @@ class WalkerLearner(Learner):
         self._check_fingerprint(label.fingerprint)
         self._check_label(label, pred, atoms, step)
         self.last_label_per_atom = label.energy / len(atoms)
-        self.comm.send(LabelMessage(
+        # sent without waiting: a large label moves on while this walker goes on stepping;
+        # at most one on its way (a coordinator that cannot keep up slows the walkers down
+        # rather than letting labels pile up)
+        self.flush()
+        self._sends.append(self.comm.isend(LabelMessage(
             atoms.numbers.copy(), atoms.positions.copy(), atoms.cell.array.copy(),
             atoms.pbc.copy(), {k: v for k, v in atoms.info.items()
                                if k in ("charge", "multiplicity")},
             label.energy, label.forces, label.fingerprint, label.seconds, self.walker, step,
-            self.version, float(dec.max_force_std)), dest=0, tag=LABEL)
+            self.version, float(dec.max_force_std)), dest=0, tag=LABEL))
         self.n_calls += 1
         self.steps_since_call = 0
         self.timings["update"].append(0.0)
