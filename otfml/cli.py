@@ -111,7 +111,7 @@ def _cmd_info(args) -> int:
         m = SparseGP.load(path)
         info = {"model": path, "frames": m.n_frames,
                 "species": [chemical_symbols[z] for z in m.descriptor.species],
-                "sparse": m.sparse_counts(), "hyperparameters": vars(m.hyp),
+                "sparse": m.sparse_counts(), "hyperparameters": m.hyp.as_dict(),
                 "descriptor": m.descriptor.to_dict(), **m.extra}
     else:
         with Store(path, "a" if args.repair else "r", repair=args.repair) as st:
@@ -120,7 +120,7 @@ def _cmd_info(args) -> int:
         if os.path.exists(model_path):
             m = SparseGP.load(model_path)
             info["model"] = {"path": model_path, "frames": m.n_frames,
-                             "sparse": m.sparse_counts(), "hyperparameters": vars(m.hyp),
+                             "sparse": m.sparse_counts(), "hyperparameters": m.hyp.as_dict(),
                              "force_error_floor_eV_A": m.extra.get("force_error_floor_eV_A")}
         else:
             info["model"] = None

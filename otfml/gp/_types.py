@@ -40,6 +40,10 @@ class Hyperparameters:
         extra = [] if self.sigma_long is None else [self.sigma_long]
         return np.array([self.sigma, self.sigma_e, self.sigma_f, *extra])
 
+    def as_dict(self) -> dict[str, float]:
+        """The hyperparameters by name (``sigma_long`` only where the model has that term)."""
+        return {k: v for k, v in vars(self).items() if v is not None}
+
     def term_sigmas(self) -> np.ndarray:
         """Signal standard deviation of each model term, eV: (sigma[, sigma_long])."""
         return np.array([self.sigma] + ([] if self.sigma_long is None else [self.sigma_long]))
