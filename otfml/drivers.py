@@ -272,12 +272,17 @@ class Relaxed:
     checks: int
 
 
-def relax(atoms: Atoms, fmax: float = 0.05, steps: int = 1000, optimizer: str = "BFGS",
+def relax(atoms: Atoms, fmax: float = 0.05, steps: int = 1000, optimizer: str = "surrogate",
           logfile: str | None = "-", observers: tuple = ()) -> Relaxed:
-    """Optimize ``atoms`` on the model of its :class:`~otfml.OTFCalculator` and confirm the
-    minimum with the reference.
+    """Optimize ``atoms`` with the model of its :class:`~otfml.OTFCalculator` and the fewest
+    reference calls, to a minimum the reference confirms.
 
-    An ASE optimizer runs on the model until the forces it sees are below ``fmax``; the
+    ``optimizer="surrogate"`` (the default): :class:`otfml.surrogate_opt.SurrogateOpt`, one
+    reference call per step, steps chosen on the model; converged when the reference's
+    largest force at a step is below ``fmax``.
+
+    An ASE optimizer's name instead: it runs on the model until the forces it sees are
+    below ``fmax``; the
     reference then labels that geometry (:meth:`OTFCalculator.confirm`). Where its forces
     are still above ``fmax`` the model cannot resolve the minimum (its error is larger than
     ``fmax`` there): the optimizer goes on from there with every step labelled by the
@@ -305,6 +310,16 @@ def relax(atoms: Atoms, fmax: float = 0.05, steps: int = 1000, optimizer: str = 
     if not isinstance(calc, OTFCalculator):
         raise ConfigError(f"relax needs an otfml OTFCalculator on the atoms, not "
                           f"{type(calc).__name__}; attach one with atoms.calc = OTFCalculator(...)")
+    if optimizer == "surrogate":
+        from .surrogate_opt import SurrogateOpt
+
+        opt = SurrogateOpt(atoms, logfile=logfile)
+        for obs in observers:
+            opt.attach(obs, interval=1)
+        opt.run(fmax=fmax, steps=steps)
+        energy = float(calc.results["energy"])  # the reference's, at the last step
+        largest = float(np.linalg.norm(calc.results["forces"], axis=1).max())
+        return Relaxed(largest <= fmax, largest, energy, opt.nsteps, 1)
     try:
         opt_cls = getattr(optimize, optimizer)
     except AttributeError:

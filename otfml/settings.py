@@ -213,7 +213,10 @@ SCHEMA: dict[str, dict[str, Field]] = {
                                  "the update added at that geometry out of the kinetic energy "
                                  "(otfml.compensation), so that learning does not heat the run"),
         "seed": _f(int, 0, "Random seed of velocities and thermostat"),
-        "optimizer": _f(str, "BFGS", "ASE optimizer", choices=("BFGS", "FIRE", "LBFGS")),
+        "optimizer": _f(str, "surrogate", "surrogate: otfml's SurrogateOpt (one reference "
+                        "call per step, steps chosen on the model); or an ASE optimizer on the "
+                        "model, the minimum confirmed by the reference",
+                        choices=("surrogate", "BFGS", "FIRE", "LBFGS")),
         "fmax": _f(NUM, 0.05, "Optimizer convergence: largest force, eV/Å", positive=True),
         "log_interval": _f(int, 10, "Write the trajectory (the restart checkpoint) every N "
                            "steps", minimum=1),

@@ -1,0 +1,201 @@
+"""Geometry optimization that calls the reference once per step and walks on the model.
+
+Each step of :class:`SurrogateOpt` labels one geometry with the reference (through the
+atoms' :class:`~otfml.OTFCalculator`, so the frame is stored and learned). Between two
+calls it minimizes the model's surface, corrected so that its forces equal the reference's
+at the best geometry so far, within a trust radius that grows where the model predicted the
+reference's energy change well and shrinks where it did not. Once the reference's forces
+are within ``handover`` of convergence (where the model's error is about the size of the
+remaining forces), or the model finds no more descent, it goes on as quasi-Newton (BFGS)
+on the reference's forces, starting from the model's Hessian.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from ase import Atoms
+from ase.calculators.calculator import Calculator, all_changes
+from ase.optimize import BFGS
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SurrogateOpt"]
+
+#: energy (eV) by which a step may rise and still count as no worse (the reference's noise)
+_E_TOL = 1e-4
+
+
+class _Corrected(Calculator):
+    """The model's surface plus a constant force ``g`` (eV/Å) that makes its forces equal
+    the reference's at ``x0``: ``E(x) = E_model(x) - g . (x - x0)``."""
+
+    implemented_properties = ["energy", "forces"]
+
+    def __init__(self, learner, x0: np.ndarray, g: np.ndarray) -> None:
+        super().__init__()
+        self.learner, self.x0, self.g = learner, x0, g
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        p = self.learner.predict(self.atoms)
+        shift = float(np.sum(self.g * (self.atoms.positions - self.x0)))
+        self.results = {"energy": p.energy - shift, "forces": p.forces + self.g}
+
+
+class SurrogateOpt(BFGS):
+    """An ASE optimizer for atoms with an :class:`~otfml.OTFCalculator`, frugal with
+    reference calls (module notes).
+
+    Parameters
+    ----------
+    atoms : ase.Atoms
+        With an OTFCalculator attached; every geometry the optimizer visits is labelled
+        by its reference (stored and learned).
+    logfile, trajectory
+        As ASE's optimizers.
+    trust : float, default 0.1
+        First trust radius, Å (largest move of an atom per step on the model).
+    max_trust : float, default 0.5
+        Largest trust radius, Å.
+    handover : float, default 0.3
+        The reference's largest force (eV/Å) below which the steps are quasi-Newton on
+        the reference's forces.
+    maxstep : float, default 0.1
+        Largest move of an atom (Å) in a quasi-Newton step.
+    """
+
+    def __init__(self, atoms: Atoms, logfile="-", trajectory=None, trust: float = 0.1,
+                 max_trust: float = 0.5, handover: float = 0.3, maxstep: float = 0.1,
+                 **kwargs) -> None:
+        from .calculator import OTFCalculator
+
+        if not isinstance(atoms.calc, OTFCalculator):
+            raise ConfigError(f"SurrogateOpt needs an otfml OTFCalculator on the atoms, not "
+                              f"{type(atoms.calc).__name__}")
+        if not 0 < trust <= max_trust:
+            raise ConfigError(f"trust = {trust} Å and max_trust = {max_trust} Å: give "
+                              "0 < trust <= max_trust")
+        self.learner = atoms.calc.learner
+        self.trust, self.max_trust, self.handover = trust, max_trust, handover
+        self.best: tuple[np.ndarray, float, np.ndarray] | None = None
+        self.predicted: float | None = None  # the model's energy change of the last step
+        self.rejected = 0
+        self.quasi_newton = False
+        super().__init__(atoms, logfile=logfile, trajectory=trajectory, maxstep=maxstep,
+                         **kwargs)
+
+    def run(self, fmax: float = 0.05, steps: int = 1000) -> bool:
+        """Optimize until the reference's largest force is below ``fmax`` (eV/Å)."""
+        self.learner.reference_only = True  # every geometry visited is the reference's
+        try:
+            return super().run(fmax=fmax, steps=steps)
+        finally:
+            self.learner.reference_only = False
+
+    def irun(self, fmax: float = 0.05, steps: int = 1000):
+        self.learner.reference_only = True
+        try:
+            yield from super().irun(fmax=fmax, steps=steps)
+        finally:
+            self.learner.reference_only = False
+
+    def step(self, gradient=None) -> None:
+        gradient = self._get_gradient(gradient)
+        if self.quasi_newton:
+            return super().step()  # (the calculator holds the reference's forces here)
+        x = self.optimizable.get_x().reshape(-1, 3)
+        forces = -gradient.reshape(-1, 3)
+        energy = float(self.atoms.get_potential_energy())
+        self._judge(x, energy, forces)
+        bx, be, bf = self.best
+        if np.linalg.norm(bf, axis=1).max() <= self.handover or self.rejected >= 2:
+            return self._hand_over(x)
+        y, drop = self._model_step(bx, bf)
+        if drop > -_E_TOL / 10:  # the model sees no descent it trusts
+            return self._hand_over(x)
+        self.predicted = drop
+        self.optimizable.set_x(y.ravel())
+
+    def _judge(self, x: np.ndarray, energy: float, forces: np.ndarray) -> None:
+        """Keep the geometry if it is no worse than the best; move the trust radius by how
+        well the model predicted the change."""
+        if self.best is not None and energy > self.best[1] + _E_TOL:
+            self.rejected += 1
+            self.trust = max(0.35 * self.trust, 0.02)
+            log.debug("step rejected: E %.5f eV > best %.5f eV; trust %.3f Å", energy,
+                      self.best[1], self.trust)
+            return
+        if self.best is not None and self.predicted is not None and self.predicted < 0:
+            ratio = (energy - self.best[1]) / self.predicted
+            if ratio > 0.75:
+                self.trust = min(2.0 * self.trust, self.max_trust)
+            elif ratio < 0.25:
+                self.trust = max(0.5 * self.trust, 0.02)
+        self.rejected = 0
+        self.best = (x.copy(), energy, forces.copy())
+
+    def _model_step(self, x: np.ndarray, forces: np.ndarray) -> tuple[np.ndarray, float]:
+        """Minimum of the corrected model within the trust radius from ``x``, and the
+        model's energy change to it (eV)."""
+        a = self.atoms.copy()
+        a.positions = x
+        g = forces - self.learner.predict(a).forces
+        a.calc = _Corrected(self.learner, x.copy(), g)
+        e0 = a.get_potential_energy()
+        inner = BFGS(a, logfile=None, maxstep=min(0.1, self.trust))
+        for _ in inner.irun(fmax=0.3 * self.fmax, steps=300):
+            moved = np.linalg.norm(a.positions - x, axis=1).max()
+            if moved > self.trust:
+                a.positions = x + (a.positions - x) * (self.trust / moved)
+                break
+        y = _kept_apart(x, a.positions.copy())
+        a.positions = y
+        return y, float(a.get_potential_energy()) - e0
+
+    def _hand_over(self, x: np.ndarray) -> None:
+        """Quasi-Newton on the reference from here, from the model's Hessian at ``x``."""
+        self.quasi_newton = True
+        self.H0 = model_hessian(self.learner, self.atoms, x)
+        self.state, self.pos0, self.forces0 = None, None, None
+        log.debug("quasi-Newton on the reference from step %d", self.nsteps)
+        super().step()
+
+
+def _kept_apart(x: np.ndarray, y: np.ndarray, shrink: float = 0.75) -> np.ndarray:
+    """``y``, or the step from ``x`` halved until no pair of atoms closer than 3 Å at ``x``
+    is closer than ``shrink`` times that at ``y`` (the model, untrained there, may pull
+    atoms together)."""
+    def pairs(p: np.ndarray) -> np.ndarray:
+        return np.linalg.norm(p[:, None] - p[None, :], axis=-1)
+
+    dx = pairs(x)
+    near = (dx < 3.0) & ~np.eye(len(x), dtype=bool)
+    for _ in range(6):
+        if np.all(pairs(y)[near] > shrink * dx[near]):
+            break
+        y = x + 0.5 * (y - x)
+    return y
+
+
+def model_hessian(learner, atoms: Atoms, x: np.ndarray, h: float = 0.005,
+                  floor: float = 0.5) -> np.ndarray:
+    """The model's Hessian at ``x`` (3N, 3N), eV/Å², by central differences of its forces,
+    symmetrized, with eigenvalues made positive and at least ``floor``."""
+    n3 = x.size
+    H = np.zeros((n3, n3))
+    a = atoms.copy()
+    for k in range(n3):
+        i, c = divmod(k, 3)
+        a.positions = x.copy()
+        a.positions[i, c] += h
+        plus = learner.predict(a).forces.ravel()
+        a.positions[i, c] -= 2 * h
+        minus = learner.predict(a).forces.ravel()
+        H[k] = -(plus - minus) / (2 * h)
+    H = 0.5 * (H + H.T)
+    w, V = np.linalg.eigh(H)
+    return (V * np.maximum(np.abs(w), floor)) @ V.T
