@@ -84,6 +84,8 @@ class SurrogateOpt(BFGS):
         self.best: tuple[np.ndarray, float, np.ndarray] | None = None
         self.predicted: float | None = None  # the model's energy change of the last step
         self.rejected = 0
+        #: steps whose geometry came out higher than the best so far (trust radius cut)
+        self.n_rejected = 0
         self.quasi_newton = False
         super().__init__(atoms, logfile=logfile, trajectory=trajectory, maxstep=maxstep,
                          **kwargs)
@@ -125,6 +127,7 @@ class SurrogateOpt(BFGS):
         well the model predicted the change."""
         if self.best is not None and energy > self.best[1] + _E_TOL:
             self.rejected += 1
+            self.n_rejected += 1
             self.trust = max(0.35 * self.trust, 0.02)
             log.debug("step rejected: E %.5f eV > best %.5f eV; trust %.3f Å", energy,
                       self.best[1], self.trust)

@@ -13,21 +13,84 @@ from otfml.errors import ConfigError
 from .conftest import mopac
 
 
+def _bfgs_calls(atoms, tmp_path) -> int:
+    """Reference calls of ASE's BFGS on MOPAC directly from ``atoms`` to fmax 0.05 eV/Å."""
+    from ase.optimize import BFGS
+
+    b = atoms.copy()
+    b.calc = MOPAC(method="PM7", label=str(tmp_path / "bfgs" / "m"))
+    opt = BFGS(b, logfile=None)
+    opt.run(fmax=0.05, steps=300)
+    return opt.nsteps + 1
+
+
 @mopac
-def test_relax_ends_where_an_independent_mopac_call_agrees(tmp_path):
+@pytest.mark.parametrize("rattle, seed", [(0.15, 1), (0.35, 3)])
+def test_surrogate_relax_converges_with_fewer_calls_than_bfgs_on_mopac(tmp_path, rattle, seed):
+    """The default optimizer, from a start near and one far from the minimum: one reference
+    call per step, converged where an independent MOPAC call agrees, in fewer calls than
+    ASE's BFGS on MOPAC from the same start."""
     a = molecule("CH3CH2OH")
-    a.rattle(0.15, seed=1)
+    a.rattle(rattle, seed=seed)
+    bfgs = _bfgs_calls(a, tmp_path)
     a.calc = OTFCalculator(MOPAC(method="PM7", label=str(tmp_path / "ref" / "m")),
                            store=str(tmp_path / "s.h5"))
     r = relax(a, fmax=0.05, steps=300, logfile=None)
     calls = a.calc.learner.n_calls
     a.calc.close()
-    assert r.converged and r.fmax <= 0.05 and r.checks >= 1
-    assert calls < r.steps  # the optimizer ran on the model between reference calls
+    assert r.converged and r.fmax <= 0.05
+    assert calls == r.steps + 1 < bfgs  # the start and one call per step
     b = a.copy()
     b.calc = MOPAC(method="PM7", label=str(tmp_path / "check" / "m"))
     assert np.linalg.norm(b.get_forces(), axis=1).max() <= 0.05
     assert b.get_potential_energy() == pytest.approx(r.energy, abs=1e-6)
+
+
+@mopac
+def test_a_wrong_first_guess_is_caught_by_the_trust_radius(tmp_path):
+    """From a start far from the minimum the model's first steps overshoot (a step that
+    comes out higher than the best is not kept and the trust radius shrinks); the run
+    still converges."""
+    from otfml.surrogate_opt import SurrogateOpt
+
+    a = molecule("CH3CH2OH")
+    a.rattle(0.35, seed=3)
+    a.calc = OTFCalculator(MOPAC(method="PM7", label=str(tmp_path / "ref" / "m")))
+    opt = SurrogateOpt(a, logfile=None, trust=0.4)  # a first trust radius too bold
+    trusts = []
+    opt.attach(lambda: trusts.append(opt.trust))
+    assert opt.run(fmax=0.05, steps=200)
+    a.calc.close()
+    assert opt.n_rejected >= 1 and min(trusts) < 0.4
+
+
+@mopac
+def test_conformers_share_the_model_and_later_ones_need_fewer_calls(tmp_path):
+    """Three rattled copies of ethanol relaxed one after another with one calculator: the
+    later ones start from a model that has learned the first, and need fewer calls."""
+    calc = OTFCalculator(MOPAC(method="PM7", label=str(tmp_path / "ref" / "m")),
+                         store=str(tmp_path / "s.h5"))
+    calls = []
+    for seed in (1, 2, 3):
+        a = molecule("CH3CH2OH")
+        a.rattle(0.15, seed=seed)
+        a.calc = calc
+        before = calc.learner.n_calls
+        assert relax(a, fmax=0.05, steps=200, logfile=None).converged
+        calls.append(calc.learner.n_calls - before)
+    calc.close()
+    assert max(calls[1:]) < calls[0]
+
+
+@mopac
+def test_relax_with_an_ase_optimizer_on_the_model(tmp_path):
+    """optimizer="BFGS": ASE's BFGS on the model, the minimum confirmed by the reference."""
+    a = molecule("CH3CH2OH")
+    a.rattle(0.15, seed=1)
+    a.calc = OTFCalculator(MOPAC(method="PM7", label=str(tmp_path / "ref" / "m")))
+    r = relax(a, fmax=0.05, steps=300, optimizer="BFGS", logfile=None)
+    a.calc.close()
+    assert r.converged and r.checks >= 1
 
 
 def test_relax_names_what_is_missing():
