@@ -4,8 +4,9 @@ The 18 start structures of ``shared/geoopt`` (9 molecules, a rough build and an 
 minimum of each, both far from the PM7 minimum) are optimized to fmax 0.05 eV/Å:
 
 * ``BFGS``: ASE's BFGS on MOPAC directly;
-* ``otfml``: otfml's default optimizer (``otfml.drivers.relax``: BFGS on the model, the
-  minimum confirmed by the reference) from an empty store;
+* ``otfml``: otfml's default optimizer (``otfml.drivers.relax``, which runs
+  ``otfml.surrogate_opt.SurrogateOpt``: one reference call per step, each step chosen on the
+  model) from an empty store;
 * ``Sella`` (internal coordinates) where it is installed (``pip install sella``).
 
 Every run ends with an independent MOPAC call at the returned geometry: a start counts as
