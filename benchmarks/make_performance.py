@@ -60,6 +60,18 @@ def main() -> int:
                   "independent MOPAC call; otfml from an empty store.", "",
                   optimize.table(load_results([opt])[0]), "",
                   "Reproduce: `python benchmarks/optimize.py`.", ""]
+    par = os.path.join(HERE, "results", "parallel.json")
+    if os.path.exists(par):
+        import json
+
+        import parallel
+
+        with open(par) as fh:
+            lines += ["## Walkers over MPI (`parallel.py`)", "",
+                      "`mpirun --oversubscribe -n K+1` on the 2 cores, rank 0 coordinating; "
+                      "summed over the walkers' MD time (docs/parallel.md).", "",
+                      parallel.table(json.load(fh)), "",
+                      "Reproduce: `python benchmarks/parallel.py`.", ""]
     rep = _load("replay_*.json")
     if rep:
         lines += ["## The loop along one fixed MOPAC trajectory (`replay.py`)", "",

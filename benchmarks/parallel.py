@@ -66,6 +66,37 @@ def figures(res: dict) -> dict:
             "peak_rank_MB": max([d["rss_MB"] for d in w] + [res["coordinator_rss_MB"]])}
 
 
+def table(data: dict) -> str:
+    """The markdown of one run's figures (``--json``'s content)."""
+    rows, args = data["rows"], data["args"]
+    rows = {reg: {int(k): v for k, v in r.items()} for reg, r in rows.items()}
+    ks = sorted(rows["model"])
+    one_m, one_w = rows["model"].get(1), rows["mopac"].get(1)
+    out = [f"Ethanol (500 K): {args['steps']} steps per walker from the store of a "
+           f"{args['warm_steps']}-step one-walker warm-up ({data['warm_labels']} labels); "
+           f"64 waters (300 K): {args['water_steps']} steps per walker from an empty store.",
+           "",
+           "| K walkers | ethanol steps/s (x one) | water64 labels/s (x one) | label to every "
+           "walker's model, median / worst s | update median s | version MB | peak rank MB |",
+           "|---|---|---|---|---|---|---|"]
+    for k in ks:
+        m, w = rows["model"][k], rows["mopac"][k]
+        xm = f" ({m['steps_per_s'] / one_m['steps_per_s']:.2f}x)" if one_m else ""
+        xw = f" ({w['labels_per_s'] / one_w['labels_per_s']:.2f}x)" if one_w else ""
+        lat = (f"{m['latency_median_s']:.3f} / {m['latency_worst_s']:.3f}"
+               if m["latency_median_s"] is not None else "-")
+        upd = f"{m['update_median_s']:.3f}" if m["update_median_s"] is not None else "-"
+        out.append(f"| {k} | {m['steps_per_s']:.0f}{xm} | {w['labels_per_s']:.3f}{xw} | "
+                   f"{lat} | {upd} | {m['version_MB']:.1f} | "
+                   f"{max(m['peak_rank_MB'], w['peak_rank_MB']):.0f} |")
+    shared, alone = data["shared"], data["alone"]
+    out += ["", f"Sharing, ethanol, 2 walkers x {args['share_steps']} steps from an empty store: "
+            f"{shared['calls']} reference calls with one shared model ({shared['screened']} "
+            f"requests screened by a newer version) against {sum(a['calls'] for a in alone)} "
+            f"for the same two walkers run apart ({alone[0]['calls']} + {alone[1]['calls']})."]
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ks", nargs="+", type=int, default=[1, 2, 3, 4])
@@ -89,29 +120,12 @@ def main(argv=None) -> int:
     shared = figures(job(os.path.join(root, "shared"), 2, "ethanol", args.share_steps))
     alone = [figures(job(os.path.join(root, f"alone{w}"), 1, "ethanol", args.share_steps,
                          first_seed=w)) for w in (0, 1)]
-    one_m, one_w = rows["model"].get(1), rows["mopac"].get(1)
-    print(f"warm-up: {warm['versions']} labels from {args.warm_steps} steps of one walker\n")
-    print("| K walkers | ethanol steps/s (x one) | water64 labels/s (x one) | label to every "
-          "walker's model, median / worst s | update median s | version MB | peak rank MB |")
-    print("|---|---|---|---|---|---|---|")
-    for k in args.ks:
-        m, w = rows["model"][k], rows["mopac"][k]
-        xm = f" ({m['steps_per_s'] / one_m['steps_per_s']:.2f}x)" if one_m else ""
-        xw = f" ({w['labels_per_s'] / one_w['labels_per_s']:.2f}x)" if one_w else ""
-        lat = (f"{m['latency_median_s']:.3f} / {m['latency_worst_s']:.3f}"
-               if m["latency_median_s"] is not None else "-")
-        upd = f"{m['update_median_s']:.3f}" if m["update_median_s"] is not None else "-"
-        print(f"| {k} | {m['steps_per_s']:.0f}{xm} | {w['labels_per_s']:.3f}{xw} | {lat} | "
-              f"{upd} | {m['version_MB']:.1f} | {max(m['peak_rank_MB'], w['peak_rank_MB']):.0f} |")
-    total_alone = sum(a["calls"] for a in alone)
-    print(f"\nsharing, ethanol, 2 walkers x {args.share_steps} steps from an empty store: "
-          f"{shared['calls']} reference calls with one shared model ({shared['screened']} "
-          f"requests screened by a newer version) against {total_alone} for the same two "
-          f"walkers run apart ({alone[0]['calls']} + {alone[1]['calls']})")
+    data = {"args": vars(args), "warm_labels": warm["versions"], "rows": rows,
+            "shared": shared, "alone": alone}
+    print(table(data))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"args": vars(args), "rows": rows, "shared": shared, "alone": alone},
-                      fh, indent=1, default=float)
+            json.dump(data, fh, indent=1, default=float)
     shutil.rmtree(root, ignore_errors=True)
     return 0
 

@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 #: its core to the walkers sharing it), and while model versions are still being sent (a
 #: large message moves only while its sender calls into MPI)
 _POLL_S, _SENDING_POLL_S = 0.002, 0.0002
+#: how long after a version is published the coordinator polls at the faster rate, s
+_SENDING_S = 0.05
 #: longest a learned label waits for the next version while more labels keep arriving, s
 _MAX_WAIT_S = 0.25
 
@@ -69,6 +71,7 @@ class Coordinator:
         self._pending: list = []
         #: arrival time of the oldest label learned but not yet in a published version
         self._waiting_since: float | None = None
+        self._published = 0.0  # when the last version was sent
         self._csv = None
         if directory is not None:
             os.makedirs(directory, exist_ok=True)
@@ -91,7 +94,8 @@ class Coordinator:
         while len(self.summaries) < walkers:
             if not self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status):
                 self._tidy()
-                time.sleep(_SENDING_POLL_S if self._pending else _POLL_S)
+                sending = self._pending and time.time() - self._published < _SENDING_S
+                time.sleep(_SENDING_POLL_S if sending else _POLL_S)
                 continue
             src, tag = status.Get_source(), status.Get_tag()
             msg = self.comm.recv(source=src, tag=tag)
@@ -152,6 +156,7 @@ class Coordinator:
                            len(L.store) if L.store is not None else L.n_calls)
         for rank in range(1, self.comm.Get_size()):
             self._pending.append(self.comm.isend(msg, dest=rank, tag=MODEL))
+        self._published = time.time()
         self._tidy()
 
     def _tidy(self) -> None:

@@ -15,6 +15,10 @@ from .protocol import LABEL, MODEL, LabelMessage, ModelVersion, model_from_bytes
 
 log = logging.getLogger(__name__)
 
+#: most of a walker's time spent taking model versions between its reference calls (a
+#: version waits beyond it; before a call the newest is always taken)
+INSTALL_SHARE = 0.05
+
 
 class WalkerLearner(Learner):
     """A :class:`otfml.learner.Learner` that predicts with the coordinator's model versions.
@@ -47,10 +51,22 @@ class WalkerLearner(Learner):
         self.latency: list[float] = []
         #: requests dropped because a newer version was sure
         self.n_screened = 0
+        #: seconds spent taking versions, and when this walker's first step began
+        self.install_s = 0.0
+        self._started: float | None = None
         self._sends: list = []  # labels on their way to the coordinator
 
-    def take_newest(self) -> bool:
-        """Take the newest model version that has arrived, if any (True if one did)."""
+    def take_newest(self, now: bool = True) -> bool:
+        """Take the newest model version that has arrived, if any (True if one did).
+
+        With ``now`` False (between calls) a version waits while taking versions has cost
+        more than :data:`INSTALL_SHARE` of this walker's time so far: where labels come
+        fast, the walker then takes every few versions rather than each one.
+        """
+        if not now and self._started is not None and self.install_s > INSTALL_SHARE * (
+                time.perf_counter() - self._started):
+            return False
+        t0 = time.perf_counter()
         newest: ModelVersion | None = None
         while self.comm.Iprobe(source=0, tag=MODEL):
             newest = self.comm.recv(source=0, tag=MODEL)
@@ -64,10 +80,13 @@ class WalkerLearner(Learner):
         self.version = newest.version
         self.checksums[newest.version] = newest.checksum
         self.latency.append(time.time() - newest.label_arrived)
+        self.install_s += time.perf_counter() - t0
         return True
 
     def step(self, atoms: Atoms) -> StepResult:
-        self.take_newest()
+        if self._started is None:
+            self._started = time.perf_counter()
+        self.take_newest(now=False)
         if self._sends:
             self._sends = [r for r in self._sends if not r.Test()]
         return super().step(atoms)
