@@ -76,14 +76,21 @@ def _cmd_check(args) -> int:
         return 0
     if not args.config:
         raise OTFMLError("otfml check needs a config file (or --keys)")
+    from .parallel.workflow import walker_config, walker_settings
+
     cfg = load_config(args.config, args.set)
     images = build_structures(cfg)
     build_reference(cfg)  # what run refuses, check refuses (method, keywords, command)
+    walkers = walker_settings(cfg)
+    for over in walkers[1:] if len(walkers) > 1 else []:  # each walker's structure too
+        build_structures(walker_config(cfg, over))
     atoms = images[0]
     stages = ", ".join(f"{s['name']} ({s['driver']['type']})" for s in cfg["stages"])
     print(f"{args.config}: valid ({atoms.get_chemical_formula()}, {len(atoms)} atoms"
           + (f", {len(images)} structures" if len(images) > 1 else "")
-          + f"; stages: {stages}; reference {cfg['reference']['code']})")
+          + f"; stages: {stages}; reference {cfg['reference']['code']}"
+          + (f"; {len(walkers)} walkers: run with mpirun -n {len(walkers) + 1}"
+             if len(walkers) > 1 else "") + ")")
     return 0
 
 

@@ -141,7 +141,15 @@ def test_walkers_without_mpirun_are_refused_with_the_command_to_use(tmp_path, ca
     assert main(["run", str(wf)]) == 2
     assert "mpirun -n 3 otfml run" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+    assert main(["check", str(wf)]) == 0
+    assert "2 walkers: run with mpirun -n 3" in capsys.readouterr().out
     bad = tmp_path / "bad.yaml"
     bad.write_text(WORKFLOW.format(steps=10).replace("[300, 500]", "[300, hot]"))
-    assert main(["run", str(bad)]) == 2
-    assert "walkers.temperature_K" in capsys.readouterr().err
+    for cmd in ("run", "check"):
+        assert main([cmd, str(bad)]) == 2
+        assert "walkers.temperature_K" in capsys.readouterr().err
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(WORKFLOW.format(steps=10).replace(
+        "walkers:\n", "walkers:\n  structure: [CH3CH2OH, nosuch.xyz]\n"))
+    assert main(["check", str(missing)]) == 2
+    assert "nosuch.xyz" in capsys.readouterr().err
