@@ -19,6 +19,10 @@ log = logging.getLogger(__name__)
 #: version waits beyond it; before a call the newest is always taken)
 INSTALL_SHARE = 0.05
 
+#: most labels of one walker on their way to the coordinator; a walker with this many waits
+#: for the oldest (a coordinator that cannot keep up then slows the walkers down)
+IN_FLIGHT = 8
+
 
 class WalkerLearner(Learner):
     """A :class:`otfml.learner.Learner` that predicts with the coordinator's model versions.
@@ -117,10 +121,9 @@ class WalkerLearner(Learner):
         self._check_fingerprint(label.fingerprint)
         self._check_label(label, pred, atoms, step)
         self.last_label_per_atom = label.energy / len(atoms)
-        # sent without waiting: a large label moves on while this walker goes on stepping;
-        # at most one on its way (a coordinator that cannot keep up slows the walkers down
-        # rather than letting labels pile up)
-        self.flush()
+        # sent without waiting: the label moves on while this walker goes on stepping
+        while len(self._sends) >= IN_FLIGHT:
+            self._sends.pop(0).wait()
         self._sends.append(self.comm.isend(LabelMessage(
             atoms.numbers.copy(), atoms.positions.copy(), atoms.cell.array.copy(),
             atoms.pbc.copy(), {k: v for k, v in atoms.info.items()
