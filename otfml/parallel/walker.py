@@ -20,8 +20,9 @@ log = logging.getLogger(__name__)
 INSTALL_SHARE = 0.05
 
 #: most labels of one walker on their way to the coordinator; a walker with this many waits
-#: for the oldest (a coordinator that cannot keep up then slows the walkers down)
-IN_FLIGHT = 8
+#: for the oldest. One: a walker that needs labels faster than the coordinator learns them
+#: waits rather than asks again where the model it will receive is already sure
+IN_FLIGHT = 1
 
 
 class WalkerLearner(Learner):
