@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import numpy as np
 
@@ -96,6 +97,7 @@ class ParallelSession:
         self._store = os.fspath(store)
         self._directory = directory or os.path.dirname(os.path.abspath(self._store))
         self._calc: OTFCalculator | None = None
+        self._warm = False  # rank 0 warm-started a model from the store
         #: rank 0, after the session: every walker's summary (walker index: dict)
         self.summaries: dict[int, dict] = {}
         #: rank 0: the coordinator (its learner holds the model and the store)
@@ -113,17 +115,28 @@ class ParallelSession:
         return self.comm.Get_size() - 1
 
     def __enter__(self) -> ParallelSession:
-        if self.rank == 0:
-            self.coordinator = Coordinator(self.comm, {"store": self._store, **self._kwargs},
-                                           self._directory)
-            try:
-                self.summaries = self.coordinator.serve()
-            except BaseException:
-                log.exception("the coordinator failed: aborting every rank (the store keeps "
-                              "every committed frame)")
-                self.coordinator.close()
-                self.comm.Abort(1)
-                raise
+        if self.rank != 0:
+            # a store's frames warm-start the model on rank 0 first: walkers then begin
+            # with that model rather than asking the reference what it already knows
+            self._warm = self.comm.bcast(None, root=0)
+            return self
+        try:
+            self.coordinator = Coordinator(
+                self.comm, {"store": self._store, **self._kwargs}, self._directory)
+        except BaseException:
+            log.exception("the coordinator could not start: aborting every rank")
+            self.comm.Abort(1)
+            raise
+        L = self.coordinator.learner
+        self.comm.bcast(L.model is not None and L.model.is_fitted, root=0)
+        try:
+            self.summaries = self.coordinator.serve()
+        except BaseException:
+            log.exception("the coordinator failed: aborting every rank (the store keeps "
+                          "every committed frame)")
+            self.coordinator.close()
+            self.comm.Abort(1)
+            raise
         return self
 
     def calculator(self) -> OTFCalculator:
@@ -131,8 +144,12 @@ class ParallelSession:
         if self.walker is None:
             raise RuntimeError("the coordinator (rank 0) has no calculator")
         if self._calc is None:
-            self._calc = OTFCalculator.from_learner(WalkerLearner(
-                self.comm, make_reference(self._reference(self.walker)), **self._kwargs))
+            learner = WalkerLearner(self.comm, make_reference(self._reference(self.walker)),
+                                    **self._kwargs)
+            if self._warm:  # the warm-started model is on its way: take it first
+                while not learner.take_newest():
+                    time.sleep(0.001)
+            self._calc = OTFCalculator.from_learner(learner)
         return self._calc
 
     def summary(self) -> dict:
