@@ -3,7 +3,8 @@
 Every job is ``mpirun --oversubscribe -n K+1 python benchmarks/parallel_walk.py`` (rank 0
 coordinates, K walkers), PM7 through MOPAC, on this machine's cores:
 
-* model steps dominate: ethanol (500 K) from a store of a warm-up job's labels, K = 1..4
+* model steps dominate: ethanol (500 K) from the store of a warm-up job's labels (as many
+  walkers as the largest K, other seeds), K = 1..4
   walkers of ``--steps`` steps each: summed MD steps per second (walkers' MD time);
 * MOPAC dominates: 64 waters (300 K) from an empty store, ``--water-steps`` steps each:
   reference labels per second;
@@ -72,8 +73,9 @@ def table(data: dict) -> str:
     rows = {reg: {int(k): v for k, v in r.items()} for reg, r in rows.items()}
     ks = sorted(rows["model"])
     one_m, one_w = rows["model"].get(1), rows["mopac"].get(1)
-    out = [f"Ethanol (500 K): {args['steps']} steps per walker from the store of a "
-           f"{args['warm_steps']}-step one-walker warm-up ({data['warm_labels']} labels); "
+    out = [f"Ethanol (500 K): {args['steps']} steps per walker from the store of a warm-up "
+           f"of {max(args['ks'])} walkers x {args['warm_steps']} steps (other seeds; "
+           f"{data['warm_labels']} labels); "
            f"64 waters (300 K): {args['water_steps']} steps per walker from an empty store.",
            "",
            "| K walkers | ethanol steps/s (x one) | water64 labels/s (x one) | label to every "
@@ -101,15 +103,19 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ks", nargs="+", type=int, default=[1, 2, 3, 4])
     ap.add_argument("--steps", type=int, default=3000, help="ethanol steps per walker")
-    ap.add_argument("--warm-steps", type=int, default=10000,
-                    help="steps of the one-walker job whose labels warm-start the timed jobs")
+    ap.add_argument("--warm-steps", type=int, default=5000,
+                    help="steps per walker of the warm-up job (as many walkers as the largest "
+                         "K) whose labels warm-start the timed jobs")
     ap.add_argument("--water-steps", type=int, default=6, help="64-water steps per walker")
     ap.add_argument("--share-steps", type=int, default=2000,
                     help="ethanol steps per walker of the sharing comparison")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args(argv)
     root = tempfile.mkdtemp(prefix="otfml-parallel-")
-    warm = job(os.path.join(root, "warm"), 1, "ethanol", args.warm_steps, first_seed=100)
+    # the warm-up covers the geometry of several walkers (seeds other than the timed ones),
+    # so that model steps dominate the timed jobs at every K
+    warm = job(os.path.join(root, "warm"), max(args.ks), "ethanol", args.warm_steps,
+               first_seed=100)
     store = os.path.join(root, "warm", "shared.h5")
     rows = {"model": {}, "mopac": {}}
     for k in args.ks:
