@@ -13,7 +13,7 @@ from ase import Atoms
 from ..descriptor import Environments
 from ._buffers import _times_blocks
 from ._threads import _in_two, _Task
-from ._types import PreparedFrame, _Frame
+from ._types import PreparedFrame, _Frame, term_env
 
 #: largest rank, as a fraction of M, of the changes to B that update its factor (SparseGP.solve)
 _UPDATE_RANK = 0.125
@@ -81,13 +81,6 @@ class _Frames:
             raise ValueError("reference energy/forces contain NaN or inf; frame refused")
         return forces
 
-    def _check_terms(self, env: Environments) -> None:
-        """ValueError where ``env`` lacks a term of the model (computed by a descriptor
-        alone rather than :meth:`environments`)."""
-        if len(self.terms) > 1 and env.long is None:
-            raise ValueError("these environments lack the model's longer-range term; "
-                             "compute them with SparseGP.environments")
-
     def _state(self) -> tuple:
         """What must not change between :meth:`prepare_frame` and :meth:`add_prepared`."""
         return self.n_sparse, len(self.frames), id(self._Linv), self.n_dropped
@@ -123,8 +116,8 @@ class _Frames:
             )
         if env is None:
             env = self.environments(atoms)
-        else:
-            self._check_terms(env)
+        else:  # ValueError where they lack a term (computed by one descriptor alone)
+            term_env(env, len(self.terms) - 1)
         if self.max_frames is not None and len(self.frames) >= self.max_frames:
             # before the new columns, whose rows the dropped frames would no longer need
             self._evict(len(self.frames) - self.max_frames + max(1, self.max_frames // 10))

@@ -55,6 +55,14 @@ def term_sigmas(theta: np.ndarray) -> np.ndarray:
     return np.concatenate([theta[:1], theta[3:]])
 
 
+def environments_of(terms, atoms) -> Environments:
+    """The environments of ``atoms`` for every descriptor of ``terms`` (a model's)."""
+    env = terms[0].environments(atoms)
+    if len(terms) > 1:
+        env.long = terms[1].environments(atoms)
+    return env
+
+
 def term_env(env: Environments, t: int) -> Environments:
     """The environments of model term ``t`` (0: the many-body term, 1: the longer-range one)."""
     if t == 0:

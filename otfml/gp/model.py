@@ -24,7 +24,14 @@ from ._memory import _Memory
 from ._rows import _Rows
 from ._sparse import _SparseSet
 from ._threads import Lanes, _Task
-from ._types import DEFAULT_BOUNDS, Hyperparameters, Prediction, _Frame, term_sigmas
+from ._types import (
+    DEFAULT_BOUNDS,
+    Hyperparameters,
+    Prediction,
+    _Frame,
+    environments_of,
+    term_sigmas,
+)
 from .likelihood import _Likelihood
 from .posterior import ARRAYS, Posterior
 
@@ -243,14 +250,11 @@ class SparseGP(_Rows, _SparseSet, _Frames, _Memory, _Likelihood, _Factor):
     def _column_sigmas(self, theta: np.ndarray | None = None) -> np.ndarray:
         """Each sparse column's signal standard deviation (its term's), eV, (M,)."""
         sig = term_sigmas(self.hyp.as_array() if theta is None else theta)
-        return sig[self.zs // len(self.descriptor.species)]
+        return sig[self._column_terms()]
 
     def environments(self, atoms: Atoms) -> Environments:
         """The descriptors of ``atoms`` for every term of the model."""
-        env = self.descriptor.environments(atoms)
-        if len(self.terms) > 1:
-            env.long = self.terms[1].environments(atoms)
-        return env
+        return environments_of(self.terms, atoms)
 
     def _cols(self, s: int) -> np.ndarray:
         return np.flatnonzero(self.zs == s)
@@ -279,9 +283,8 @@ class SparseGP(_Rows, _SparseSet, _Frames, _Memory, _Likelihood, _Factor):
             self._species_cache = cache
         if s not in cache[1]:
             cols = self._cols(s)
-            sl = self._slices[self._channel_term(s)]
             cache[1][s] = (cols, self._Linv[np.ix_(cols, cols)],
-                           np.ascontiguousarray(self.Z[cols, sl]))
+                           np.ascontiguousarray(self._term_Z(cols, s)))
         return cache[1][s]
 
     def _species_blocks(self) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -19,7 +19,7 @@ from ..baseline import ScreenedCoulomb
 from ..descriptor import Descriptor, Environments
 from ._kernels import _CHUNK_BYTES, _PANEL_ROWS, _species_terms, _split_work
 from ._threads import Lanes
-from ._types import Prediction, _normalize, term_env
+from ._types import Prediction, _normalize, environments_of, term_env
 
 __all__ = ["Posterior"]
 
@@ -148,9 +148,7 @@ class Posterior:
             Precomputed descriptors of ``atoms``.
         """
         if env is None:
-            env = self.descriptor.environments(atoms)
-            if len(self.terms) > 1:
-                env.long = self.terms[1].environments(atoms)
+            env = environments_of(self.terms, atoms)
         S, T = self._S, len(self.terms)
         units = [_normalize(term_env(env, t).p) for t in range(T)]
         N = len(env.species)
