@@ -82,8 +82,9 @@ def _cmd_check(args) -> int:
     images = build_structures(cfg)
     build_reference(cfg)  # what run refuses, check refuses (method, keywords, command)
     walkers = walker_settings(cfg)
-    for over in walkers[1:] if len(walkers) > 1 else []:  # each walker's structure too
-        build_structures(walker_config(cfg, over))
+    for over in walkers:  # each walker's own structure too
+        if "structure" in over:
+            build_structures(walker_config(cfg, over))
     atoms = images[0]
     stages = ", ".join(f"{s['name']} ({s['driver']['type']})" for s in cfg["stages"])
     print(f"{args.config}: valid ({atoms.get_chemical_formula()}, {len(atoms)} atoms"
