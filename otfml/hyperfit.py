@@ -36,6 +36,11 @@ class HyperparameterSchedule:
         self.gap = self.every
         self.next = self.every
 
+    def start_at(self, n_frames: int) -> None:
+        """Count from a model warm-started (and fitted) on ``n_frames`` stored frames: the
+        next fit is due ``every`` labels later, or at a power of two."""
+        self.next = int(n_frames) + self.every
+
     def due(self, n_calls: int) -> bool:
         """Refit at call ``n_calls`` (1-based)?"""
         n = int(n_calls)
@@ -68,9 +73,10 @@ class _HyperparameterFits:
 
     def _refit(self) -> None:
         """Solve for the weights after a frame was added, with new hyperparameters where a
-        fit is due (``HyperparameterSchedule``) or a fit that ran apart takes effect.
+        fit is due (``HyperparameterSchedule``, counting the warm start's frames too) or a
+        fit that ran apart takes effect.
 
-        The first ``hyperparameter_first`` calls fit at once. Later fits, with
+        The first ``hyperparameter_first`` labels fit at once. Later fits, with
         ``hyperparameter_lag`` > 0, run on another thread on a copy of the model's
         accumulators while the run goes on, and take effect at the update
         ``hyperparameter_lag`` calls later, waiting for the fit there if need be: a fit
@@ -79,7 +85,7 @@ class _HyperparameterFits:
         takes effect at does not depend on how fast it ran. While it runs, BLAS keeps
         otfml's limit (``blas_threads``).
         """
-        n = self.n_calls
+        n = self.n_warm + self.n_calls  # the labels the model holds
         lag = self.settings["hyperparameter_lag"]
         if self._fit is not None and n >= self._fit.call + lag:
             self._apply_fit()
@@ -108,7 +114,7 @@ class _HyperparameterFits:
         if self._fit_pool is None:
             self._fit_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="otfml-fit")
         self._blas.__enter__()  # left at _apply_fit
-        self._fit = _PendingFit(self.n_calls, self.model.hyp.as_array(),
+        self._fit = _PendingFit(self.n_warm + self.n_calls, self.model.hyp.as_array(),
                                 self._fit_pool.submit(timed), time.perf_counter() - t0)
 
     def _apply_fit(self) -> None:
@@ -120,7 +126,7 @@ class _HyperparameterFits:
             new, seconds = fit.future.result()
             self.timings["fits_apart"].append(seconds)
         except Exception:  # a fit is never worth losing the run for
-            log.warning("the hyperparameter fit started at reference call %d failed; the "
+            log.warning("the hyperparameter fit started at label %d failed; the "
                         "hyperparameters stay %s", fit.call, self.model.hyp, exc_info=True)
             new = None
         finally:
@@ -128,8 +134,8 @@ class _HyperparameterFits:
         self.timings["hyperparameters"].append(fit.started_s + time.perf_counter() - t0)
         if new is not None:
             self.model.hyp = new
-        log.debug("hyperparameter fit of call %d applied at call %d: %s", fit.call,
-                  self.n_calls, self.model.hyp)
+        log.debug("hyperparameter fit of label %d applied at label %d: %s", fit.call,
+                  self.n_warm + self.n_calls, self.model.hyp)
         self.hyperparameter_schedule.fitted(fit.call, fit.before, self.model.hyp.as_array())
 
     def finish_hyperparameter_fit(self) -> None:

@@ -164,6 +164,7 @@ class Learner(_HyperparameterFits, _Overlap, _Failures):
         log.info("warm start: %d frames from %s, %d sparse environments, %.1f s",
                  len(frames), self.store.path, self.model.n_sparse, time.perf_counter() - t0)
         self.n_warm = len(frames)
+        self.hyperparameter_schedule.start_at(self.n_warm)  # fitted on them just now
 
     def _ensure_model(self, atoms: Atoms) -> None:
         """A model that covers the elements of ``atoms`` (extended where it lacks one)."""

@@ -117,7 +117,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
                            "whole run), or the oldest tenth (oldest: only the latest stretch)",
                            choices=EVICTIONS),
         "hyperparameter_first": _f(int, 5, "Refit hyperparameters at each of the first N "
-                                   "reference calls", minimum=0),
+                                   "labels the model holds (a warm start's frames count: "
+                                   "it fits on them)", minimum=0),
         "blas_threads": _f(int, 1, "BLAS threads for otfml's own linear algebra (null: "
                            "leave BLAS as it is); MOPAC is not affected", nullable=True, minimum=1),
         "predict_threads": _f(int, None, "Threads that share each prediction's work, species "
@@ -133,9 +134,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
                              "prepare the model's update on a second CPU: the new sparse "
                              "environments and their rows need only the geometry (false: one "
                              "after the other; off by itself with one CPU)"),
-        "hyperparameter_every": _f(int, 50, "...then at calls that are powers of two and N "
-                                   "calls after the last fit; the interval doubles (up to 8N) "
-                                   "while fits move no hyperparameter by more than 10 %",
+        "hyperparameter_every": _f(int, 50, "...then at label counts that are powers of two "
+                                   "and N labels after the last fit; the interval doubles (up "
+                                   "to 8N) while fits move no hyperparameter by more than 10 %",
                                    minimum=1),
         "hyperparameter_lag": _f(int, 10, "Fits after the first hyperparameter_first run on "
                                  "another thread while the run goes on and take effect N "

@@ -133,11 +133,13 @@ def test_work_is_split_into_whole_species_or_large_parts(lanes):
         parts = sorted((a, b) for x in out for t, a, b in x if t == s)
         assert parts[0][0] == 0 and parts[-1][1] == n
         assert all(p[1] == q[0] for p, q in zip(parts, parts[1:]))
-        assert len(parts) == 1 or min(b - a for a, b in parts) >= gp_module._kernels._MIN_SPLIT_ATOMS
+        smallest = gp_module._kernels._MIN_SPLIT_ATOMS
+        assert len(parts) == 1 or min(b - a for a, b in parts) >= smallest
     load = [sum(u * (gp_module._kernels._FIXED_ATOMS + b - a) for t, a, b in x
                 for s, _, u in work if s == t) for x in out]
     total = sum(u * (gp_module._kernels._FIXED_ATOMS + n) for _, n, u in work)
-    assert max(load) <= total / lanes + 5.0 * (gp_module._kernels._FIXED_ATOMS + gp_module._kernels._MIN_SPLIT_ATOMS)
+    K = gp_module._kernels
+    assert max(load) <= total / lanes + 5.0 * (K._FIXED_ATOMS + K._MIN_SPLIT_ATOMS)
 
 
 def _held_bytes(gp: SparseGP) -> dict:
@@ -427,7 +429,8 @@ def test_pruning_swaps_redundant_environments_and_matches_a_fresh_build():
         assert not np.triu(Linv, 1).any()
         rebuilt = np.zeros((M, M))
         for c in range(len(blk["offsets"]) - 1):
-            i0, i1 = c * gp_module._kernels._PANEL_ROWS, min(M, (c + 1) * gp_module._kernels._PANEL_ROWS)
+            rows = gp_module._kernels._PANEL_ROWS
+            i0, i1 = c * rows, min(M, (c + 1) * rows)
             rebuilt[i0:i1, :i1] = blk["panels"][blk["offsets"][c]:blk["offsets"][c + 1]].reshape(
                 i1 - i0, i1)
         np.testing.assert_array_equal(rebuilt, Linv)

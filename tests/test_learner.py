@@ -229,6 +229,10 @@ def test_warm_start_calibrates_with_one_call_then_trusts(tmp_path):
     b.rattle(0.001, seed=1)
     b.get_forces()  # decided with the calibrated estimate now
     assert b.calc.learner.history[-1]["reason"] in ("trusted", "uncertain")
+    # the warm start fitted the hyperparameters on the n stored frames: its first labels
+    # are not "the first few" of the schedule, which counts the frames the model holds
+    assert not b.calc.learner.timings["hyperparameters"]
+    assert b.calc.learner.hyperparameter_schedule.next == n + 50
     b.calc.close()
 
 
