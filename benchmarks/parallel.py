@@ -5,7 +5,8 @@ coordinates, K walkers), PM7 through MOPAC, on this machine's cores:
 
 * model steps dominate: ethanol (500 K) from the store of a warm-up job's labels (as many
   walkers as the largest K, other seeds), K = 1..4
-  walkers of ``--steps`` steps each: summed MD steps per second (walkers' MD time);
+  walkers of ``--steps`` steps each: summed MD steps per second (walkers' MD time), against
+  the mean of the same walkers' (seeds') steps per second each run alone;
 * MOPAC dominates: 64 waters (300 K) from an empty store, ``--water-steps`` steps each:
   reference labels per second;
 * sharing: ethanol from an empty store, 2 walkers sharing one model against the same 2
@@ -72,23 +73,30 @@ def table(data: dict) -> str:
     rows, args = data["rows"], data["args"]
     rows = {reg: {int(k): v for k, v in r.items()} for reg, r in rows.items()}
     ks = sorted(rows["model"])
-    one_m, one_w = rows["model"].get(1), rows["mopac"].get(1)
+    alone = [a["steps_per_s"] for a in data["model_alone"]]
+    one_w = rows["mopac"].get(1)
     out = [f"Ethanol (500 K): {args['steps']} steps per walker from the store of a warm-up "
            f"of {max(args['ks'])} walkers x {args['warm_steps']} steps (other seeds; "
            f"{data['warm_labels']} labels); "
            f"64 waters (300 K): {args['water_steps']} steps per walker from an empty store.",
            "",
-           "| K walkers | ethanol steps/s (x one) | water64 labels/s (x one) | label to every "
-           "walker's model, median / worst s | update median s | version MB | peak rank MB |",
-           "|---|---|---|---|---|---|---|"]
+           "Ethanol's one walker: each walker (seed) of the K run alone, steps/s: "
+           + ", ".join(f"{a:.0f}" for a in alone) + "; x one is against the mean of the K "
+           "walkers' own.",
+           "",
+           "| K walkers | ethanol steps/s (x one) | ethanol calls | water64 labels/s (x one) | "
+           "label to every walker's model, median / worst s | update median s | version MB | "
+           "peak rank MB |",
+           "|---|---|---|---|---|---|---|---|"]
     for k in ks:
         m, w = rows["model"][k], rows["mopac"][k]
-        xm = f" ({m['steps_per_s'] / one_m['steps_per_s']:.2f}x)" if one_m else ""
+        xm = f" ({m['steps_per_s'] / statistics.mean(alone[:k]):.2f}x)"
         xw = f" ({w['labels_per_s'] / one_w['labels_per_s']:.2f}x)" if one_w else ""
         lat = (f"{m['latency_median_s']:.3f} / {m['latency_worst_s']:.3f}"
                if m["latency_median_s"] is not None else "-")
         upd = f"{m['update_median_s']:.3f}" if m["update_median_s"] is not None else "-"
-        out.append(f"| {k} | {m['steps_per_s']:.0f}{xm} | {w['labels_per_s']:.3f}{xw} | "
+        out.append(f"| {k} | {m['steps_per_s']:.0f}{xm} | {m['calls']} | "
+                   f"{w['labels_per_s']:.3f}{xw} | "
                    f"{lat} | {upd} | {m['version_MB']:.1f} | "
                    f"{max(m['peak_rank_MB'], w['peak_rank_MB']):.0f} |")
     shared, alone = data["shared"], data["alone"]
@@ -103,7 +111,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ks", nargs="+", type=int, default=[1, 2, 3, 4])
     ap.add_argument("--steps", type=int, default=3000, help="ethanol steps per walker")
-    ap.add_argument("--warm-steps", type=int, default=5000,
+    ap.add_argument("--warm-steps", type=int, default=20000,
                     help="steps per walker of the warm-up job (as many walkers as the largest "
                          "K) whose labels warm-start the timed jobs")
     ap.add_argument("--water-steps", type=int, default=6, help="64-water steps per walker")
@@ -118,16 +126,19 @@ def main(argv=None) -> int:
                first_seed=100)
     store = os.path.join(root, "warm", "shared.h5")
     rows = {"model": {}, "mopac": {}}
+    # each walker alone: the baseline of "x one" (walkers of other seeds see other geometry)
+    model_alone = [figures(job(os.path.join(root, f"alone_model{w}"), 1, "ethanol", args.steps,
+                               first_seed=w, store=store)) for w in range(max(args.ks))]
     for k in args.ks:
-        rows["model"][k] = figures(job(os.path.join(root, f"model{k}"), k, "ethanol",
-                                       args.steps, store=store))
+        rows["model"][k] = model_alone[0] if k == 1 else figures(job(
+            os.path.join(root, f"model{k}"), k, "ethanol", args.steps, store=store))
         rows["mopac"][k] = figures(job(os.path.join(root, f"water{k}"), k, "water64",
                                        args.water_steps))
     shared = figures(job(os.path.join(root, "shared"), 2, "ethanol", args.share_steps))
     alone = [figures(job(os.path.join(root, f"alone{w}"), 1, "ethanol", args.share_steps,
                          first_seed=w)) for w in (0, 1)]
     data = {"args": vars(args), "warm_labels": warm["versions"], "rows": rows,
-            "shared": shared, "alone": alone}
+            "model_alone": model_alone, "shared": shared, "alone": alone}
     print(table(data))
     if args.json:
         with open(args.json, "w") as fh:

@@ -346,15 +346,20 @@ def test_frames_beyond_the_cache_budget_give_the_same_model():
     np.testing.assert_allclose(a._AFw, b._AFw, atol=1e-9)
 
 
-def test_save_load_round_trip_is_exact(trained, tmp_path):
+@pytest.mark.parametrize("compact", [False, True])
+def test_save_load_round_trip_is_exact(trained, tmp_path, compact):
+    """Also compact (no C, the triangular factors' lower triangles: what MPI ranks send)."""
     gp, frames = trained
-    gp.save(str(tmp_path / "m.npz"), extra={"force_std_scale": 3.0})
+    gp.save(str(tmp_path / "m.npz"), extra={"force_std_scale": 3.0}, compact=compact)
+    with np.load(str(tmp_path / "m.npz")) as data:
+        assert ("LB_tril" in data.files) == compact and ("C" in data.files) != compact
     m = SparseGP.load(str(tmp_path / "m.npz"))
     a = frames[1][0]
     p, q = gp.predict(a), m.predict(a)
     assert p.energy == q.energy
     np.testing.assert_array_equal(p.forces, q.forces)
     np.testing.assert_array_equal(p.novelty, q.novelty)
+    np.testing.assert_array_equal(m.posterior.LB, gp.posterior.LB)
     assert m.extra == {"force_std_scale": 3.0}
     with pytest.raises(RuntimeError, match="model_from_store"):
         m.add_frame(a, frames[1][1], frames[1][2])

@@ -33,7 +33,7 @@ from ._types import (
     term_sigmas,
 )
 from .likelihood import _Likelihood
-from .posterior import ARRAYS, Posterior
+from .posterior import ARRAYS, Posterior, pack_triangles, unpack_triangles
 
 __all__ = ["SparseGP"]
 
@@ -339,7 +339,8 @@ class SparseGP(_Rows, _SparseSet, _Frames, _Memory, _Likelihood, _Factor):
     def save(self, path, extra: dict | None = None, compact: bool = False) -> None:
         """Save what prediction needs to an ``.npz`` file, or a binary file object
         (exact round trip). ``compact`` leaves out the M x M matrix that only the
-        variances read (they form it when first asked, O(M^3)).
+        variances read (they form it when first asked, O(M^3)), and holds only the
+        lower triangles of the triangular ones (:func:`~otfml.gp.posterior.pack_triangles`).
 
         ``extra`` (JSON-able) is stored alongside and returned by :meth:`load`
         as ``model.extra``.
@@ -358,7 +359,9 @@ class SparseGP(_Rows, _SparseSet, _Frames, _Memory, _Likelihood, _Factor):
             "n_frames": self._n_e,
             "baseline": None if self.baseline is None else self.baseline.to_dict(),
         }
-        arrays = {"meta": np.array(json.dumps(meta)), **self.posterior.arrays(not compact)}
+        arrays = self.posterior.arrays(not compact)
+        arrays = {"meta": np.array(json.dumps(meta)),
+                  **(pack_triangles(arrays) if compact else arrays)}
         if hasattr(path, "write"):
             np.savez(path, **arrays)
             return
@@ -375,8 +378,11 @@ class SparseGP(_Rows, _SparseSet, _Frames, _Memory, _Likelihood, _Factor):
         try:
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
-                arrays = {k: data[k] for k in ARRAYS if k != "C"}
-                arrays["C"] = data["C"] if "C" in data.files else None
+                arrays = unpack_triangles({k: data[k] for k in data.files if k != "meta"})
+                arrays.setdefault("C", None)
+                missing = [k for k in ARRAYS if k not in arrays]
+                if missing:
+                    raise KeyError(f"no {missing}")
             ok = isinstance(meta, dict) and meta.get("format") == _MODEL_FORMAT
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as err:
             raise ConfigError(

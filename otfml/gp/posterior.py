@@ -25,6 +25,31 @@ __all__ = ["Posterior"]
 
 #: the arrays of a posterior, in the order :meth:`Posterior.arrays` gives them
 ARRAYS = ("Z", "zs", "e0", "beta", "LB", "Linv", "C")
+#: the triangular M x M factors: a compact model file holds their lower triangles
+TRIANGULAR = ("LB", "Linv")
+
+
+def pack_triangles(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``arrays`` with each of :data:`TRIANGULAR` as ``NAME_tril``, its lower triangle
+    row by row (M (M + 1) / 2 values: half the bytes, the same values)."""
+    out = dict(arrays)
+    rows, cols = np.tril_indices(len(out["zs"]))
+    for name in TRIANGULAR:
+        out[name + "_tril"] = out.pop(name)[rows, cols]
+    return out
+
+
+def unpack_triangles(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The inverse of :func:`pack_triangles` (arrays already whole are left as they are)."""
+    out = dict(arrays)
+    M = len(out["zs"])
+    rows, cols = np.tril_indices(M)
+    for name in TRIANGULAR:
+        if name + "_tril" in out:
+            full = np.zeros((M, M))
+            full[rows, cols] = out.pop(name + "_tril")
+            out[name] = full
+    return out
 
 
 class Posterior:
