@@ -16,7 +16,7 @@ Also printed per K: the time from a label's arrival at the coordinator to each w
 of the version that learned it (median and worst), the coordinator's update time, the size
 of a model version, and the peak memory of a rank.
 
-    python benchmarks/parallel.py                     # the whole benchmark (~10 min on 2 cores)
+    python benchmarks/parallel.py                     # the whole benchmark (~5 min on 2 cores)
     python benchmarks/parallel.py --ks 1 2 --steps 500 --water-steps 4   # a quick look
 """
 
