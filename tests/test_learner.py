@@ -814,7 +814,7 @@ def test_a_failing_fit_on_another_thread_leaves_the_run_going(monkeypatch, caplo
     n = L.n_calls
     more = _md(a, 60, seed=2)
     assert len(more) >= 60 and L.n_calls > n + 6
-    assert "hyperparameter fit started at reference call" in caplog.text
+    assert "hyperparameter fit started at label" in caplog.text
     assert L.model.hyp == before
     with pytest.raises(ConfigError, match="hyperparameter_lag"):
         OTFCalculator(EMT(), model_settings={"hyperparameter_lag": -1})
