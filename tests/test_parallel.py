@@ -154,3 +154,50 @@ def test_walkers_without_mpirun_are_refused_with_the_command_to_use(tmp_path, ca
             "walkers:\n", f"walkers:\n  structure: {listed}\n"))
         assert main(["check", str(missing)]) == 2
         assert "nosuch.xyz" in capsys.readouterr().err
+
+
+class _OneMessage:
+    """A stand-in for a walker's communicator holding one model version from rank 0."""
+
+    def __init__(self, msg) -> None:
+        self.msg = msg
+
+    def Get_rank(self) -> int:
+        return 1
+
+    def Iprobe(self, source, tag) -> bool:
+        return self.msg is not None
+
+    def recv(self, source, tag):
+        msg, self.msg = self.msg, None
+        return msg
+
+
+def test_a_walker_loads_a_version_only_if_its_bytes_match_the_checksum():
+    """No mpirun needed: the check is the walker's own."""
+    from ase.build import molecule
+    from ase.calculators.emt import EMT
+
+    from otfml.descriptor import Descriptor
+    from otfml.gp import SparseGP
+    from otfml.parallel.protocol import ModelVersion, model_bytes
+    from otfml.parallel.walker import WalkerLearner
+    from otfml.policy import LearningPolicy
+    from otfml.reference import make_reference
+
+    gp = SparseGP(Descriptor([1, 6, 8]))
+    a = molecule("CH3CH2OH")
+    a.calc = EMT()
+    gp.add_frame(a, a.get_potential_energy(), a.get_forces())
+    data, digest = model_bytes(gp)
+    policy = LearningPolicy()
+    good = ModelVersion(1, data, digest, policy, 0.0, 1)
+    w = WalkerLearner(_OneMessage(good), make_reference(EMT()), species=[1, 6, 8])
+    assert w.take_newest() and w.version == 1 and w.checksums == {1: digest}
+    damaged = bytearray(data)
+    damaged[len(damaged) // 2] ^= 0xFF
+    w = WalkerLearner(_OneMessage(ModelVersion(1, bytes(damaged), digest, policy, 0.0, 1)),
+                      make_reference(EMT()), species=[1, 6, 8])
+    with pytest.raises(RuntimeError, match="model version 1 reached walker 0 damaged"):
+        w.take_newest()
+    assert w.version == 0 and not w.checksums

@@ -7,6 +7,7 @@ runs) a copy sent to another process all see one consistent set of factors.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -29,11 +30,17 @@ ARRAYS = ("Z", "zs", "e0", "beta", "LB", "Linv", "C")
 TRIANGULAR = ("LB", "Linv")
 
 
+@functools.lru_cache(maxsize=2)
+def _tril(M: int) -> tuple[np.ndarray, np.ndarray]:
+    """``np.tril_indices(M)``, kept for the next model of the same size."""
+    return np.tril_indices(M)
+
+
 def pack_triangles(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``arrays`` with each of :data:`TRIANGULAR` as ``NAME_tril``, its lower triangle
     row by row (M (M + 1) / 2 values: half the bytes, the same values)."""
     out = dict(arrays)
-    rows, cols = np.tril_indices(len(out["zs"]))
+    rows, cols = _tril(len(out["zs"]))
     for name in TRIANGULAR:
         out[name + "_tril"] = out.pop(name)[rows, cols]
     return out
@@ -43,7 +50,7 @@ def unpack_triangles(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The inverse of :func:`pack_triangles` (arrays already whole are left as they are)."""
     out = dict(arrays)
     M = len(out["zs"])
-    rows, cols = np.tril_indices(M)
+    rows, cols = _tril(M)
     for name in TRIANGULAR:
         if name + "_tril" in out:
             full = np.zeros((M, M))

@@ -154,8 +154,12 @@ class Coordinator:
         self.version_bytes.append(len(data))
         msg = ModelVersion(self.version, data, digest, L.policy, arrived,
                            len(L.store) if L.store is not None else L.n_calls)
+        from mpi4py import MPI
+
+        # pickled once for every walker (they receive it as any pickled message)
+        payload = MPI.pickle.dumps(msg)
         for rank in range(1, self.comm.Get_size()):
-            self._pending.append(self.comm.isend(msg, dest=rank, tag=MODEL))
+            self._pending.append(self.comm.Isend([payload, MPI.BYTE], dest=rank, tag=MODEL))
         self._published = time.time()
         self._tidy()
 

@@ -71,7 +71,8 @@ class ModelVersion:
     data : bytes
         The model file (:meth:`otfml.gp.SparseGP.save`).
     checksum : str
-        BLAKE2b digest of ``data`` (every rank holds the same model of a version).
+        SHA-256 digest of ``data`` (every rank holds the same model of a version: each
+        walker checks the bytes it received against it).
     policy : object
         The coordinator's learning policy (its calibration) at this version.
     label_arrived : float
@@ -97,8 +98,8 @@ def model_bytes(model) -> tuple[bytes, str]:
 
 
 def checksum(data: bytes) -> str:
-    """Hex BLAKE2b digest (16 bytes) of ``data``."""
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
+    """Hex SHA-256 digest of ``data`` (the first 32 hex digits)."""
+    return hashlib.sha256(data).hexdigest()[:32]
 
 
 def model_from_bytes(data: bytes):

@@ -11,7 +11,7 @@ from ase import Atoms
 from ..learner import Learner
 from ..outcome import StepResult
 from ..structure import check_geometry
-from .protocol import LABEL, MODEL, LabelMessage, ModelVersion, model_from_bytes
+from .protocol import LABEL, MODEL, LabelMessage, ModelVersion, checksum, model_from_bytes
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +77,18 @@ class WalkerLearner(Learner):
             newest = self.comm.recv(source=0, tag=MODEL)
         if newest is None or newest.version <= self.version:
             return False
+        digest = checksum(newest.data)
+        if digest != newest.checksum:
+            raise RuntimeError(f"model version {newest.version} reached walker {self.walker} "
+                               f"damaged (its checksum differs from the coordinator's); "
+                               "the run's store is intact: run the same command again")
         self.model = model_from_bytes(newest.data)
         if self.settings["predict_threads"] is not None:
             self.model.threads = self.settings["predict_threads"]
         # this walker's settings (its stage's), the coordinator's calibration
         self.policy = type(self.policy)(**self.policy.settings()).inherit(newest.policy)
         self.version = newest.version
-        self.checksums[newest.version] = newest.checksum
+        self.checksums[newest.version] = digest
         self.latency.append(time.time() - newest.label_arrived)
         self.install_s += time.perf_counter() - t0
         return True
