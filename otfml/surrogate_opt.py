@@ -5,9 +5,12 @@ atoms' :class:`~otfml.OTFCalculator`, so the frame is stored and learned). Betwe
 calls it minimizes the model's surface, corrected so that its forces equal the reference's
 at the best geometry so far, within a trust radius that grows where the model predicted the
 reference's energy change well and shrinks where it did not. Once the reference's forces
-are within ``handover`` of convergence (where the model's error is about the size of the
-remaining forces), or the model finds no more descent, it goes on as quasi-Newton (BFGS)
-on the reference's forces, starting from the model's Hessian.
+are within ``handover`` of convergence (where a model's error is often about the size of
+the remaining forces) and the model's last step changed the reference's energy by other
+than it predicted (beyond a factor of 1.5), or the model finds no more descent, it goes on
+as quasi-Newton (BFGS) on the reference's forces, starting from the model's Hessian. A
+model that predicts well (one warmed up on the molecule) keeps leading: it finds its way
+down soft torsions, off flat regions and saddles, where quasi-Newton steps crawl.
 """
 
 from __future__ import annotations
@@ -63,7 +66,8 @@ class SurrogateOpt(BFGS):
         Largest trust radius, Å.
     handover : float, default 0.3
         The reference's largest force (eV/Å) below which the steps are quasi-Newton on
-        the reference's forces.
+        the reference's forces, unless the model predicted its last step well (module
+        notes).
     maxstep : float, default 0.1
         Largest move of an atom (Å) in a quasi-Newton step.
     """
@@ -83,6 +87,8 @@ class SurrogateOpt(BFGS):
         self.trust, self.max_trust, self.handover = trust, max_trust, handover
         self.best: tuple[np.ndarray, float, np.ndarray] | None = None
         self.predicted: float | None = None  # the model's energy change of the last step
+        #: the reference's energy change of the last kept step over the model's
+        self.ratio: float | None = None
         self.rejected = 0
         #: steps whose geometry came out higher than the best so far (trust radius cut)
         self.n_rejected = 0
@@ -114,13 +120,18 @@ class SurrogateOpt(BFGS):
         energy = float(self.atoms.get_potential_energy())
         self._judge(x, energy, forces)
         bx, be, bf = self.best
-        if np.linalg.norm(bf, axis=1).max() <= self.handover or self.rejected >= 2:
+        if (np.linalg.norm(bf, axis=1).max() <= self.handover and not self._model_predicts()
+                or self.rejected >= 2):
             return self._hand_over(x)
         y, drop = self._model_step(bx, bf)
         if drop > -_E_TOL / 10:  # the model sees no descent it trusts
             return self._hand_over(x)
         self.predicted = drop
         self.optimizable.set_x(y.ravel())
+
+    def _model_predicts(self) -> bool:
+        """The model predicted the last step's energy change within a factor of 1.5."""
+        return self.ratio is not None and 1 / 1.5 <= self.ratio <= 1.5
 
     def _judge(self, x: np.ndarray, energy: float, forces: np.ndarray) -> None:
         """Keep the geometry if it is no worse than the best; move the trust radius by how
@@ -133,7 +144,7 @@ class SurrogateOpt(BFGS):
                       self.best[1], self.trust)
             return
         if self.best is not None and self.predicted is not None and self.predicted < 0:
-            ratio = (energy - self.best[1]) / self.predicted
+            ratio = self.ratio = (energy - self.best[1]) / self.predicted
             if ratio > 0.75:
                 self.trust = min(2.0 * self.trust, self.max_trust)
             elif ratio < 0.25:

@@ -64,6 +64,32 @@ def test_a_wrong_first_guess_is_caught_by_the_trust_radius(tmp_path):
     assert opt.n_rejected >= 1 and min(trusts) < 0.4
 
 
+def test_the_model_keeps_leading_below_the_handover_force_while_it_predicts_well(tmp_path):
+    """Below ``handover`` the quasi-Newton phase begins only once the model mispredicted
+    its last step's energy change (by more than a factor of 1.5)."""
+    from ase.optimize import BFGS
+
+    from otfml.surrogate_opt import SurrogateOpt
+
+    def near_minimum(ratio):
+        a = molecule("CH3CH2OH")
+        a.calc = OTFCalculator(EMT(), store=str(tmp_path / f"{ratio}.h5"))
+        BFGS(a, logfile=None).run(fmax=0.2, steps=200)  # learned on the way, below 0.3
+        opt = SurrogateOpt(a, logfile=None)
+        opt.learner.reference_only = True
+        # the last step: the model predicted -10 meV, the reference fell by ratio x that
+        opt.best = (a.positions.copy(), a.get_potential_energy() + 0.01 * ratio,
+                    a.get_forces())
+        opt.predicted, opt.fmax = -0.01, 0.05
+        opt.step()
+        a.calc.close()
+        assert opt.ratio == pytest.approx(ratio)
+        return opt
+
+    assert not near_minimum(1.0).quasi_newton
+    assert near_minimum(0.2).quasi_newton
+
+
 @mopac
 def test_conformers_share_the_model_and_later_ones_need_fewer_calls(tmp_path):
     """Three rattled copies of ethanol relaxed one after another with one calculator: the
