@@ -197,19 +197,19 @@ def _kept_apart(x: np.ndarray, y: np.ndarray, shrink: float = 0.75) -> np.ndarra
 
 def model_hessian(learner, atoms: Atoms, x: np.ndarray, h: float = 0.005,
                   floor: float = 0.5) -> np.ndarray:
-    """The model's Hessian at ``x`` (3N, 3N), eV/Å², by central differences of its forces,
-    symmetrized, with eigenvalues made positive and at least ``floor``."""
+    """The model's Hessian at ``x`` (3N, 3N), eV/Å², by forward differences of its forces
+    (3N + 1 predictions), symmetrized, with eigenvalues made positive and at least
+    ``floor``."""
     n3 = x.size
     H = np.zeros((n3, n3))
     a = atoms.copy()
+    a.positions = x
+    f0 = learner.predict(a).forces.ravel()
     for k in range(n3):
         i, c = divmod(k, 3)
         a.positions = x.copy()
         a.positions[i, c] += h
-        plus = learner.predict(a).forces.ravel()
-        a.positions[i, c] -= 2 * h
-        minus = learner.predict(a).forces.ravel()
-        H[k] = -(plus - minus) / (2 * h)
+        H[k] = -(learner.predict(a).forces.ravel() - f0) / h
     H = 0.5 * (H + H.T)
     w, V = np.linalg.eigh(H)
     return (V * np.maximum(np.abs(w), floor)) @ V.T
