@@ -26,7 +26,7 @@ from .gp import Prediction, SparseGP
 from .hyperfit import HyperparameterSchedule, _HyperparameterFits, _PendingFit
 from .outcome import StepResult, _Failures
 from .policy import Decision, LearningPolicy
-from .reference import Reference
+from .reference import Label, Reference
 from .store import Store
 from .structure import (
     charge_and_multiplicity,
@@ -299,8 +299,6 @@ class Learner(_HyperparameterFits, _Overlap, _Failures):
         dissociated = n_fragments > self._n_fragments
         if dissociated and not self.policy.allow_fragmentation:
             check_fragments(atoms, step, self._n_fragments)  # raises, naming the atoms
-        work = atoms.copy()
-        work.info["otfml_step"] = step
         env = pred.env if pred is not None else None  # the descriptors, computed once
         admission = self._admission(atoms)
         # with overlap_update, the update's geometry-only part runs on another core while the
@@ -315,13 +313,9 @@ class Learner(_HyperparameterFits, _Overlap, _Failures):
             prepared = (self._executor().submit(self._prepare, atoms, env, admission, helper)
                         if self._overlap else None)
             try:
-                t0 = time.perf_counter()
-                label = self.reference.compute(work, charge, mult)
-                self.timings["reference"].append(time.perf_counter() - t0)
-                self._check_fingerprint(label.fingerprint)
-                if not dissociated:  # a dissociation (allowed) is new to the model
-                    self._check_label(label, pred, atoms, step)
-                self.last_label_per_atom = label.energy / len(atoms)
+                # a dissociation (allowed) is new to the model: its label is not compared
+                label = self._reference_label(atoms, step, charge, mult, pred,
+                                              compare=not dissociated)
                 if self.store is not None:
                     self.store.append(atoms, label.energy, label.forces, label.fingerprint,
                                       step=step, walker=self.walker,
@@ -355,6 +349,22 @@ class Learner(_HyperparameterFits, _Overlap, _Failures):
         n = len(atoms)
         return StepResult(label.energy, label.forces, "reference", np.zeros(n),
                           dec.max_force_std, dec.reason)
+
+    def _reference_label(self, atoms: Atoms, step: int, charge: int, mult: int, pred,
+                         compare: bool = True) -> Label:
+        """The reference's label of ``atoms`` at ``step``, timed, its fingerprint checked and
+        (with ``compare``) its values against the model's prediction ``pred``
+        (:meth:`_check_label`)."""
+        work = atoms.copy()
+        work.info["otfml_step"] = step
+        t0 = time.perf_counter()
+        label = self.reference.compute(work, charge, mult)
+        self.timings["reference"].append(time.perf_counter() - t0)
+        self._check_fingerprint(label.fingerprint)
+        if compare:
+            self._check_label(label, pred, atoms, step)
+        self.last_label_per_atom = label.energy / len(atoms)
+        return label
 
     def _admission(self, atoms: Atoms) -> float | None:
         """Sparse tolerance (normalized) for a labelled frame (``LearningPolicy.sparse_admission``).

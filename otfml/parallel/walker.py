@@ -119,14 +119,7 @@ class WalkerLearner(Learner):
                                   again.max_force_std, "screened by a newer model", new)
             pred, dec = new, again
         check_geometry(atoms, step)
-        work = atoms.copy()
-        work.info["otfml_step"] = step
-        t0 = time.perf_counter()
-        label = self.reference.compute(work, charge, mult)
-        self.timings["reference"].append(time.perf_counter() - t0)
-        self._check_fingerprint(label.fingerprint)
-        self._check_label(label, pred, atoms, step)
-        self.last_label_per_atom = label.energy / len(atoms)
+        label = self._reference_label(atoms, step, charge, mult, pred)
         # sent without waiting: the label moves on while this walker goes on stepping
         while len(self._sends) >= IN_FLIGHT:
             self._sends.pop(0).wait()
