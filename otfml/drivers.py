@@ -282,12 +282,11 @@ def relax(atoms: Atoms, fmax: float = 0.05, steps: int = 1000, optimizer: str = 
     largest force at a step is below ``fmax``.
 
     An ASE optimizer's name instead: it runs on the model until the forces it sees are
-    below ``fmax``; the
-    reference then labels that geometry (:meth:`OTFCalculator.confirm`). Where its forces
-    are still above ``fmax`` the model cannot resolve the minimum (its error is larger than
-    ``fmax`` there): the optimizer goes on from there with every step labelled by the
-    reference (and learned), until the reference's forces are below ``fmax`` or ``steps``
-    are used up.
+    below ``fmax``; the reference then labels that geometry (:meth:`OTFCalculator.confirm`).
+    Where its forces are still above ``fmax`` the model cannot resolve the minimum (its
+    error is larger than ``fmax`` there): the optimizer goes on from there with every step
+    labelled by the reference (and learned), until the reference's forces are below
+    ``fmax`` or ``steps`` are used up.
 
     Parameters
     ----------
@@ -298,7 +297,7 @@ def relax(atoms: Atoms, fmax: float = 0.05, steps: int = 1000, optimizer: str = 
     steps : int
         Optimizer steps at most.
     optimizer : str
-        An optimizer of ``ase.optimize`` (BFGS, LBFGS, FIRE, ...).
+        ``"surrogate"``, or an optimizer of ``ase.optimize`` (BFGS, LBFGS, FIRE, ...).
     logfile : str or None
         The optimizer's log ("-": standard output).
     observers : tuple of callables

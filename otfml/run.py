@@ -66,10 +66,11 @@ def run(cfg: dict, resume: bool | None = None) -> dict:
     outdir = os.path.join(base, cfg["output"]["directory"])
     if mpi_size() > 1:
         return run_parallel(cfg, resume, _run_in)
-    if len(walker_settings(cfg)) > 1:
-        raise ConfigError(f"the walkers section makes {len(walker_settings(cfg))} walkers: run "
-                          f"the workflow under `mpirun -n {len(walker_settings(cfg)) + 1} otfml "
-                          "run ...` (rank 0 coordinates), or remove the walkers lists")
+    walkers = len(walker_settings(cfg))
+    if walkers > 1:
+        raise ConfigError(f"the walkers section makes {walkers} walkers: run the workflow "
+                          f"under `mpirun -n {walkers + 1} otfml run ...` (rank 0 "
+                          "coordinates), or remove the walkers lists")
     return _run_in(cfg, outdir, resume)
 
 

@@ -15,6 +15,7 @@ down soft torsions, off flat regions and saddles, where quasi-Newton steps crawl
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import numpy as np
@@ -96,20 +97,23 @@ class SurrogateOpt(BFGS):
         super().__init__(atoms, logfile=logfile, trajectory=trajectory, maxstep=maxstep,
                          **kwargs)
 
-    def run(self, fmax: float = 0.05, steps: int = 1000) -> bool:
-        """Optimize until the reference's largest force is below ``fmax`` (eV/Å)."""
-        self.learner.reference_only = True  # every geometry visited is the reference's
+    @contextlib.contextmanager
+    def _every_geometry_labelled(self):
+        """Every geometry visited meanwhile is the reference's (and learned)."""
+        self.learner.reference_only = True
         try:
-            return super().run(fmax=fmax, steps=steps)
+            yield
         finally:
             self.learner.reference_only = False
 
+    def run(self, fmax: float = 0.05, steps: int = 1000) -> bool:
+        """Optimize until the reference's largest force is below ``fmax`` (eV/Å)."""
+        with self._every_geometry_labelled():
+            return super().run(fmax=fmax, steps=steps)
+
     def irun(self, fmax: float = 0.05, steps: int = 1000):
-        self.learner.reference_only = True
-        try:
+        with self._every_geometry_labelled():
             yield from super().irun(fmax=fmax, steps=steps)
-        finally:
-            self.learner.reference_only = False
 
     def step(self, gradient=None) -> None:
         gradient = self._get_gradient(gradient)

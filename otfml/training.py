@@ -11,6 +11,7 @@ import logging
 
 import numpy as np
 
+from ._descriptor_kernels import INNER
 from .baseline import ScreenedCoulomb
 from .config import SCHEMA, check_value
 from .descriptor import Descriptor
@@ -71,8 +72,8 @@ def model_from_settings(species, settings: dict) -> SparseGP:
         if inner is not None and not settings["centre_weight"] > 0:
             raise ConfigError("model.long_inner_cutoff needs model.centre_weight > 0 (an atom "
                               "with nobody in the shell keeps the centre's term)")
-        # radial functions from 0.5 Å inside the inner cutoff, if any
-        r_min = settings["r_min"] if inner is None else inner - 0.5
+        # radial functions from where the inner switch begins, if any
+        r_min = settings["r_min"] if inner is None else inner - INNER
         long = Descriptor(species, cutoff=settings["long_cutoff"], n_max=settings["long_n_max"],
                           l_max=settings["long_l_max"], r_min=r_min,
                           centre_weight=settings["centre_weight"], inner_cutoff=inner)

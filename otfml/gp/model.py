@@ -236,8 +236,7 @@ class SparseGP(_Rows, _SparseSet, _Frames, _Memory, _Likelihood, _Factor):
 
     def _cap(self, c: int) -> int:
         """Most sparse environments channel ``c`` holds."""
-        return self.max_sparse_per_species if c < len(self.descriptor.species) else (
-            self.long_max_sparse)
+        return self.max_sparse_per_species if self._channel_term(c) == 0 else self.long_max_sparse
 
     def max_sparse(self) -> int:
         """Most sparse environments the model holds (every channel full)."""
@@ -403,7 +402,8 @@ class SparseGP(_Rows, _SparseSet, _Frames, _Memory, _Likelihood, _Factor):
         gp = cls(Descriptor.from_dict(meta["descriptor"]),
                  Hyperparameters(*meta["hyperparameters"]), bounds=meta["bounds"],
                  max_sparse_per_species=meta["max_sparse_per_species"],
-                 long_max_sparse=meta.get("long_max_sparse", 200),
+                 long_max_sparse=meta.get("long_max_sparse",
+                                          default("model", "long_max_sparse_per_species")),
                  sparse_tolerance=meta["sparse_tolerance"], baseline=baseline,
                  long_descriptor=None if long is None else Descriptor.from_dict(long))
         gp.Z, gp.zs, gp.e0 = arrays["Z"], arrays["zs"].astype(np.int64), arrays["e0"]
