@@ -149,7 +149,16 @@ def fragments(atoms: Atoms) -> tuple[int, np.ndarray]:
     from scipy.sparse.csgraph import connected_components
 
     n = len(atoms)
-    i, j = neighbor_list("ij", atoms, natural_cutoffs(atoms, mult=BOND_FACTOR))
+    radii = np.asarray(natural_cutoffs(atoms, mult=BOND_FACTOR), dtype=float)
+    if atoms.pbc.any():
+        i, j = neighbor_list("ij", atoms, radii)
+    else:  # a molecule or cluster: the descriptors' pair search, then each pair's bond length
+        from .descriptor import _molecular_pairs
+
+        i, j, D = _molecular_pairs(np.asarray(atoms.positions, dtype=float),
+                                   2.0 * float(radii.max(initial=0.0)))
+        bonded = np.einsum("qc,qc->q", D, D) < (radii[i] + radii[j]) ** 2
+        i, j = i[bonded], j[bonded]
     graph = coo_matrix((np.ones(len(i)), (i, j)), shape=(n, n))
     return connected_components(graph, directed=False)
 
