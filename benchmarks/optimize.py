@@ -64,6 +64,15 @@ class Counting(Calculator):
         self.results = {"energy": label.energy, "forces": label.forces}
 
 
+#: where a run's working folders go (removed at its end; the system's temporary folder
+#: for the functions used from elsewhere)
+WORK: str | None = None
+
+
+def _workdir() -> str:
+    return tempfile.mkdtemp(prefix="otfml-opt-", dir=WORK)
+
+
 def counting_reference():
     """otfml's MOPAC reference, counting its calls and their time (``calls``, ``seconds``):
     otfml then runs as with MOPAC given directly (its update prepared while MOPAC runs)."""
@@ -80,7 +89,7 @@ def counting_reference():
                 self.seconds += time.perf_counter() - t0
                 self.calls += 1
 
-    return CountingReference(workdir=tempfile.mkdtemp(prefix="otfml-opt-"))
+    return CountingReference(workdir=_workdir())
 
 
 def run_bfgs(atoms, steps: int) -> tuple[int, float]:
@@ -96,7 +105,7 @@ def run_otfml(atoms, steps: int) -> tuple[int, float]:
     from otfml import OTFCalculator
     from otfml.drivers import relax
 
-    work = tempfile.mkdtemp(prefix="otfml-opt-")
+    work = _workdir()
     ref = counting_reference()
     calc = OTFCalculator(reference=ref, store=os.path.join(work, "s.h5"))
     atoms.calc = calc
@@ -116,7 +125,7 @@ def run_otfml_warm(atoms, steps: int) -> tuple[int, float, float]:
     from otfml import EnergyCompensation, OTFCalculator
     from otfml.drivers import relax
 
-    work = tempfile.mkdtemp(prefix="otfml-opt-")
+    work = _workdir()
     ref = counting_reference()
     calc = OTFCalculator(reference=ref, store=os.path.join(work, "s.h5"))
     md = atoms.copy()
@@ -183,6 +192,14 @@ def main(argv=None) -> int:
     with open(os.path.join(args.geoopt, "anchors.json")) as fh:
         anchors = json.load(fh)
     starts = args.starts or sorted(anchors)
+    global WORK
+    with tempfile.TemporaryDirectory(prefix="otfml-opt-") as WORK:
+        rows = _runs(args, starts, anchors)
+    print(json.dumps(rows, indent=1) if args.json else table(rows))
+    return 0
+
+
+def _runs(args, starts: list[str], anchors: dict) -> list[dict]:
     rows = []
     for method in args.methods:
         for name in starts:
@@ -204,8 +221,7 @@ def main(argv=None) -> int:
                   f"{rows[-1]['above_best_meV']:8.1f} meV above the best  "
                   f"own {1e3 * rows[-1]['own_s_per_call']:.0f} ms/call "
                   f"(MOPAC {1e3 * rows[-1]['mopac_s_per_call']:.0f} ms)", file=sys.stderr)
-    print(json.dumps(rows, indent=1) if args.json else table(rows))
-    return 0
+    return rows
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from scipy.special import erf
 
 from .errors import ConfigError
 
-__all__ = ["ScreenedCoulomb", "COULOMB_CONSTANT"]
+__all__ = ["ScreenedCoulomb", "COULOMB_CONSTANT", "baseline_from_dict"]
 
 #: e^2 / (4 pi eps0) in eV Å
 COULOMB_CONSTANT = Hartree * Bohr
@@ -120,3 +120,13 @@ class ScreenedCoulomb:
             # force on i: -dE/dr_i = -sum_j dv_ij (r_i - r_j) / r_ij = sum_j dv_ij d_ij / r_ij
             forces[rows] = np.einsum("ij,ijk->ik", dv / r, d)
         return COULOMB_CONSTANT * energies, COULOMB_CONSTANT * forces
+
+
+def baseline_from_dict(d: dict):
+    """The term under a model that ``d`` (its ``to_dict``) describes: a screened Coulomb
+    term, or a force field prior (:mod:`otfml.prior`)."""
+    if d.get("kind") == "mmff":
+        from .prior import ForceFieldPrior
+
+        return ForceFieldPrior.from_dict(d)
+    return ScreenedCoulomb.from_dict(d)

@@ -155,7 +155,8 @@ class Learner(_HyperparameterFits, _Overlap, _Failures):
         self._n_fragments = fragments(frames[0].atoms)[0]
         t0 = time.perf_counter()
         if self.model is None:
-            self.model = train_from_frames(frames, self.settings, self._species)
+            self.model = train_from_frames(frames, self.settings, self._species,
+                                           self._prior_charge)
         else:
             for fr in frames:
                 self.model.add_frame(fr.atoms, fr.energy, fr.forces, solve=False)
@@ -170,7 +171,7 @@ class Learner(_HyperparameterFits, _Overlap, _Failures):
         """A model that covers the elements of ``atoms`` (extended where it lacks one)."""
         if self.model is None:
             species = sorted(set(self._species) | {int(z) for z in atoms.numbers})
-            self.model = model_from_settings(species, self.settings)
+            self.model = model_from_settings(species, self.settings, self._prior_charge)
         else:
             new = {int(z) for z in atoms.numbers} - set(self.model.descriptor.species)
             if new:
@@ -182,7 +183,7 @@ class Learner(_HyperparameterFits, _Overlap, _Failures):
         species = sorted(set(self.model.descriptor.species) | new)
         names = [chemical_symbols[z] for z in sorted(new)]
         if self.model.n_frames == 0:
-            self.model = model_from_settings(species, self.settings)
+            self.model = model_from_settings(species, self.settings, self._prior_charge)
             return
         if self.store is None or not len(self.store):
             raise ConfigError(
@@ -192,9 +193,33 @@ class Learner(_HyperparameterFits, _Overlap, _Failures):
         self.finish_hyperparameter_fit()
         t0 = time.perf_counter()
         frames = one_fingerprint(list(self.store), f"store {self.store.path!r}")
-        self.model = train_from_frames(frames, self.settings, species)
+        self.model = train_from_frames(frames, self.settings, species, self._prior_charge)
         log.info("element(s) %s are new to the model: rebuilt it with them from the %d stored "
                  "frames (%.1f s)", names, len(frames), time.perf_counter() - t0)
+
+    @property
+    def _prior_charge(self) -> int:
+        return int(self.charge or 0)
+
+    def use_prior(self, kind: str = "mmff") -> bool:
+        """Learn the reference less a force field (``model.prior``, :mod:`otfml.prior`) from
+        now on, also in a model that has learned frames already
+        (:meth:`otfml.gp.SparseGP.set_baseline`).
+
+        Returns False, changing nothing, where the model has another term under it
+        (``model.coulomb_charges``).
+        """
+        if self.settings["prior"] == kind:
+            return True
+        if self.settings["coulomb_charges"] is not None:
+            return False
+        self.settings = {**self.settings, "prior": kind}
+        if self.model is not None:
+            from .prior import ForceFieldPrior
+
+            self.finish_hyperparameter_fit()
+            self.model.set_baseline(ForceFieldPrior(self._prior_charge))
+        return True
 
     def charge_and_multiplicity(self, atoms: Atoms) -> tuple[int, int]:
         """Charge and multiplicity for ``atoms`` (atoms.info, else the learner's defaults)."""

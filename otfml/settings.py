@@ -49,7 +49,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
     "system": {
         "structure": _f(str, "CH3CH2OH", "Structure: a file ASE reads (xyz, extxyz, pdb, mol, "
                         "cif, ...; relative to the config file), an ase.build.molecule name, "
-                        "or 'smiles:CCO' (3D structure from RDKit, the [smiles] extra)"),
+                        "or 'smiles:CCO' (3D structure from RDKit)"),
         "index": _f((int, str), 0, "Image(s) of a multi-image file: an integer, or a slice "
                     "such as ':' or '0:10' (optimization runs every selected image; MD needs "
                     "one)"),
@@ -130,6 +130,11 @@ SCHEMA: dict[str, dict[str, Field]] = {
                               "molecules; not for periodic cells); null: none", nullable=True),
         "coulomb_width": _f(NUM, 1.5, "Screening length w of model.coulomb_charges, Å",
                             positive=True),
+        "prior": _f(str, None, "A force field the model learns on top of: mmff (MMFF94 "
+                    "through RDKit; bonds perceived once per molecule, so for structures that "
+                    "keep their bonds); null: none. Geometry optimization (SurrogateOpt) sets "
+                    "mmff where it is null and RDKit is installed", nullable=True,
+                    choices=("mmff",)),
         "overlap_update": _f(bool, True, "While the reference runs in its own process (MOPAC), "
                              "prepare the model's update on a second CPU: the new sparse "
                              "environments and their rows need only the geometry (false: one "

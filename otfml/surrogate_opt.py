@@ -71,11 +71,16 @@ class SurrogateOpt(BFGS):
         notes).
     maxstep : float, default 0.1
         Largest move of an atom (Å) in a quasi-Newton step.
+    prior : str or None, default "mmff"
+        A force field the calculator's model learns on top of from now on
+        (``model.prior``, :mod:`otfml.prior`), unless its settings name another term or
+        RDKit is not installed: where the model has no data yet its surface is the force
+        field's, shifted to the reference's forces. None: the model as it is.
     """
 
     def __init__(self, atoms: Atoms, logfile="-", trajectory=None, trust: float = 0.1,
                  max_trust: float = 0.5, handover: float = 0.3, maxstep: float = 0.1,
-                 **kwargs) -> None:
+                 prior: str | None = "mmff", **kwargs) -> None:
         from .calculator import OTFCalculator
 
         if not isinstance(atoms.calc, OTFCalculator):
@@ -85,6 +90,8 @@ class SurrogateOpt(BFGS):
             raise ConfigError(f"trust = {trust} Å and max_trust = {max_trust} Å: give "
                               "0 < trust <= max_trust")
         self.learner = atoms.calc.learner
+        if prior is not None:
+            self._use_prior(prior)
         self.trust, self.max_trust, self.handover = trust, max_trust, handover
         self.best: tuple[np.ndarray, float, np.ndarray] | None = None
         self.predicted: float | None = None  # the model's energy change of the last step
@@ -96,6 +103,20 @@ class SurrogateOpt(BFGS):
         self.quasi_newton = False
         super().__init__(atoms, logfile=logfile, trajectory=trajectory, maxstep=maxstep,
                          **kwargs)
+
+    def _use_prior(self, prior: str) -> None:
+        from .prior import PRIORS
+
+        if prior not in PRIORS:
+            raise ConfigError(f"prior = {prior!r}; give one of {list(PRIORS)} or None")
+        try:
+            import rdkit  # noqa: F401
+        except ImportError:
+            log.warning("RDKit is not installed: the optimizer's model has no force field "
+                        "prior (pip install rdkit)")
+            return
+        if not self.learner.use_prior(prior):
+            log.info("no %s prior: the model has another term under it", prior)
 
     @contextlib.contextmanager
     def _every_geometry_labelled(self):

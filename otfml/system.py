@@ -25,7 +25,7 @@ def _from_smiles(smiles: str, seed: int = 0) -> Atoms:
         from rdkit.Chem import AllChem
     except ImportError as err:
         raise ConfigError("system.structure = 'smiles:...' needs RDKit: "
-                          "pip install 'otfml[smiles]' (or pip install rdkit)") from err
+                          "pip install rdkit") from err
     mol = Chem.MolFromSmiles(smiles)
     if mol is None:
         raise ConfigError(f"system.structure = 'smiles:{smiles}': RDKit cannot parse this "

@@ -54,15 +54,25 @@ def check_model_settings(settings: dict | None) -> dict:
     return out
 
 
-def model_from_settings(species, settings: dict) -> SparseGP:
+def model_from_settings(species, settings: dict, charge: int = 0) -> SparseGP:
+    """An empty model of ``settings`` (merged, :func:`check_model_settings`) for the
+    elements ``species``; ``charge`` (e): that of molecules whose ``atoms.info`` has none,
+    for ``model.prior``."""
     desc = Descriptor(species, cutoff=settings["cutoff"], n_max=settings["n_max"],
                       l_max=settings["l_max"], r_min=settings["r_min"],
                       radial_scaling=settings["radial_scaling"],
                       radial_power=settings["radial_power"],
                       centre_weight=settings["centre_weight"])
+    if settings["prior"] is not None and settings["coulomb_charges"] is not None:
+        raise ConfigError("model.prior and model.coulomb_charges both set: the model takes "
+                          "one term under it; set one of them to null")
     baseline = (None if settings["coulomb_charges"] is None else
                 ScreenedCoulomb(settings["coulomb_charges"], settings["coulomb_width"],
                                 species=list(species)))
+    if settings["prior"] == "mmff":
+        from .prior import ForceFieldPrior
+
+        baseline = ForceFieldPrior(charge)
     long = None
     if settings["long_cutoff"] is not None:
         inner = settings["long_inner_cutoff"]
@@ -88,7 +98,7 @@ def model_from_settings(species, settings: dict) -> SparseGP:
 
 
 def train_from_frames(frames, settings: dict | None = None,
-                      species: list[int] | None = None) -> SparseGP:
+                      species: list[int] | None = None, charge: int = 0) -> SparseGP:
     """Fit a model offline on labelled frames (e.g. those of a store).
 
     Parameters
@@ -99,6 +109,8 @@ def train_from_frames(frames, settings: dict | None = None,
         Overrides of :data:`MODEL_DEFAULTS`.
     species : list of int, optional
         Extra atomic numbers to cover.
+    charge : int, default 0
+        Charge (e) of molecules whose ``atoms.info`` has none, for ``model.prior``.
     """
     frames = list(frames)
     if not frames:
@@ -107,7 +119,7 @@ def train_from_frames(frames, settings: dict | None = None,
     zs = set(species or [])
     for fr in frames:
         zs.update(int(z) for z in fr.atoms.numbers)
-    model = model_from_settings(sorted(zs), settings)
+    model = model_from_settings(sorted(zs), settings, charge)
     for fr in frames:
         model.add_frame(fr.atoms, fr.energy, fr.forces, solve=False)
     model.fit_hyperparameters()
@@ -152,7 +164,8 @@ def model_from_store(path: str, settings: dict | None = None,
     if elements:
         check_covers({int(z) for fr in kept for z in fr.atoms.numbers}, elements,
                      f"the frames of store {path!r}")
-    model = train_from_frames(kept, settings, species)
+    model = train_from_frames(kept, settings, species,
+                              charge=int(kept[-1].fingerprint.get("charge", 0) or 0))
     model.extra["frames_left_out"] = len(frames) - len(kept)
     return model
 

@@ -139,7 +139,9 @@ class _Frames:
             atom_e, base_f = self.baseline.energies_forces(atoms)
             base = (float(atom_e.sum()), base_f)
         return PreparedFrame(env=env, n_new=len(new_zs), geom=geom, row_e=row_e,
-                             rows_f=rows_f, W=W, ew=ew, state=self._state(), base=base)
+                             rows_f=rows_f, W=W, ew=ew, state=self._state(), base=base,
+                             atoms=Atoms(atoms.numbers, atoms.positions, cell=atoms.cell,
+                                         pbc=atoms.pbc, info=dict(atoms.info)))
 
     def _frame_rows(self, env: Environments, M0: int, blocks: list) -> tuple:
         """A frame's geometry, energy and force rows and their whitened forms.
@@ -229,7 +231,7 @@ class _Frames:
                                    dataclasses.replace(env.long, dB=None))
         self.frames.append(_Frame(env.numbers.copy(), kept,
                                   float(energy), forces.copy(), counts, self._n_atoms, cached,
-                                  geom["nbytes"] if cached else 0))
+                                  geom["nbytes"] if cached else 0, prep.atoms))
         self._n_atoms += N
         if not self._memory_checked and self.max_frames is not None:  # once, at the first frame
             self._memory_checked = True
@@ -237,6 +239,36 @@ class _Frames:
             self._reserve(geom)
             self._report_memory(geom)
         if solve:
+            self.solve()
+
+    def set_baseline(self, baseline) -> None:
+        """Learn the labels less ``baseline`` from now on (None: the labels themselves).
+
+        The held frames' labels change by the old term less the new one, the label sums
+        are formed again from the stored rows, and the weights solved: no kernel is
+        computed again, and the hyperparameters stay (those of the old labels until the
+        next fit).
+        """
+        if not self._trainable:
+            raise RuntimeError("this model was loaded from a model file and can only "
+                               "predict; rebuild it from its store to change its baseline")
+
+        def term(b, atoms) -> tuple[float, np.ndarray]:
+            if b is None:
+                return 0.0, np.zeros((len(atoms), 3))
+            e, f = b.energies_forces(atoms)
+            return float(e.sum()), f
+
+        for fr in self.frames:
+            (e_old, f_old), (e_new, f_new) = term(self.baseline, fr.atoms), term(baseline,
+                                                                                 fr.atoms)
+            fr.energy += e_old - e_new
+            fr.forces = fr.forces + f_old - f_new
+        self.baseline = baseline
+        sums = self._label_sums(self._RE.view, self._RF.view, self._labels(self.frames))
+        for name, value in sums.items():
+            setattr(self, name, value)
+        if self.frames:
             self.solve()
 
     def discard_prepared(self, prep: PreparedFrame) -> None:

@@ -136,6 +136,7 @@ class _Frame:
     atom_start: int  # first atom of the frame in the model's global atom numbering
     cached: bool  # its descriptor gradients are in the model's buffers
     nbytes: int = 0  # bytes of those cached gradients
+    atoms: object = None  # its structure (ase.Atoms, no calculator), for a new baseline
 
 
 @dataclass
@@ -168,6 +169,7 @@ class PreparedFrame:
     ew: np.ndarray = field(repr=False)
     state: tuple | None = field(repr=False, default=None)
     base: tuple[float, np.ndarray] | None = field(repr=False, default=None)
+    atoms: object = field(repr=False, default=None)
 
 
 def _normalize(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -13,9 +13,10 @@ import numpy as np
 from ase import Atoms
 from ase.data import chemical_symbols
 
-from ..baseline import ScreenedCoulomb
+from ..baseline import ScreenedCoulomb, baseline_from_dict
 from ..descriptor import Descriptor, Environments
 from ..errors import ConfigError
+from ..prior import ForceFieldPrior
 from ..settings import EVICTIONS, default
 from ._buffers import _Grow, _Spare
 from ._factor import _Factor
@@ -89,9 +90,9 @@ class SparseGP(_Rows, _SparseSet, _Frames, _Memory, _Likelihood, _Factor):
         Threads that share each prediction's work, species by species (atoms of a
         species split between them where that balances it). None: two where this
         process may use two CPUs, else one. A runtime setting, not saved.
-    baseline : otfml.baseline.ScreenedCoulomb, optional
-        A fixed long-range term: the model learns the labels less it and
-        predicts with it added (saved with the model).
+    baseline : otfml.baseline.ScreenedCoulomb or otfml.prior.ForceFieldPrior, optional
+        A fixed term (long-range electrostatics, or a force field): the model learns
+        the labels less it and predicts with it added (saved with the model).
     long_descriptor : Descriptor, optional
         Descriptor of a second, longer-range term: a GP of its own (its own sparse set,
         capped per species as the first, and signal variance ``sigma_long``) whose local
@@ -117,7 +118,7 @@ class SparseGP(_Rows, _SparseSet, _Frames, _Memory, _Likelihood, _Factor):
         memory_gb: float | None = default("model", "memory_gb"),
         cache_dtype=np.float32,
         threads: int | None = None,
-        baseline: ScreenedCoulomb | None = None,
+        baseline: ScreenedCoulomb | ForceFieldPrior | None = None,
         long_descriptor: Descriptor | None = None,
         long_max_sparse: int = default("model", "long_max_sparse_per_species"),
     ) -> None:
@@ -397,7 +398,7 @@ class SparseGP(_Rows, _SparseSet, _Frames, _Memory, _Likelihood, _Factor):
                 f"this otfml reads versions {_READS}; retrain it from its store"
             )
         baseline = (None if meta.get("baseline") is None
-                    else ScreenedCoulomb.from_dict(meta["baseline"]))
+                    else baseline_from_dict(meta["baseline"]))
         long = meta.get("long_descriptor")
         gp = cls(Descriptor.from_dict(meta["descriptor"]),
                  Hyperparameters(*meta["hyperparameters"]), bounds=meta["bounds"],

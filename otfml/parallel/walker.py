@@ -61,6 +61,11 @@ class WalkerLearner(Learner):
         self._started: float | None = None
         self._sends: list = []  # labels on their way to the coordinator
 
+    def use_prior(self, kind: str = "mmff") -> bool:
+        """A walker's model is the coordinator's: it has the prior only where the run's
+        model settings name it (``model.prior``)."""
+        return self.settings["prior"] == kind
+
     def take_newest(self, now: bool = True) -> bool:
         """Take the newest model version that has arrived, if any (True if one did).
 
