@@ -125,6 +125,9 @@ class Learner(_HyperparameterFits, _Overlap, _Failures):
         self.n_failures = 0
         self.failures_in_a_row = 0
         self._n_fragments: int | None = None
+        #: count the bonded fragments of each structure before its reference call (False
+        #: where they were counted before the structure came: a parallel run's coordinator)
+        self.check_dissociation = True
         #: set True to have the next step labelled by the reference whatever the model says;
         #: that step returns the reference's energy and forces (whatever call_step_result says)
         self.request_reference = False
@@ -316,14 +319,23 @@ class Learner(_HyperparameterFits, _Overlap, _Failures):
                              "update_s": t_update})
         return res
 
-    def _learn(self, atoms, step, charge, mult, pred, dec) -> StepResult:
-        check_geometry(atoms, step)
+    def _dissociated(self, atoms: Atoms, step: int) -> bool:
+        """Whether ``atoms`` has more bonded fragments than the run's first structure; an
+        UnphysicalGeometry unless ``learning.allow_fragmentation``. False without a check
+        (``check_dissociation``)."""
+        if not self.check_dissociation:
+            return False
         n_fragments = fragments(atoms)[0]
         if self._n_fragments is None:
             self._n_fragments = n_fragments
         dissociated = n_fragments > self._n_fragments
         if dissociated and not self.policy.allow_fragmentation:
             check_fragments(atoms, step, self._n_fragments)  # raises, naming the atoms
+        return dissociated
+
+    def _learn(self, atoms, step, charge, mult, pred, dec) -> StepResult:
+        check_geometry(atoms, step)
+        dissociated = self._dissociated(atoms, step)
         env = pred.env if pred is not None else None  # the descriptors, computed once
         admission = self._admission(atoms)
         # with overlap_update, the update's geometry-only part runs on another core while the

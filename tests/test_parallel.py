@@ -172,6 +172,23 @@ class _OneMessage:
         msg, self.msg = self.msg, None
         return msg
 
+    def isend(self, msg, dest, tag):
+        self.sent.append(msg)
+        return _Sent()
+
+    @property
+    def sent(self) -> list:
+        self.__dict__.setdefault("_sent", [])
+        return self.__dict__["_sent"]
+
+
+class _Sent:
+    def Test(self) -> bool:
+        return True
+
+    def wait(self) -> None:
+        pass
+
 
 def test_a_walker_loads_a_version_only_if_its_bytes_match_the_checksum():
     """No mpirun needed: the check is the walker's own."""
@@ -201,3 +218,57 @@ def test_a_walker_loads_a_version_only_if_its_bytes_match_the_checksum():
     with pytest.raises(RuntimeError, match="model version 1 reached walker 0 damaged"):
         w.take_newest()
     assert w.version == 0 and not w.checksums
+
+
+def _split_ethanol():
+    """Ethanol, and ethanol with its hydroxyl hydrogen 2.3 Å from the oxygen (two
+    fragments, each atom with neighbours within the model's cutoff)."""
+    from ase.build import molecule
+
+    a = molecule("CH3CH2OH")
+    b = a.copy()
+    b.set_distance(2, 3, 2.3, fix=0)  # atom 3: the hydroxyl H
+    return a, b
+
+
+def test_a_walker_refuses_a_structure_that_fell_apart_before_its_call():
+    """Fragments are counted against the walker's first structure, before its reference
+    is called; nothing is sent to the coordinator."""
+    from ase.calculators.emt import EMT
+
+    from otfml.errors import UnphysicalGeometry
+    from otfml.parallel.walker import WalkerLearner
+    from otfml.reference import make_reference
+
+    whole, split = _split_ethanol()
+    comm = _OneMessage(None)
+    w = WalkerLearner(comm, make_reference(EMT()), species=[1, 6, 8])
+    w.request_reference = True
+    w.step(whole)
+    assert w.n_calls == 1 and len(comm.sent) == 1
+    w.request_reference = True
+    with pytest.raises(UnphysicalGeometry, match="fallen apart into 2 bonded fragments"):
+        w.step(split)
+    assert w.n_calls == 1 and len(comm.sent) == 1
+
+
+def test_the_coordinator_stores_labels_of_walkers_whose_structures_differ(tmp_path):
+    """Walkers may run different structures (one of two molecules, another of one): rank 0
+    learns each label as it comes, without counting fragments against another walker's."""
+    import time
+
+    from ase.calculators.emt import EMT
+
+    from otfml.parallel.coordinator import Coordinator
+    from otfml.parallel.protocol import LabelMessage
+    from otfml.reference import make_reference
+
+    fingerprint = make_reference(EMT()).fingerprint(0, 1)
+    c = Coordinator(None, {"store": str(tmp_path / "s.h5"), "species": [1, 6, 8]})
+    for walker, atoms in enumerate(_split_ethanol()):
+        atoms.calc = EMT()
+        c._learn(LabelMessage(atoms.numbers, atoms.positions, atoms.cell.array, atoms.pbc, {},
+                              atoms.get_potential_energy(), atoms.get_forces(), fingerprint,
+                              0.01, walker, 1, 0, float("nan")), time.time())
+    assert len(c.learner.store) == 2 and len(c.update_s) == 2
+    c.close()

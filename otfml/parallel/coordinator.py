@@ -63,6 +63,7 @@ class Coordinator:
         self.comm = comm
         self.received = _Received()
         self.learner = Learner(self.received, **learner_kwargs)
+        self.learner.check_dissociation = False  # each walker counts its own, before its call
         self.version = 0
         self.checksums: dict[int, str] = {}
         self.version_bytes: list[int] = []

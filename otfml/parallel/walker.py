@@ -10,7 +10,7 @@ from ase import Atoms
 
 from ..learner import Learner
 from ..outcome import StepResult
-from ..structure import check_geometry
+from ..structure import check_geometry, fragments
 from .protocol import LABEL, MODEL, LabelMessage, ModelVersion, checksum, model_from_bytes
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,7 @@ class WalkerLearner(Learner):
     def step(self, atoms: Atoms) -> StepResult:
         if self._started is None:
             self._started = time.perf_counter()
+            self._n_fragments = fragments(atoms)[0]
         self.take_newest(now=False)
         if self._sends:
             self._sends = [r for r in self._sends if not r.Test()]
@@ -124,7 +125,10 @@ class WalkerLearner(Learner):
                                   again.max_force_std, "screened by a newer model", new)
             pred, dec = new, again
         check_geometry(atoms, step)
-        label = self._reference_label(atoms, step, charge, mult, pred)
+        # fragments counted against this walker's first structure (the coordinator, which
+        # learns every walker's labels, does not count them)
+        dissociated = self._dissociated(atoms, step)
+        label = self._reference_label(atoms, step, charge, mult, pred, compare=not dissociated)
         # sent without waiting: the label moves on while this walker goes on stepping
         while len(self._sends) >= IN_FLIGHT:
             self._sends.pop(0).wait()
