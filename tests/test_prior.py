@@ -93,6 +93,29 @@ def test_a_model_with_the_prior_learns_the_labels_less_it(tmp_path):
     np.testing.assert_allclose(loaded.predict(t).forces, got.forces, atol=1e-9)
 
 
+def test_a_model_takes_a_prior_in_place_as_if_it_had_it_from_the_start():
+    """SparseGP.set_baseline: the same predictions as a model given the prior before its
+    first frame (the sparse set does not depend on the labels), and back again."""
+    p = ForceFieldPrior()
+    first = SparseGP(Descriptor([1, 6, 8]), sparse_tolerance=0.02, baseline=p)
+    later = SparseGP(Descriptor([1, 6, 8]), sparse_tolerance=0.02)
+    for seed in range(3):
+        a = molecule("CH3CH2OH")
+        a.rattle(0.05, seed=seed)
+        a.calc = EMT()
+        for gp in (first, later):
+            gp.add_frame(a, a.get_potential_energy(), a.get_forces())
+    t = molecule("CH3CH2OH")
+    t.rattle(0.05, seed=9)
+    before = later.predict(t)
+    later.set_baseline(p)
+    got, want = later.predict(t), first.predict(t)
+    assert got.energy == pytest.approx(want.energy, abs=1e-8)
+    np.testing.assert_allclose(got.forces, want.forces, atol=1e-8)
+    later.set_baseline(None)
+    np.testing.assert_allclose(later.predict(t).forces, before.forces, atol=1e-8)
+
+
 def test_model_prior_setting_is_checked_by_name():
     with pytest.raises(ConfigError, match="model.prior"):
         check_model_settings({"prior": "uff"})
