@@ -221,7 +221,11 @@ class Learner(_HyperparameterFits, _Overlap, _Failures):
             from .prior import ForceFieldPrior
 
             self.finish_hyperparameter_fit()
-            self.model.set_baseline(ForceFieldPrior(self._prior_charge))
+            with self._blas:
+                self.model.set_baseline(ForceFieldPrior(self._prior_charge))
+                if self.model.n_frames:  # the labels it learns changed: fit to them
+                    self.model.fit_hyperparameters()
+                    self.hyperparameter_schedule.start_at(self.n_warm + self.n_calls)
         return True
 
     def charge_and_multiplicity(self, atoms: Atoms) -> tuple[int, int]:
