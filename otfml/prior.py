@@ -22,6 +22,7 @@ import numpy as np
 from ase import Atoms, units
 
 from .errors import ConfigError
+from .structure import BOND_FACTOR
 
 log = logging.getLogger(__name__)
 
@@ -106,35 +107,79 @@ class ForceFieldPrior:
         return self._fields[key]
 
 
+#: heavy-atom bond lengths tried after RDKit's own perception, as multiples of the
+#: covalent radii sum
+_BOND_FACTORS = (1.2, 1.3, 1.4, BOND_FACTOR)
+
+
 def _perceive(atoms: Atoms, charge: int) -> str | None:
     """The mol block of ``atoms`` with bonds and bond orders perceived, typed for MMFF94,
-    or None (with a warning) where that fails."""
-    from rdkit import Chem
+    or None (with a warning) where that fails.
+
+    RDKit's ``DetermineBonds`` first; then, for a rough start whose stretched bonds it
+    misses, each hydrogen bonded to its nearest atom and heavy atoms closer than a factor
+    (:data:`_BOND_FACTORS`) times their covalent radii. The first that gives bond orders
+    without separated charges (formal charges add up to no more than the molecule's) and
+    that MMFF94 can type is taken: a wrong guess would pull the optimization towards
+    another molecule.
+    """
+    from rdkit import Chem, rdBase
     from rdkit.Chem import AllChem, rdDetermineBonds
+
+    quiet = rdBase.BlockLogs()  # noqa: F841  (RDKit's messages about the guesses it refuses)
+    why = "no bonds give it a closed-shell structure without separated charges"
+    for bonds in [None, *(_bonds(atoms, f) for f in _BOND_FACTORS)]:
+        mol = _bare(atoms, bonds)
+        try:
+            if bonds is None:
+                rdDetermineBonds.DetermineBonds(mol, charge=charge)
+            else:
+                rdDetermineBonds.DetermineBondOrders(mol, charge=charge)
+            Chem.SanitizeMol(mol)
+        except (ValueError, RuntimeError):
+            continue
+        if sum(abs(a.GetFormalCharge()) for a in mol.GetAtoms()) > abs(charge):
+            continue
+        if not AllChem.MMFFHasAllMoleculeParams(mol):
+            why = "MMFF94 has no parameters for some of its atoms"
+            continue
+        return Chem.MolToMolBlock(mol)
+    log.warning("no MMFF prior for %s (charge %d): %s; the model learns the reference's "
+                "values", atoms.get_chemical_formula(), charge, why)
+    return None
+
+
+def _bonds(atoms: Atoms, factor: float) -> list[tuple[int, int]]:
+    """Each hydrogen to its nearest atom; heavy atoms closer than ``factor`` times their
+    covalent radii sum."""
+    from ase.data import covalent_radii
+
+    d = atoms.get_all_distances()
+    np.fill_diagonal(d, np.inf)
+    r = covalent_radii[atoms.numbers]
+    heavy = atoms.numbers > 1
+    pairs = {(min(i, j), max(i, j)) for i in np.flatnonzero(~heavy)
+             for j in [int(np.argmin(d[i]))]}
+    close = np.triu(d < factor * (r[:, None] + r[None, :]), k=1) & np.outer(heavy, heavy)
+    pairs.update((int(i), int(j)) for i, j in zip(*np.nonzero(close)))
+    return sorted(pairs)
+
+
+def _bare(atoms: Atoms, bonds: list[tuple[int, int]] | None):
+    """An RDKit molecule of ``atoms`` (their coordinates) with ``bonds`` as single bonds."""
+    from rdkit import Chem
     from rdkit.Geometry import Point3D
 
-    formula = atoms.get_chemical_formula()
     mol = Chem.RWMol()
     for z in atoms.numbers:
         mol.AddAtom(Chem.Atom(int(z)))
+    for i, j in bonds or []:
+        mol.AddBond(int(i), int(j), Chem.BondType.SINGLE)
     conf = Chem.Conformer(len(atoms))
     for i, p in enumerate(atoms.positions):
         conf.SetAtomPosition(i, Point3D(*(float(v) for v in p)))
     mol.AddConformer(conf)
-    mol = mol.GetMol()
-    try:
-        rdDetermineBonds.DetermineBonds(mol, charge=charge)
-        Chem.SanitizeMol(mol)
-        ok = AllChem.MMFFHasAllMoleculeParams(mol)
-    except (ValueError, RuntimeError) as err:
-        log.warning("no MMFF prior for %s (charge %d): RDKit could not assign its bonds "
-                    "(%s); the model learns the reference's values", formula, charge, err)
-        return None
-    if not ok:
-        log.warning("no MMFF prior for %s (charge %d): MMFF94 has no parameters for some of "
-                    "its atoms; the model learns the reference's values", formula, charge)
-        return None
-    return Chem.MolToMolBlock(mol)
+    return mol.GetMol()
 
 
 def _force_field(block: str):

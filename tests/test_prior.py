@@ -48,6 +48,25 @@ def test_bonds_are_perceived_once_and_saved():
     assert len(p.to_dict()["topologies"]) == 1
 
 
+def test_a_rough_start_is_perceived_as_its_molecule_or_not_at_all():
+    """Stretched bonds RDKit's own perception misses are found; a structure too distorted
+    to read gets no prior rather than another molecule's."""
+    from rdkit import Chem
+
+    from otfml.prior import _perceive
+
+    def smiles(atoms):
+        block = _perceive(atoms, 0)
+        return None if block is None else Chem.MolToSmiles(Chem.MolFromMolBlock(block))
+
+    rough = molecule("CH3CH2OH")
+    rough.rattle(0.15, seed=1)  # a C-C bond of 1.98 A
+    assert smiles(rough) == "CCO"
+    wrecked = molecule("C6H6")
+    wrecked.rattle(0.35, seed=3)
+    assert smiles(wrecked) is None
+
+
 def test_a_molecule_rdkit_cannot_type_gets_no_prior(caplog):
     """A radical given as neutral closed shell (no bond orders fit), and a periodic cell:
     zero energy and forces, with a warning naming the structure."""
