@@ -43,6 +43,13 @@ class _Corrected(Calculator):
         super().__init__()
         self.learner, self.x0, self.g = learner, x0, g
 
+    def check_state(self, atoms, tol: float = 1e-15) -> list[str]:
+        """Only positions change on this surface (ASE's general comparison of every
+        property of the atoms costs as much as a prediction)."""
+        if self.atoms is None or not np.array_equal(atoms.positions, self.atoms.positions):
+            return ["positions"]
+        return []
+
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
         p = self.learner.predict(self.atoms)
