@@ -1,7 +1,9 @@
 """Geometry optimization that calls the reference once per step and walks on the model.
 
 Each step of :class:`SurrogateOpt` labels one geometry with the reference (through the
-atoms' :class:`~otfml.OTFCalculator`, so the frame is stored and learned). Between two
+atoms' :class:`~otfml.OTFCalculator`, so the frame is stored and learned). The model
+learns the reference less MMFF94 (``prior``, :mod:`otfml.prior`), so that from the first
+call its surface has a force field's bonds, angles and torsions. Between two
 calls it minimizes the model's surface, corrected so that its forces equal the reference's
 at the best geometry so far, within a trust radius that grows where the model predicted the
 reference's energy change well and shrinks where it did not. Once the reference's forces
@@ -123,7 +125,8 @@ class SurrogateOpt(BFGS):
                         "prior (pip install rdkit)")
             return
         if not self.learner.use_prior(prior):
-            log.info("no %s prior: the model has another term under it", prior)
+            log.info("no %s prior: the model keeps the term its settings give it "
+                     "(model.coulomb_charges; in a parallel run, the run's model.prior)", prior)
 
     @contextlib.contextmanager
     def _every_geometry_labelled(self):
