@@ -119,9 +119,9 @@ def _perceive(atoms: Atoms, charge: int) -> str | None:
     RDKit's ``DetermineBonds`` first; then, for a rough start whose stretched bonds it
     misses, each hydrogen bonded to its nearest atom and heavy atoms closer than a factor
     (:data:`_BOND_FACTORS`) times their covalent radii. The first that gives bond orders
-    without separated charges (formal charges add up to no more than the molecule's) and
-    that MMFF94 can type is taken: a wrong guess would pull the optimization towards
-    another molecule.
+    without separated charges (:func:`_unpaired_charge` no more than the molecule's
+    charge) and that MMFF94 can type is taken: a wrong guess would pull the optimization
+    towards another molecule. A zwitterion whose charges sit apart gets no prior.
     """
     from rdkit import Chem, rdBase
     from rdkit.Chem import AllChem, rdDetermineBonds
@@ -138,7 +138,7 @@ def _perceive(atoms: Atoms, charge: int) -> str | None:
             Chem.SanitizeMol(mol)
         except (ValueError, RuntimeError):
             continue
-        if sum(abs(a.GetFormalCharge()) for a in mol.GetAtoms()) > abs(charge):
+        if _unpaired_charge(mol) > abs(charge):
             continue
         if not AllChem.MMFFHasAllMoleculeParams(mol):
             why = "MMFF94 has no parameters for some of its atoms"
@@ -147,6 +147,18 @@ def _perceive(atoms: Atoms, charge: int) -> str | None:
     log.warning("no MMFF prior for %s (charge %d): %s; the model learns the reference's "
                 "values", atoms.get_chemical_formula(), charge, why)
     return None
+
+
+def _unpaired_charge(mol) -> int:
+    """The formal charges (e, in magnitude) on atoms with no bonded neighbour of the other
+    sign: a nitro or sulfoxide group's N+/O- or S+/O- pair is a molecule's own; charges
+    apart from each other are a bond perception's guess at another molecule."""
+    total = 0
+    for a in mol.GetAtoms():
+        q = a.GetFormalCharge()
+        if q and not any(n.GetFormalCharge() * q < 0 for n in a.GetNeighbors()):
+            total += abs(q)
+    return total
 
 
 def _bonds(atoms: Atoms, factor: float) -> list[tuple[int, int]]:

@@ -63,8 +63,10 @@ def test_a_rough_start_is_perceived_as_its_molecule_or_not_at_all():
     rough.rattle(0.15, seed=1)  # a C-C bond of 1.98 A
     assert smiles(rough) == "CCO"
     wrecked = molecule("C6H6")
-    wrecked.rattle(0.35, seed=3)
+    wrecked.rattle(0.35, seed=3)  # RDKit reads a carbanion and a carbocation into it
     assert smiles(wrecked) is None
+    nitro = molecule("CH3NO2")  # charges on bonded atoms are the molecule's own
+    assert smiles(nitro) == "C[N+](=O)[O-]"
 
 
 def test_a_molecule_rdkit_cannot_type_gets_no_prior(caplog):
