@@ -1,7 +1,8 @@
 """Geometry optimization with few MOPAC calls: otfml's SurrogateOpt, PM7 as reference.
 
 Each step labels one geometry with MOPAC (stored and learned); the step to the next is
-chosen on the model. ``otfml.drivers.relax(atoms)`` does the same and returns a summary.
+chosen on the model, which learns MOPAC less MMFF94 (``SurrogateOpt(atoms, prior=None)``:
+without it). ``otfml.drivers.relax(atoms)`` does the same and returns a summary.
 
 Run: python examples/optimize.py   (after `bash examples/demo.sh` set up .venv)
 """
