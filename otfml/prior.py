@@ -7,10 +7,11 @@ uses it by default; the reference's labels are stored as they are (the store doe
 depend on the prior).
 
 Bonds and their orders are perceived once per molecule (its elements in order and its
-charge), from the first geometry of it the model sees (RDKit's ``DetermineBonds``), and kept:
-the prior suits optimizations and MD that keep the bonds, not reactions. A molecule RDKit
-cannot type (no bond orders fit its electrons, an element MMFF94 lacks, a periodic cell)
-gets no prior: the model learns the reference's values, with a warning saying why.
+charge), from the first geometry of it the model sees (:func:`_perceive`), and kept: the
+prior suits optimizations and MD that keep the bonds, not reactions. A molecule that cannot
+be typed (no bond orders fit its electrons without separating charges, an element MMFF94
+lacks, a periodic cell) gets no prior: the model learns the reference's values, with a
+warning saying why.
 """
 
 from __future__ import annotations
