@@ -81,11 +81,12 @@ class _ModelSetup:
         (:meth:`otfml.gp.SparseGP.set_baseline`).
 
         Returns False, changing nothing, where the model has another term under it
-        (``model.coulomb_charges``).
+        (``model.coulomb_charges``) or bonds may break (``learning.allow_fragmentation``:
+        the prior keeps the bonds it perceived).
         """
         if self.settings["prior"] == kind:
             return True
-        if self.settings["coulomb_charges"] is not None:
+        if self.settings["coulomb_charges"] is not None or self.policy.allow_fragmentation:
             return False
         self.settings = {**self.settings, "prior": kind}
         if self.model is not None:

@@ -82,9 +82,10 @@ class SurrogateOpt(BFGS):
         Largest move of an atom (Å) in a quasi-Newton step.
     prior : str or None, default "mmff"
         A force field the calculator's model learns on top of from now on
-        (``model.prior``, :mod:`otfml.prior`), unless its settings name another term or
-        RDKit is not installed: where the model has no data yet its surface is the force
-        field's, shifted to the reference's forces. None: the model as it is.
+        (``model.prior``, :mod:`otfml.prior`), unless its settings name another term, its
+        policy lets bonds break (``allow_fragmentation``) or RDKit is not installed:
+        where the model has no data yet its surface is the force field's, shifted to the
+        reference's forces. None: the model as it is.
     """
 
     def __init__(self, atoms: Atoms, logfile="-", trajectory=None, trust: float = 0.1,
@@ -126,7 +127,8 @@ class SurrogateOpt(BFGS):
             return
         if not self.learner.use_prior(prior):
             log.info("no %s prior: the model keeps the term its settings give it "
-                     "(model.coulomb_charges; in a parallel run, the run's model.prior)", prior)
+                     "(model.coulomb_charges, learning.allow_fragmentation; in a parallel "
+                     "run, the run's model.prior)", prior)
 
     @contextlib.contextmanager
     def _every_geometry_labelled(self):

@@ -12,6 +12,7 @@ from otfml import OTFCalculator
 from otfml.descriptor import Descriptor
 from otfml.errors import ConfigError
 from otfml.gp import SparseGP
+from otfml.policy import LearningPolicy
 from otfml.prior import ForceFieldPrior
 from otfml.surrogate_opt import SurrogateOpt
 from otfml.training import check_model_settings, model_from_settings
@@ -163,3 +164,8 @@ def test_the_optimizer_puts_the_prior_under_the_calculators_model(tmp_path):
     with pytest.raises(ConfigError, match="prior = 'uff'"):
         SurrogateOpt(a, logfile=None, prior="uff")
     a.calc.close()
+    # where bonds may break, the prior (which keeps its bonds) is not put under the model
+    b = molecule("CH3CH2OH")
+    b.calc = OTFCalculator(EMT(), policy=LearningPolicy(allow_fragmentation=True))
+    SurrogateOpt(b, logfile=None)
+    assert b.calc.learner.settings["prior"] is None
