@@ -133,7 +133,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "prior": _f(str, None, "A force field the model learns on top of: mmff (MMFF94 "
                     "through RDKit; bonds perceived once per molecule, so for structures that "
                     "keep their bonds); null: none. Geometry optimization (SurrogateOpt) sets "
-                    "mmff where it is null and RDKit is installed", nullable=True,
+                    "mmff where it is null, coulomb_charges is null and "
+                    "learning.allow_fragmentation is false", nullable=True,
                     choices=("mmff",)),
         "overlap_update": _f(bool, True, "While the reference runs in its own process (MOPAC), "
                              "prepare the model's update on a second CPU: the new sparse "
