@@ -140,8 +140,9 @@ class _Frames:
             base = (float(atom_e.sum()), base_f)
         return PreparedFrame(env=env, n_new=len(new_zs), geom=geom, row_e=row_e,
                              rows_f=rows_f, W=W, ew=ew, state=self._state(), base=base,
-                             atoms=Atoms(atoms.numbers, atoms.positions, cell=atoms.cell,
-                                         pbc=atoms.pbc, info=dict(atoms.info)))
+                             atoms=Atoms(numbers=atoms.numbers, positions=atoms.positions,
+                                         cell=atoms.cell, pbc=atoms.pbc,
+                                         info=dict(atoms.info)))
 
     def _frame_rows(self, env: Environments, M0: int, blocks: list) -> tuple:
         """A frame's geometry, energy and force rows and their whitened forms.
