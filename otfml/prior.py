@@ -129,7 +129,7 @@ def _perceive(atoms: Atoms, charge: int) -> str | None:
 
     quiet = rdBase.BlockLogs()  # noqa: F841  (RDKit's messages about the guesses it refuses)
     why = "no bonds give it a closed-shell structure without separated charges"
-    for bonds in [None, *(_bonds(atoms, f) for f in _BOND_FACTORS)]:
+    for bonds in _candidate_bonds(atoms):
         mol = _bare(atoms, bonds)
         try:
             if bonds is None:
@@ -162,20 +162,23 @@ def _unpaired_charge(mol) -> int:
     return total
 
 
-def _bonds(atoms: Atoms, factor: float) -> list[tuple[int, int]]:
-    """Each hydrogen to its nearest atom; heavy atoms closer than ``factor`` times their
-    covalent radii sum."""
+def _candidate_bonds(atoms: Atoms):
+    """None (RDKit's own perception), then for each of :data:`_BOND_FACTORS`: each
+    hydrogen to its nearest atom, heavy atoms closer than the factor times their covalent
+    radii sum. Computed only as far as they are asked for."""
+    yield None
     from ase.data import covalent_radii
 
     d = atoms.get_all_distances()
     np.fill_diagonal(d, np.inf)
     r = covalent_radii[atoms.numbers]
     heavy = atoms.numbers > 1
-    pairs = {(min(i, j), max(i, j)) for i in np.flatnonzero(~heavy)
-             for j in [int(np.argmin(d[i]))]}
-    close = np.triu(d < factor * (r[:, None] + r[None, :]), k=1) & np.outer(heavy, heavy)
-    pairs.update((int(i), int(j)) for i, j in zip(*np.nonzero(close)))
-    return sorted(pairs)
+    hydrogens = {(min(i, j), max(i, j)) for i in np.flatnonzero(~heavy)
+                 for j in [int(np.argmin(d[i]))]}
+    radii_sum = r[:, None] + r[None, :]
+    for factor in _BOND_FACTORS:
+        close = np.triu(d < factor * radii_sum, k=1) & np.outer(heavy, heavy)
+        yield sorted(hydrogens | {(int(i), int(j)) for i, j in zip(*np.nonzero(close))})
 
 
 def _bare(atoms: Atoms, bonds: list[tuple[int, int]] | None):
