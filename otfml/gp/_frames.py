@@ -134,10 +134,7 @@ class _Frames:
         geom, row_e, rows_f, W, ew = own.join()
         # the force rows' buffer grows (a copy of every held frame's rows) here, not later
         self._RF.reserve(self._RF.n + 3 * len(atoms))
-        base = None
-        if self.baseline is not None:
-            atom_e, base_f = self.baseline.energies_forces(atoms)
-            base = (float(atom_e.sum()), base_f)
+        base = _baseline_values(self.baseline, atoms)
         return PreparedFrame(env=env, n_new=len(new_zs), geom=geom, row_e=row_e,
                              rows_f=rows_f, W=W, ew=ew, state=self._state(), base=base,
                              atoms=Atoms(numbers=atoms.numbers, positions=atoms.positions,
@@ -254,15 +251,9 @@ class _Frames:
             raise RuntimeError("this model was loaded from a model file and can only "
                                "predict; rebuild it from its store to change its baseline")
 
-        def term(b, atoms) -> tuple[float, np.ndarray]:
-            if b is None:
-                return 0.0, np.zeros((len(atoms), 3))
-            e, f = b.energies_forces(atoms)
-            return float(e.sum()), f
-
         for fr in self.frames:
-            (e_old, f_old), (e_new, f_new) = term(self.baseline, fr.atoms), term(baseline,
-                                                                                 fr.atoms)
+            e_old, f_old = _baseline_values(self.baseline, fr.atoms) or (0.0, 0.0)
+            e_new, f_new = _baseline_values(baseline, fr.atoms) or (0.0, 0.0)
             fr.energy += e_old - e_new
             fr.forces = fr.forces + f_old - f_new
         self.baseline = baseline
@@ -291,3 +282,12 @@ class _Frames:
             self._remove_columns(int(self.zs[tail[0]]), drop)
             left -= len(drop)
         prep.state = None
+
+
+def _baseline_values(baseline, atoms: Atoms) -> tuple[float, np.ndarray] | None:
+    """A baseline's energy (eV) and forces (n_atoms, 3), eV/Å, at ``atoms``; None without
+    one."""
+    if baseline is None:
+        return None
+    atom_e, forces = baseline.energies_forces(atoms)
+    return float(atom_e.sum()), forces
