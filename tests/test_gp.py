@@ -353,16 +353,35 @@ def test_save_load_round_trip_is_exact(trained, tmp_path, compact):
     gp.save(str(tmp_path / "m.npz"), extra={"force_std_scale": 3.0}, compact=compact)
     with np.load(str(tmp_path / "m.npz")) as data:
         assert ("LB_tril" in data.files) == compact and ("C" in data.files) != compact
+        assert ("Linv_blocks" in data.files) == compact  # zero between the channels
     m = SparseGP.load(str(tmp_path / "m.npz"))
     a = frames[1][0]
     p, q = gp.predict(a), m.predict(a)
     assert p.energy == q.energy
     np.testing.assert_array_equal(p.forces, q.forces)
     np.testing.assert_array_equal(p.novelty, q.novelty)
+    np.testing.assert_array_equal(p.local_std, q.local_std)
     np.testing.assert_array_equal(m.posterior.LB, gp.posterior.LB)
+    np.testing.assert_array_equal(m.posterior._Linv, gp.posterior._Linv)
     assert m.extra == {"force_std_scale": 3.0}
     with pytest.raises(RuntimeError, match="model_from_store"):
         m.add_frame(a, frames[1][1], frames[1][2])
+
+
+def test_packed_factors_keep_a_linv_that_is_not_block_diagonal():
+    """Where L^-1 has a value between two channels, its whole lower triangle is kept."""
+    from otfml.gp.posterior import pack_triangles, unpack_triangles
+
+    rng = np.random.default_rng(0)
+    zs = np.array([0, 1, 0, 1, 1])
+    LB = np.tril(rng.normal(size=(5, 5)))
+    block = np.tril(rng.normal(size=(5, 5))) * (zs[:, None] == zs[None, :])
+    for Linv, kept in ((block, "Linv_blocks"), (block + np.eye(5, k=-1), "Linv_tril")):
+        packed = pack_triangles({"zs": zs, "LB": LB, "Linv": Linv})
+        assert kept in packed and "Linv" not in packed
+        back = unpack_triangles(packed)
+        np.testing.assert_array_equal(back["Linv"], Linv)
+        np.testing.assert_array_equal(back["LB"], LB)
 
 
 def test_load_rejects_foreign_files(tmp_path):

@@ -1,5 +1,6 @@
 """Walkers sharing one model and one store, run with the real ``mpirun`` (oversubscribed)."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -169,8 +170,13 @@ class _OneMessage:
         return self.msg is not None
 
     def recv(self, source, tag):
+        """The version's header; its bytes follow (:meth:`Recv`), as rank 0 sends them."""
         msg, self.msg = self.msg, None
-        return msg
+        self.data = msg.data
+        return dataclasses.replace(msg, data=len(msg.data))
+
+    def Recv(self, buf, source, tag) -> None:
+        buf[0][:] = self.data
 
     def isend(self, msg, dest, tag):
         self.sent.append(msg)

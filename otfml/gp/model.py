@@ -2,26 +2,22 @@
 
 from __future__ import annotations
 
-import json
-import os
 import weakref
-import zipfile
-import zlib
 from collections.abc import Callable
 
 import numpy as np
 from ase import Atoms
 from ase.data import chemical_symbols
 
-from ..baseline import ScreenedCoulomb, baseline_from_dict
+from ..baseline import ScreenedCoulomb
 from ..descriptor import Descriptor, Environments
-from ..errors import ConfigError
 from ..prior import ForceFieldPrior
 from ..settings import EVICTIONS, default
 from ._buffers import _Grow, _Spare
 from ._factor import _Factor
 from ._frames import _Frames
 from ._memory import _Memory
+from ._persist import _Persistence
 from ._rows import _Rows
 from ._sparse import _SparseSet
 from ._threads import Lanes, _Task
@@ -34,15 +30,12 @@ from ._types import (
     term_sigmas,
 )
 from .likelihood import _Likelihood
-from .posterior import ARRAYS, Posterior, pack_triangles, unpack_triangles
+from .posterior import Posterior
 
 __all__ = ["SparseGP"]
 
-_MODEL_FORMAT = "otfml-sparse-gp"
-_MODEL_VERSION = 2  # 2: a longer-range term (version 1 files are models without one)
-_READS = (1, 2)
 
-class SparseGP(_Rows, _SparseSet, _Frames, _Memory, _Likelihood, _Factor):
+class SparseGP(_Rows, _SparseSet, _Frames, _Memory, _Likelihood, _Factor, _Persistence):
     """Sparse GP force field on power-spectrum descriptors.
 
     Parameters
@@ -332,86 +325,3 @@ class SparseGP(_Rows, _SparseSet, _Frames, _Memory, _Likelihood, _Factor):
         if not self._fitted:
             raise RuntimeError("the model has no training data yet; add a labelled frame first")
         return self.posterior.predict(atoms, env)
-
-    # ------------------------------------------------------------------
-    # persistence
-    # ------------------------------------------------------------------
-    def save(self, path, extra: dict | None = None, compact: bool = False) -> None:
-        """Save what prediction needs to an ``.npz`` file, or a binary file object
-        (exact round trip). ``compact`` leaves out the M x M matrix that only the
-        variances read (they form it when first asked, O(M^3)), and holds only the
-        lower triangles of the triangular ones (:func:`~otfml.gp.posterior.pack_triangles`).
-
-        ``extra`` (JSON-able) is stored alongside and returned by :meth:`load`
-        as ``model.extra``.
-        """
-        meta = {
-            "extra": extra or {},
-            "format": _MODEL_FORMAT,
-            "version": _MODEL_VERSION,
-            "descriptor": self.descriptor.to_dict(),
-            "long_descriptor": None if len(self.terms) == 1 else self.terms[1].to_dict(),
-            "hyperparameters": [float(x) for x in self.hyp.as_array()],
-            "bounds": self.bounds,
-            "max_sparse_per_species": self.max_sparse_per_species,
-            "long_max_sparse": self.long_max_sparse,
-            "sparse_tolerance": self.sparse_tolerance,
-            "n_frames": self._n_e,
-            "baseline": None if self.baseline is None else self.baseline.to_dict(),
-        }
-        arrays = self.posterior.arrays(not compact)
-        arrays = {"meta": np.array(json.dumps(meta)),
-                  **(pack_triangles(arrays) if compact else arrays)}
-        if hasattr(path, "write"):
-            np.savez(path, **arrays)
-            return
-        with open(path, "wb") as fh:
-            np.savez(fh, **arrays)
-
-    @classmethod
-    def load(cls, path) -> SparseGP:
-        """Load a model saved by :meth:`save` (prediction only); ``path`` or a binary
-        file object."""
-        if not hasattr(path, "read") and not os.path.isfile(path):
-            raise ConfigError(f"model file {path!r} does not exist; give the path of a file "
-                              "written by `otfml train` or a run's model.npz")
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                meta = json.loads(str(data["meta"]))
-                arrays = unpack_triangles({k: data[k] for k in data.files if k != "meta"})
-                arrays.setdefault("C", None)
-                missing = [k for k in ARRAYS if k not in arrays]
-                if missing:
-                    raise KeyError(f"no {missing}")
-            ok = isinstance(meta, dict) and meta.get("format") == _MODEL_FORMAT
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as err:
-            raise ConfigError(
-                f"{path!r} is not an otfml model file or is truncated/damaged "
-                f"({type(err).__name__}: {err}); rebuild it from its store with "
-                "`otfml train STORE.h5 -o model.npz`") from err
-        if not ok:
-            raise ConfigError(f"{path!r} is not an otfml model file (no otfml model format "
-                              "marker); rebuild it with `otfml train STORE.h5 -o model.npz`")
-        if meta.get("version") not in _READS:
-            raise ConfigError(
-                f"{path!r} has model format version {meta.get('version')}, "
-                f"this otfml reads versions {_READS}; retrain it from its store"
-            )
-        baseline = (None if meta.get("baseline") is None
-                    else baseline_from_dict(meta["baseline"]))
-        long = meta.get("long_descriptor")
-        gp = cls(Descriptor.from_dict(meta["descriptor"]),
-                 Hyperparameters(*meta["hyperparameters"]), bounds=meta["bounds"],
-                 max_sparse_per_species=meta["max_sparse_per_species"],
-                 long_max_sparse=meta.get("long_max_sparse",
-                                          default("model", "long_max_sparse_per_species")),
-                 sparse_tolerance=meta["sparse_tolerance"], baseline=baseline,
-                 long_descriptor=None if long is None else Descriptor.from_dict(long))
-        gp.Z, gp.zs, gp.e0 = arrays["Z"], arrays["zs"].astype(np.int64), arrays["e0"]
-        gp._beta, gp._LB, gp._Linv = arrays["beta"], arrays["LB"], arrays["Linv"]
-        gp._n_e = int(meta["n_frames"])
-        gp._make_blocks(C=arrays["C"])
-        gp.extra = meta.get("extra", {})
-        gp._fitted = gp.n_sparse > 0
-        gp._trainable = False
-        return gp

@@ -30,7 +30,7 @@ ARRAYS = ("Z", "zs", "e0", "beta", "LB", "Linv", "C")
 TRIANGULAR = ("LB", "Linv")
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=8)
 def _tril(M: int) -> tuple[np.ndarray, np.ndarray]:
     """``np.tril_indices(M)``, kept for the next model of the same size."""
     return np.tril_indices(M)
@@ -38,24 +38,47 @@ def _tril(M: int) -> tuple[np.ndarray, np.ndarray]:
 
 def pack_triangles(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``arrays`` with each of :data:`TRIANGULAR` as ``NAME_tril``, its lower triangle
-    row by row (M (M + 1) / 2 values: half the bytes, the same values)."""
+    row by row (M (M + 1) / 2 values: half the bytes, the same values). ``L^-1``, which is
+    block diagonal over the channels ``zs`` (sparse environments of different channels
+    share no kernel), is ``Linv_blocks`` instead: each channel's block's lower triangle,
+    channel by channel."""
     out = dict(arrays)
-    rows, cols = _tril(len(out["zs"]))
+    zs, Linv = out["zs"], out["Linv"]
+    parts = []
+    for c in np.unique(zs):
+        at = np.flatnonzero(zs == c)
+        r, k = _tril(len(at))
+        parts.append(Linv[at[r], at[k]])
+    blocks = np.concatenate(parts) if parts else np.zeros(0)
+    rows, cols = _tril(len(zs))
     for name in TRIANGULAR:
-        out[name + "_tril"] = out.pop(name)[rows, cols]
+        if name == "Linv" and np.count_nonzero(blocks) == np.count_nonzero(Linv):
+            out["Linv_blocks"] = blocks
+            del out["Linv"]
+        else:
+            out[name + "_tril"] = out.pop(name)[rows, cols]
     return out
 
 
 def unpack_triangles(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The inverse of :func:`pack_triangles` (arrays already whole are left as they are)."""
     out = dict(arrays)
-    M = len(out["zs"])
+    zs = out["zs"]
+    M = len(zs)
     rows, cols = _tril(M)
     for name in TRIANGULAR:
         if name + "_tril" in out:
             full = np.zeros((M, M))
             full[rows, cols] = out.pop(name + "_tril")
             out[name] = full
+    if "Linv_blocks" in out:
+        blocks, full, start = out.pop("Linv_blocks"), np.zeros((M, M)), 0
+        for c in np.unique(zs):
+            at = np.flatnonzero(zs == c)
+            r, k = _tril(len(at))
+            full[at[r], at[k]] = blocks[start:start + len(r)]
+            start += len(r)
+        out["Linv"] = full
     return out
 
 

@@ -10,7 +10,7 @@ import time
 from ..errors import ReferenceFailed
 from ..learner import Learner
 from ..reference.base import Label, Reference
-from .protocol import DONE, LABEL, MODEL, LabelMessage, ModelVersion, model_bytes
+from .protocol import DONE, LABEL, LabelMessage, ModelVersion, model_bytes, send_version
 
 log = logging.getLogger(__name__)
 
@@ -155,12 +155,7 @@ class Coordinator:
         self.version_bytes.append(len(data))
         msg = ModelVersion(self.version, data, digest, L.policy, arrived,
                            len(L.store) if L.store is not None else L.n_calls)
-        from mpi4py import MPI
-
-        # pickled once for every walker (they receive it as any pickled message)
-        payload = MPI.pickle.dumps(msg)
-        for rank in range(1, self.comm.Get_size()):
-            self._pending.append(self.comm.Isend([payload, MPI.BYTE], dest=rank, tag=MODEL))
+        self._pending += send_version(self.comm, msg, range(1, self.comm.Get_size()))
         self._published = time.time()
         self._tidy()
 

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import io
+import pickle
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 from ase import Atoms
 
-#: message tags
-LABEL, MODEL, DONE = 11, 12, 13
+#: message tags (a model version's bytes follow its header as MODEL_DATA)
+LABEL, MODEL, DONE, MODEL_DATA, START = 11, 12, 13, 14, 15
+#: seconds between polls of a rank that waits for a message (a blocking MPI receive
+#: would hold a core that the walkers sharing it need)
+POLL_S = 0.005
 
 
 @dataclass
@@ -69,7 +73,7 @@ class ModelVersion:
     version : int
         1, 2, ... in the order the coordinator made them.
     data : bytes
-        The model file (:meth:`otfml.gp.SparseGP.save`).
+        The model's contents (:func:`model_bytes`).
     checksum : str
         SHA-256 digest of ``data`` (every rank holds the same model of a version: each
         walker checks the bytes it received against it).
@@ -89,11 +93,38 @@ class ModelVersion:
     n_frames: int
 
 
+def send_version(comm, msg: ModelVersion, ranks) -> list:
+    """Send ``msg`` to each of ``ranks`` without waiting: its header pickled once (tag
+    MODEL), then its bytes as they are (tag MODEL_DATA), so that neither is copied into
+    a second message. Returns the requests."""
+    from mpi4py import MPI
+
+    header = MPI.pickle.dumps(dataclasses.replace(msg, data=len(msg.data)))
+    reqs = []
+    for rank in ranks:
+        reqs.append(comm.Isend([header, MPI.BYTE], dest=rank, tag=MODEL))
+        reqs.append(comm.Isend([msg.data, MPI.BYTE], dest=rank, tag=MODEL_DATA))
+    return reqs
+
+
+def receive_versions(comm) -> ModelVersion | None:
+    """Every model version that has reached this rank from rank 0; the newest of them
+    (None: none came)."""
+    from mpi4py import MPI
+
+    newest = None
+    while comm.Iprobe(source=0, tag=MODEL):
+        newest = comm.recv(source=0, tag=MODEL)
+        data = bytearray(newest.data)  # (the header holds the size)
+        comm.Recv([data, MPI.BYTE], source=0, tag=MODEL_DATA)
+        newest.data = data
+    return newest
+
+
 def model_bytes(model) -> tuple[bytes, str]:
-    """A model's file as bytes, and their checksum."""
-    buf = io.BytesIO()
-    model.save(buf, compact=True)
-    data = buf.getvalue()
+    """A model's contents (:meth:`otfml.gp.SparseGP.contents`, compact) as bytes, and their
+    checksum."""
+    data = pickle.dumps(model.contents(compact=True), protocol=pickle.HIGHEST_PROTOCOL)
     return data, checksum(data)
 
 
@@ -106,4 +137,24 @@ def model_from_bytes(data: bytes):
     """The model (prediction only) of :func:`model_bytes`'s bytes."""
     from ..gp import SparseGP
 
-    return SparseGP.load(io.BytesIO(data))
+    return SparseGP.from_contents(pickle.loads(data), "a model version")
+
+
+def wait_for(comm, tags: tuple[int, ...], source: int = 0):
+    """The next message from ``source`` (in the order sent), received without holding a
+    core while none has come; returns ``(tag, message)``. A version's bytes (MODEL_DATA)
+    are received as a bytearray."""
+    from mpi4py import MPI
+
+    status = MPI.Status()
+    while not comm.Iprobe(source=source, tag=MPI.ANY_TAG, status=status):
+        time.sleep(POLL_S)
+    tag = status.Get_tag()
+    if tag == MODEL_DATA:
+        data = bytearray(status.Get_count(MPI.BYTE))
+        comm.Recv([data, MPI.BYTE], source=source, tag=tag)
+        return tag, data
+    msg = comm.recv(source=source, tag=tag)
+    if tag not in tags and tag not in (MODEL, MODEL_DATA):
+        raise RuntimeError(f"rank {comm.Get_rank()} received tag {tag}, expected {tags}")
+    return tag, msg

@@ -13,7 +13,7 @@ from ..errors import ConfigError
 from ..policy import LearningPolicy
 from ..reference import make_reference
 from .coordinator import Coordinator
-from .protocol import DONE
+from .protocol import DONE, START, wait_for
 from .walker import WalkerLearner
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ class ParallelSession:
         if self.rank != 0:
             # a store's frames warm-start the model on rank 0 first: walkers then begin
             # with that model rather than asking the reference what it already knows
-            self._warm = self.comm.bcast(None, root=0)
+            self._warm = wait_for(self.comm, (START,))[1]
             return self
         try:
             self.coordinator = Coordinator(
@@ -128,7 +128,8 @@ class ParallelSession:
             self.comm.Abort(1)
             raise
         L = self.coordinator.learner
-        self.comm.bcast(L.model is not None and L.model.is_fitted, root=0)
+        for rank in range(1, self.comm.Get_size()):
+            self.comm.send(L.model is not None and L.model.is_fitted, dest=rank, tag=START)
         try:
             self.summaries = self.coordinator.serve()
         except BaseException:
@@ -178,8 +179,6 @@ class ParallelSession:
             if self.coordinator is not None:
                 self.coordinator.close()
             return False
-        from mpi4py import MPI
-
         if self._calc is not None:
             self._calc.learner.flush()  # every label reaches rank 0 before the goodbye
         summary = self.summary()
@@ -189,11 +188,10 @@ class ParallelSession:
             log.error("walker %d stopped at its step %d: %s; the other walkers go on",
                       self.walker, summary["steps"], summary["error"])
         self.comm.send(summary, dest=0, tag=DONE)
-        status = MPI.Status()
-        while True:  # versions still on their way, until the coordinator's goodbye
-            self.comm.recv(source=0, tag=MPI.ANY_TAG, status=status)
-            if status.Get_tag() == DONE:
-                break
+        # versions still on their way, until the coordinator's goodbye (which comes when
+        # every walker is done: meanwhile this rank leaves its core to those still running)
+        while wait_for(self.comm, (DONE,))[0] != DONE:
+            pass
         if self._calc is not None:
             self._calc.learner.close()
         return failed

@@ -11,7 +11,7 @@ from ase import Atoms
 from ..learner import Learner
 from ..outcome import StepResult
 from ..structure import check_geometry, fragments
-from .protocol import LABEL, MODEL, LabelMessage, ModelVersion, checksum, model_from_bytes
+from .protocol import LABEL, LabelMessage, checksum, model_from_bytes, receive_versions
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +77,7 @@ class WalkerLearner(Learner):
                 time.perf_counter() - self._started):
             return False
         t0 = time.perf_counter()
-        newest: ModelVersion | None = None
-        while self.comm.Iprobe(source=0, tag=MODEL):
-            newest = self.comm.recv(source=0, tag=MODEL)
+        newest = receive_versions(self.comm)
         if newest is None or newest.version <= self.version:
             return False
         digest = checksum(newest.data)
