@@ -10,9 +10,10 @@ reference's energy change well and shrinks where it did not. Once the reference'
 are within ``handover`` of convergence (where a model's error is often about the size of
 the remaining forces) and the model's last step changed the reference's energy by other
 than it predicted (beyond a factor of 1.5), or the model finds no more descent, it goes on
-as quasi-Newton (BFGS) on the reference's forces, starting from the model's Hessian. A
-model that predicts well (one warmed up on the molecule) keeps leading: it finds its way
-down soft torsions, off flat regions and saddles, where quasi-Newton steps crawl.
+as quasi-Newton (BFGS) on the reference's forces, starting from the model's Hessian, for
+at most ``qn_steps`` steps; the model, which has learned from those calls, then leads
+again. A model that predicts well (one warmed up on the molecule) keeps leading: it finds
+its way down soft torsions, off flat regions and saddles, where quasi-Newton steps crawl.
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ class SurrogateOpt(BFGS):
         notes).
     maxstep : float, default 0.1
         Largest move of an atom (Å) in a quasi-Newton step.
+    qn_steps : int, default 6
+        Quasi-Newton steps after a handover before the model leads again.
     prior : str or None, default "mmff"
         A force field the calculator's model learns on top of from now on
         (``model.prior``, :mod:`otfml.prior`), unless its settings name another term, its
@@ -90,7 +93,7 @@ class SurrogateOpt(BFGS):
 
     def __init__(self, atoms: Atoms, logfile="-", trajectory=None, trust: float = 0.1,
                  max_trust: float = 0.5, handover: float = 0.3, maxstep: float = 0.1,
-                 prior: str | None = "mmff", **kwargs) -> None:
+                 qn_steps: int = 6, prior: str | None = "mmff", **kwargs) -> None:
         from .calculator import OTFCalculator
 
         if not isinstance(atoms.calc, OTFCalculator):
@@ -99,6 +102,8 @@ class SurrogateOpt(BFGS):
         if not 0 < trust <= max_trust:
             raise ConfigError(f"trust = {trust} Å and max_trust = {max_trust} Å: give "
                               "0 < trust <= max_trust")
+        if qn_steps < 1:
+            raise ConfigError(f"qn_steps = {qn_steps}: give at least 1")
         self.learner = atoms.calc.learner
         if prior is not None:
             self._use_prior(prior)
@@ -111,6 +116,9 @@ class SurrogateOpt(BFGS):
         #: steps whose geometry came out higher than the best so far (trust radius cut)
         self.n_rejected = 0
         self.quasi_newton = False
+        self.qn_steps = qn_steps
+        self._qn_taken = 0  # quasi-Newton steps since the last handover
+        self._model_again = False  # the model leads again after quasi-Newton steps
         super().__init__(atoms, logfile=logfile, trajectory=trajectory, maxstep=maxstep,
                          **kwargs)
 
@@ -151,14 +159,20 @@ class SurrogateOpt(BFGS):
     def step(self, gradient=None) -> None:
         gradient = self._get_gradient(gradient)
         if self.quasi_newton:
-            return super().step()  # (the calculator holds the reference's forces here)
+            if self._qn_taken < self.qn_steps:
+                self._qn_taken += 1
+                return super().step()  # (the calculator holds the reference's forces here)
+            # the model leads again from here, judged afresh
+            self.quasi_newton, self._model_again = False, True
+            self.best, self.predicted, self.ratio, self.rejected = None, None, None, 0
         x = self.optimizable.get_x().reshape(-1, 3)
         forces = -gradient.reshape(-1, 3)
         energy = float(self.atoms.get_potential_energy())
         self._judge(x, energy, forces)
         bx, be, bf = self.best
+        again, self._model_again = self._model_again, False
         if (np.linalg.norm(bf, axis=1).max() <= self.handover and not self._model_predicts()
-                or self.rejected >= 2):
+                and not again or self.rejected >= 2):
             return self._hand_over(x)
         y, drop = self._model_step(bx, bf)
         if drop > -_E_TOL / 10:  # the model sees no descent it trusts
@@ -209,7 +223,7 @@ class SurrogateOpt(BFGS):
 
     def _hand_over(self, x: np.ndarray) -> None:
         """Quasi-Newton on the reference from here, from the model's Hessian at ``x``."""
-        self.quasi_newton = True
+        self.quasi_newton, self._qn_taken = True, 1  # this step is the first
         self.H0 = model_hessian(self.learner, self.atoms, x)
         self.state, self.pos0, self.forces0 = None, None, None
         log.debug("quasi-Newton on the reference from step %d", self.nsteps)

@@ -90,6 +90,30 @@ def test_the_model_keeps_leading_below_the_handover_force_while_it_predicts_well
     assert near_minimum(0.2).quasi_newton
 
 
+def test_the_model_leads_again_after_qn_steps_quasi_newton_steps(tmp_path):
+    """A quasi-Newton phase lasts ``qn_steps`` steps (the handover's included); the step
+    after them is the model's, judged afresh, even where the reference's forces are below
+    ``handover``."""
+    from ase.optimize import BFGS
+
+    from otfml.surrogate_opt import SurrogateOpt
+
+    a = molecule("CH3CH2OH")
+    a.calc = OTFCalculator(EMT(), store=str(tmp_path / "s.h5"))
+    BFGS(a, logfile=None).run(fmax=0.2, steps=200)  # learned on the way, below 0.3
+    opt = SurrogateOpt(a, logfile=None, qn_steps=2)
+    opt.learner.reference_only = True
+    opt.fmax = 0.05  # below handover, with no step predicted yet: quasi-Newton at once
+    modes = []
+    for _ in range(4):
+        opt.step()
+        modes.append(opt.quasi_newton)
+    a.calc.close()
+    assert modes[:2] == [True, True] and modes[2] is False
+    with pytest.raises(ConfigError, match="qn_steps = 0"):
+        SurrogateOpt(a, qn_steps=0)
+
+
 @mopac
 def test_conformers_share_the_model_and_later_ones_need_fewer_calls(tmp_path):
     """Three rattled copies of ethanol relaxed one after another with one calculator: the
