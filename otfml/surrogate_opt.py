@@ -34,6 +34,8 @@ __all__ = ["SurrogateOpt"]
 
 #: energy (eV) by which a step may rise and still count as no worse (the reference's noise)
 _E_TOL = 1e-4
+#: the model-surface minimization stops at this fraction of fmax
+_INNER_FMAX = 0.3
 
 
 class _Corrected(Calculator):
@@ -212,7 +214,7 @@ class SurrogateOpt(BFGS):
         a.calc = _Corrected(self.learner, x.copy(), g)
         e0 = a.get_potential_energy()
         inner = BFGS(a, logfile=None, maxstep=min(0.1, self.trust))
-        for _ in inner.irun(fmax=0.3 * self.fmax, steps=300):
+        for _ in inner.irun(fmax=_INNER_FMAX * self.fmax, steps=300):
             moved = np.linalg.norm(a.positions - x, axis=1).max()
             if moved > self.trust:
                 a.positions = x + (a.positions - x) * (self.trust / moved)
