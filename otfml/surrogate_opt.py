@@ -1,9 +1,11 @@
 """Geometry optimization that calls the reference once per step and walks on the model.
 
 Each step of :class:`SurrogateOpt` labels one geometry with the reference (through the
-atoms' :class:`~otfml.OTFCalculator`, so the frame is stored and learned). The model
-learns the reference less MMFF94 (``prior``, :mod:`otfml.prior`), so that from the first
-call its surface has a force field's bonds, angles and torsions. Between two
+atoms' :class:`~otfml.OTFCalculator`, so the frame is stored and learned). A model that
+does not yet trust itself at the start learns the reference less MMFF94 (``prior``,
+:mod:`otfml.prior`), so that from the first call its surface has a force field's bonds,
+angles and torsions; one that does (it has learned the region) is used as it is, with
+longer first steps. Between two
 calls it minimizes the model's surface, corrected so that its forces equal the reference's
 at the best geometry so far, within a trust radius that grows where the model predicted the
 reference's energy change well and shrinks where it did not. Once the reference's forces
@@ -36,6 +38,8 @@ __all__ = ["SurrogateOpt"]
 _E_TOL = 1e-4
 #: the model-surface minimization stops at this fraction of fmax
 _INNER_FMAX = 0.3
+#: first trust radius (Å) where the model has no confidence at the start, and where it has
+_FIRST_TRUST, _KNOWN_TRUST = 0.1, 0.3
 
 
 class _Corrected(Calculator):
@@ -73,8 +77,11 @@ class SurrogateOpt(BFGS):
         by its reference (stored and learned).
     logfile, trajectory
         As ASE's optimizers.
-    trust : float, default 0.1
-        First trust radius, Å (largest move of an atom per step on the model).
+    trust : float, optional
+        First trust radius, Å (largest move of an atom per step on the model). By default
+        0.3 Å where the model already trusts itself at the start (its calibrated force
+        error there is within the learning tolerance: it has learned this region, e.g. in
+        an MD run or an earlier conformer), 0.1 Å otherwise.
     max_trust : float, default 0.5
         Largest trust radius, Å.
     handover : float, default 0.3
@@ -87,13 +94,14 @@ class SurrogateOpt(BFGS):
         Quasi-Newton steps after a handover before the model leads again.
     prior : str or None, default "mmff"
         A force field the calculator's model learns on top of from now on
-        (``model.prior``, :mod:`otfml.prior`), unless its settings name another term, its
-        policy lets bonds break (``allow_fragmentation``) or RDKit is not installed:
+        (``model.prior``, :mod:`otfml.prior`), unless the model already trusts itself at
+        the start (as for ``trust``), its settings name another term, its policy lets bonds
+        break (``allow_fragmentation``) or RDKit is not installed:
         where the model has no data yet its surface is the force field's, shifted to the
         reference's forces. None: the model as it is.
     """
 
-    def __init__(self, atoms: Atoms, logfile="-", trajectory=None, trust: float = 0.1,
+    def __init__(self, atoms: Atoms, logfile="-", trajectory=None, trust: float | None = None,
                  max_trust: float = 0.5, handover: float = 0.3, maxstep: float = 0.1,
                  qn_steps: int = 6, prior: str | None = "mmff", **kwargs) -> None:
         from .calculator import OTFCalculator
@@ -101,14 +109,23 @@ class SurrogateOpt(BFGS):
         if not isinstance(atoms.calc, OTFCalculator):
             raise ConfigError(f"SurrogateOpt needs an otfml OTFCalculator on the atoms, not "
                               f"{type(atoms.calc).__name__}")
-        if not 0 < trust <= max_trust:
+        if trust is not None and not 0 < trust <= max_trust:
             raise ConfigError(f"trust = {trust} Å and max_trust = {max_trust} Å: give "
                               "0 < trust <= max_trust")
         if qn_steps < 1:
             raise ConfigError(f"qn_steps = {qn_steps}: give at least 1")
+        from .prior import PRIORS
+
+        if prior is not None and prior not in PRIORS:
+            raise ConfigError(f"prior = {prior!r}; give one of {list(PRIORS)} or None")
         self.learner = atoms.calc.learner
-        if prior is not None:
+        # a model that trusts itself at the start has learned the molecule: it needs no
+        # force field under it, and may take longer first steps
+        knows = self._knows(atoms)
+        if prior is not None and not knows:
             self._use_prior(prior)
+        if trust is None:
+            trust = min(_KNOWN_TRUST if knows else _FIRST_TRUST, max_trust)
         self.trust, self.max_trust, self.handover = trust, max_trust, handover
         self.best: tuple[np.ndarray, float, np.ndarray] | None = None
         self.predicted: float | None = None  # the model's energy change of the last step
@@ -125,10 +142,6 @@ class SurrogateOpt(BFGS):
                          **kwargs)
 
     def _use_prior(self, prior: str) -> None:
-        from .prior import PRIORS
-
-        if prior not in PRIORS:
-            raise ConfigError(f"prior = {prior!r}; give one of {list(PRIORS)} or None")
         try:
             import rdkit  # noqa: F401
         except ImportError:
@@ -139,6 +152,17 @@ class SurrogateOpt(BFGS):
             log.info("no %s prior: the model keeps the term its settings give it "
                      "(model.coulomb_charges, learning.allow_fragmentation; in a parallel "
                      "run, the run's model.prior)", prior)
+
+    def _knows(self, atoms: Atoms) -> bool:
+        """Whether the model trusts itself at ``atoms`` (its calibrated force error within
+        the learning tolerance, as an MD step would decide)."""
+        L = self.learner
+        if L.model is None or not L.model.is_fitted:
+            return False
+        p = L.predict(atoms)
+        dec = L.policy.decide(L.n_steps + 1, L.n_calls, 0, p.novelty, n_frames=L.model.n_frames,
+                              numbers=atoms.numbers)
+        return dec.reason == "trusted"
 
     @contextlib.contextmanager
     def _every_geometry_labelled(self):

@@ -147,8 +147,10 @@ def test_model_prior_setting_is_checked_by_name():
 
 
 def test_the_optimizer_puts_the_prior_under_the_calculators_model(tmp_path):
-    """SurrogateOpt rebuilds a model that learned frames without a prior from its store,
-    with the prior; ``prior=None`` leaves the model as it is."""
+    """SurrogateOpt gives a model that learned frames without a prior the prior in place,
+    at a start the model does not trust itself at; where it does (it has learned the
+    region), the model stays as it is and the first trust radius is longer.
+    ``prior=None`` leaves the model as it is."""
     a = molecule("CH3CH2OH")
     a.rattle(0.1, seed=2)
     a.calc = OTFCalculator(EMT(), store=str(tmp_path / "s.h5"))
@@ -156,10 +158,13 @@ def test_the_optimizer_puts_the_prior_under_the_calculators_model(tmp_path):
     learner = a.calc.learner
     n = learner.model.n_frames
     assert n > 0 and learner.model.baseline is None
+    opt = SurrogateOpt(a, logfile=None)  # a start the model has learned
+    assert learner.model.baseline is None and opt.trust == 0.3
+    a.rattle(0.3, seed=5)  # one it has not
     SurrogateOpt(a, logfile=None, prior=None)
     assert learner.model.baseline is None
-    SurrogateOpt(a, logfile=None)
-    assert isinstance(learner.model.baseline, ForceFieldPrior)
+    opt = SurrogateOpt(a, logfile=None)
+    assert isinstance(learner.model.baseline, ForceFieldPrior) and opt.trust == 0.1
     assert learner.model.n_frames == n and learner.settings["prior"] == "mmff"
     with pytest.raises(ConfigError, match="prior = 'uff'"):
         SurrogateOpt(a, logfile=None, prior="uff")
