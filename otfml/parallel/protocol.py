@@ -73,7 +73,8 @@ class ModelVersion:
     version : int
         1, 2, ... in the order the coordinator made them.
     data : bytes
-        The model's contents (:func:`model_bytes`).
+        The model's contents (:func:`model_bytes`); in the header :func:`send_version`
+        sends ahead of them, their length.
     checksum : str
         SHA-256 digest of ``data`` (every rank holds the same model of a version: each
         walker checks the bytes it received against it).
