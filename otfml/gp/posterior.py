@@ -44,12 +44,7 @@ def pack_triangles(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     channel by channel."""
     out = dict(arrays)
     zs, Linv = out["zs"], out["Linv"]
-    parts = []
-    for c in np.unique(zs):
-        at = np.flatnonzero(zs == c)
-        r, k = _tril(len(at))
-        parts.append(Linv[at[r], at[k]])
-    blocks = np.concatenate(parts) if parts else np.zeros(0)
+    blocks = Linv[_channel_tril(zs)]
     rows, cols = _tril(len(zs))
     for name in TRIANGULAR:
         if name == "Linv" and np.count_nonzero(blocks) == np.count_nonzero(Linv):
@@ -72,14 +67,22 @@ def unpack_triangles(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             full[rows, cols] = out.pop(name + "_tril")
             out[name] = full
     if "Linv_blocks" in out:
-        blocks, full, start = out.pop("Linv_blocks"), np.zeros((M, M)), 0
-        for c in np.unique(zs):
-            at = np.flatnonzero(zs == c)
-            r, k = _tril(len(at))
-            full[at[r], at[k]] = blocks[start:start + len(r)]
-            start += len(r)
+        full = np.zeros((M, M))
+        full[_channel_tril(zs)] = out.pop("Linv_blocks")
         out["Linv"] = full
     return out
+
+
+def _channel_tril(zs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column indices of each channel's diagonal block's lower triangle in an
+    M x M matrix over the sparse environments of channels ``zs``, channel by channel."""
+    rows, cols = [np.zeros(0, dtype=np.intp)], [np.zeros(0, dtype=np.intp)]
+    for c in np.unique(zs):
+        at = np.flatnonzero(zs == c)
+        r, k = _tril(len(at))
+        rows.append(at[r])
+        cols.append(at[k])
+    return np.concatenate(rows), np.concatenate(cols)
 
 
 class Posterior:
