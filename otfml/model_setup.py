@@ -32,8 +32,7 @@ class _ModelSetup:
             self.model = train_from_frames(frames, self.settings, self._species,
                                            self._prior_charge)
         else:
-            for fr in frames:
-                self.model.add_frame(fr.atoms, fr.energy, fr.forces, solve=False)
+            self.model.add_frames((fr.atoms, fr.energy, fr.forces) for fr in frames)
             self.model.fit_hyperparameters()
         self._species = list(self.model.descriptor.species)
         log.info("warm start: %d frames from %s, %d sparse environments, %.1f s",

@@ -120,8 +120,7 @@ def train_from_frames(frames, settings: dict | None = None,
     for fr in frames:
         zs.update(int(z) for z in fr.atoms.numbers)
     model = model_from_settings(sorted(zs), settings, charge)
-    for fr in frames:
-        model.add_frame(fr.atoms, fr.energy, fr.forces, solve=False)
+    model.add_frames((fr.atoms, fr.energy, fr.forces) for fr in frames)
     model.fit_hyperparameters()
     return model
 

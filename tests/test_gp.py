@@ -933,3 +933,42 @@ def test_a_memory_budget_lowers_the_frames_held(caplog):
     assert probe.max_frames == 1000  # no budget: max_frames alone
     with pytest.raises(ValueError, match="memory_gb"):
         SparseGP(Descriptor([1, 6, 8]), memory_gb=0.0)
+
+
+@pytest.mark.parametrize("evict,cap", [("thin", None), ("oldest", 4), (None, 4)])
+def test_frames_added_at_once_give_the_model_added_one_by_one(evict, cap):
+    """add_frames (a rebuild from a store) against add_frame frame after frame: the same
+    sparse set (swaps in a full set included), frames held under max_frames, and model."""
+    frames = _emt_frames(13, seed=8)
+    kw = {"max_sparse_per_species": cap} if cap else {}
+    kw.update({"max_frames": 5, "evict": evict} if evict else {"max_frames": None})
+    one, batch = ExactGP(Descriptor([1, 6, 8]), **kw), ExactGP(Descriptor([1, 6, 8]), **kw)
+    added = sum(one.add_frame(a, e, f, solve=False) for a, e, f in frames)
+    assert batch.add_frames(frames) == added
+    assert [fr.energy for fr in batch.frames] == [fr.energy for fr in one.frames]
+    assert batch.n_dropped == one.n_dropped == (8 if evict else 0)
+    assert batch.n_pruned == one.n_pruned and (sum(one.n_pruned.values()) > 0) == bool(cap)
+    np.testing.assert_array_equal(batch.Z, one.Z)
+    np.testing.assert_allclose(batch._AFw, one._AFw, atol=1e-9 * np.abs(one._AFw).max())
+    np.testing.assert_allclose(batch.b_F, one.b_F, atol=1e-9 * np.abs(one.b_F).max())
+    for gp in (one, batch):
+        gp.solve()
+    test = _emt_frames(1, seed=12)[0][0]
+    p, q = batch.predict(test), one.predict(test)
+    np.testing.assert_allclose(p.forces, q.forces, atol=1e-8 * np.abs(q.forces).max())
+    np.testing.assert_allclose(p.local_std, q.local_std, atol=1e-8)
+
+
+def test_frames_added_at_once_are_refused_whole_for_one_bad_label():
+    frames = _emt_frames(3, seed=2)
+    a, e, f = frames[2]
+    gp = SparseGP(Descriptor([1, 6, 8]))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        gp.add_frames(frames[:2] + [(a, float("nan"), f)])
+    assert gp.n_frames == 0 and gp.n_sparse == 0
+
+
+def test_the_frames_held_after_eviction_follow_the_rule():
+    assert gp_module._memory.held_after(12, 5, "oldest") == [7, 8, 9, 10, 11]
+    assert gp_module._memory.held_after(12, 5, "thin") == [0, 8, 9, 10, 11]
+    assert gp_module._memory.held_after(4, None, "thin") == [0, 1, 2, 3]

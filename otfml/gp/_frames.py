@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 from ase import Atoms
 
 from ..descriptor import Environments
 from ._buffers import _times_blocks
+from ._memory import evict_count, held_after
 from ._threads import _in_two, _Task
 from ._types import PreparedFrame, _Frame, term_env
 
@@ -71,6 +72,47 @@ class _Frames:
         self.add_prepared(prep, energy, forces, solve=solve)
         return prep.n_new
 
+    def add_frames(self, labelled: Iterable[tuple[Atoms, float, np.ndarray]]) -> int:
+        """Add many labelled structures at once, e.g. those of a store; weights not solved.
+
+        The model :meth:`add_frame` (``solve=False``) would build from them one by one,
+        to rounding, at a fraction of its cost: the sparse set is chosen first, frame by
+        frame from their environments (all that the choice looks at), and only the frames
+        ``max_frames`` would leave in the model get rows, each against the final set once.
+        A model that holds frames already takes them one by one.
+
+        Parameters
+        ----------
+        labelled : iterable of (ase.Atoms, float, ndarray of shape (n_atoms, 3))
+            Structures with their reference energy (eV) and forces (eV/Å), oldest first.
+
+        Returns
+        -------
+        int
+            Number of environments added to the sparse set.
+        """
+        labelled = list(labelled)
+        for atoms, energy, forces in labelled:  # every frame's labels before anything changes
+            self._checked_labels(len(atoms), energy, forces)
+        if self.frames or not labelled:
+            return sum(self.add_frame(a, e, f, solve=False) for a, e, f in labelled)
+        n_new = 0
+        for atoms, _, _ in labelled:
+            new_Z, new_zs = self._select_sparse(self.environments(atoms), None, None)
+            if len(new_zs):
+                self._add_columns(new_Z, new_zs)  # no rows yet: no frame is held
+                n_new += len(new_zs)
+        none = np.zeros(0, dtype=np.int64)
+        n_before = self.n_dropped
+        self.add_frame(*labelled[0], candidates=none, solve=False)  # sets max_frames
+        held = held_after(len(labelled), self.max_frames, self.evict)
+        if held[0] != 0:
+            self.drop_frames([0])
+        for i in held[1:] if held[0] == 0 else held:
+            self.add_frame(*labelled[i], candidates=none, solve=False)
+        self.n_dropped = n_before + len(labelled) - len(held)
+        return n_new
+
     @staticmethod
     def _checked_labels(n_atoms: int, energy: float, forces: np.ndarray) -> np.ndarray:
         """``forces`` as an (n_atoms, 3) float array; ValueError for a wrong shape or NaN/inf."""
@@ -118,9 +160,9 @@ class _Frames:
             env = self.environments(atoms)
         else:  # ValueError where they lack a term (computed by one descriptor alone)
             term_env(env, len(self.terms) - 1)
-        if self.max_frames is not None and len(self.frames) >= self.max_frames:
-            # before the new columns, whose rows the dropped frames would no longer need
-            self._evict(len(self.frames) - self.max_frames + max(1, self.max_frames // 10))
+        n_out = evict_count(len(self.frames), self.max_frames)
+        if n_out:  # before the new columns, whose rows the dropped frames would no longer need
+            self._evict(n_out)
         spawn = spawn or self._spawn_here() or _Task
         new_Z, new_zs = self._select_sparse(env, candidates, max_new_sparse, sparse_tolerance,
                                             spawn)

@@ -25,6 +25,39 @@ def _physical_memory() -> float | None:
 _MIN_FRAMES = 50
 
 
+def _evicted(n_held: int, n: int, evict: str) -> tuple[np.ndarray, str]:
+    """Which ``n`` of ``n_held`` frames (indices, oldest first) leave under ``max_frames``
+    by rule ``evict``, and the rule in words."""
+    n = min(n, n_held)
+    if evict == "thin" and 2 * n <= n_held:
+        return np.arange(1, 2 * n, 2), "every other one of the oldest"
+    return np.arange(n), "the oldest"
+
+
+def evict_count(n_held: int, max_frames: int | None) -> int:
+    """How many of ``n_held`` frames leave before another joins (0 below ``max_frames``): a
+    tenth of ``max_frames`` (at least one), and those above it."""
+    if max_frames is None or n_held < max_frames:
+        return 0
+    return n_held - max_frames + max(1, max_frames // 10)
+
+
+def held_after(n_frames: int, max_frames: int | None, evict: str) -> list[int]:
+    """Which of ``n_frames`` frames added one by one a model holds at the end (indices).
+
+    Eviction as :meth:`_Memory._evict` does it: before a frame joins a model holding
+    ``max_frames``, a tenth of them (at least one) leave.
+    """
+    held: list[int] = []
+    for i in range(n_frames):
+        n = evict_count(len(held), max_frames)
+        if n:
+            gone = set(_evicted(len(held), n, evict)[0].tolist())
+            held = [k for j, k in enumerate(held) if j not in gone]
+        held.append(i)
+    return held
+
+
 class _Memory:
     """Memory bounds and frame removal of a :class:`SparseGP`."""
 
@@ -147,11 +180,7 @@ class _Memory:
 
     def _evict(self, n: int) -> None:
         """Take ``n`` frames out under ``max_frames``, chosen by ``self.evict``."""
-        n = min(n, len(self.frames))
-        if self.evict == "thin" and 2 * n <= len(self.frames):
-            which, how = np.arange(1, 2 * n, 2), "every other one of the oldest"
-        else:
-            which, how = np.arange(n), "the oldest"
+        which, how = _evicted(len(self.frames), n, self.evict)
         self.drop_frames(which)
         log.info("model holds %d frames (max_frames = %d): took out %d (%s; %d so far; "
                  "the store keeps them)", len(self.frames), self.max_frames or 0, n, how,

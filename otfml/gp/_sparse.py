@@ -172,9 +172,14 @@ class _SparseSet:
 
         # the kept blocks go straight into squares with room to grow (see _grown)
         AEw, AFw, Linv = (self._kept_square(name, len(keep)) for name in ("_AEw", "_AFw", "_Linv"))
-        energy = spawn(functools.partial(rewhiten, self._AEw, AEw))
-        self._AFw = rewhiten(self._AFw, AFw)
-        self._AEw = energy.join()
+        if self.frames:
+            energy = spawn(functools.partial(rewhiten, self._AEw, AEw))
+            self._AFw = rewhiten(self._AFw, AFw)
+            self._AEw = energy.join()
+        else:  # no frame, no sums (add_frames chooses the sparse set before the frames join)
+            AEw[:] = 0.0
+            AFw[:] = 0.0
+            self._AEw, self._AFw = AEw, AFw
         Ew = self._EwT.view
         Ew[:, ks] = Ew[:, cs] @ W.T
         for g in (self._EwT, self._RF, self._RE):
