@@ -161,7 +161,6 @@ class _SparseSet:
         # from Z: then W's rows are orthonormal to rounding, however K_mm's entries rounded
         Lkept = Ls[kept_local]
         Lk = scipy.linalg.cholesky(Lkept @ Lkept.T, lower=True)
-        W = scipy.linalg.solve_triangular(Lk, Lkept, lower=True)  # (kept, M_s)
 
         def rewhiten(A: np.ndarray, out: np.ndarray) -> np.ndarray:
             X = W @ A[cs]
@@ -173,15 +172,16 @@ class _SparseSet:
         # the kept blocks go straight into squares with room to grow (see _grown)
         AEw, AFw, Linv = (self._kept_square(name, len(keep)) for name in ("_AEw", "_AFw", "_Linv"))
         if self.frames:
+            W = scipy.linalg.solve_triangular(Lk, Lkept, lower=True)  # (kept, M_s)
             energy = spawn(functools.partial(rewhiten, self._AEw, AEw))
             self._AFw = rewhiten(self._AFw, AFw)
             self._AEw = energy.join()
+            Ew = self._EwT.view
+            Ew[:, ks] = Ew[:, cs] @ W.T
         else:  # no frame, no sums (add_frames chooses the sparse set before the frames join)
             AEw[:] = 0.0
             AFw[:] = 0.0
             self._AEw, self._AFw = AEw, AFw
-        Ew = self._EwT.view
-        Ew[:, ks] = Ew[:, cs] @ W.T
         for g in (self._EwT, self._RF, self._RE):
             g.keep_columns(keep, spawn)
         pos = np.searchsorted(keep, ks)
