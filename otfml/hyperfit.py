@@ -113,7 +113,7 @@ class _HyperparameterFits:
 
         if self._fit_pool is None:
             self._fit_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="otfml-fit")
-        self._blas.__enter__()  # left at _apply_fit
+        self.blas_limit.__enter__()  # left at _apply_fit
         self._fit = _PendingFit(self.n_warm + self.n_calls, self.model.hyp.as_array(),
                                 self._fit_pool.submit(timed), time.perf_counter() - t0)
 
@@ -130,7 +130,7 @@ class _HyperparameterFits:
                         "hyperparameters stay %s", fit.call, self.model.hyp, exc_info=True)
             new = None
         finally:
-            self._blas.__exit__(None, None, None)
+            self.blas_limit.__exit__(None, None, None)
         self.timings["hyperparameters"].append(fit.started_s + time.perf_counter() - t0)
         if new is not None:
             self.model.hyp = new
@@ -143,7 +143,7 @@ class _HyperparameterFits:
         solve, so that the model a run leaves has it (``model.hyperparameter_lag``)."""
         if self._fit is None:
             return
-        with self._blas:
+        with self.blas_limit:
             self._apply_fit()
             self.model.solve()
 

@@ -133,7 +133,9 @@ class Learner(_ModelSetup, _HyperparameterFits, _Overlap, _Failures):
         self.reference_only = False
         #: energy per atom (eV) of the last reference label (the label check compares with it)
         self.last_label_per_atom: float | None = None
-        self._blas = _BlasLimit(self.settings["blas_threads"])
+        #: context that limits BLAS threads to ``model.blas_threads`` (the learner's own
+        #: linear algebra runs in it; so may a caller's that works on the model's surface)
+        self.blas_limit = _BlasLimit(self.settings["blas_threads"])
         self._overlap = self._overlap_possible()
         self._pool: ThreadPoolExecutor | None = None
         #: a hyperparameter fit running on another thread (see _refit), or None
@@ -142,7 +144,7 @@ class Learner(_ModelSetup, _HyperparameterFits, _Overlap, _Failures):
         self.hyperparameter_schedule = HyperparameterSchedule(
             self.settings["hyperparameter_first"], self.settings["hyperparameter_every"])
         if self.store is not None and len(self.store):
-            with self._blas:
+            with self.blas_limit:
                 self._warm_start()
 
     def charge_and_multiplicity(self, atoms: Atoms) -> tuple[int, int]:
@@ -181,7 +183,7 @@ class Learner(_ModelSetup, _HyperparameterFits, _Overlap, _Failures):
         UnphysicalGeometry
             An atom has no neighbour within the descriptor cutoff.
         """
-        with self._blas:
+        with self.blas_limit:
             try:
                 return self.model.predict(atoms, env)
             except IsolatedAtoms:
@@ -264,7 +266,7 @@ class Learner(_ModelSetup, _HyperparameterFits, _Overlap, _Failures):
         # (perhaps in this process) keeps the BLAS threads it had and only the update is limited
         overlap = contextlib.ExitStack()
         if self._overlap:
-            overlap.enter_context(self._blas)
+            overlap.enter_context(self.blas_limit)
             overlap.enter_context(_switch_interval(_OVERLAP_SWITCH_S))
         with overlap:
             helper = _Helper() if self._overlap else None
@@ -289,7 +291,7 @@ class Learner(_ModelSetup, _HyperparameterFits, _Overlap, _Failures):
                                                                  axis=1), atoms.numbers)
             self.n_calls += 1
             self.steps_since_call = 0
-            with self._blas:  # nested in the overlap's limit, a no-op there
+            with self.blas_limit:  # nested in the overlap's limit, a no-op there
                 if prepared is not None:
                     helper.serve()  # this thread takes on parts of the update still to do
                     prep = prepared.result()

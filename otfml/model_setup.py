@@ -92,7 +92,7 @@ class _ModelSetup:
             from .prior import ForceFieldPrior
 
             self.finish_hyperparameter_fit()
-            with self._blas:
+            with self.blas_limit:
                 self.model.set_baseline(ForceFieldPrior(self._prior_charge))
                 if self.model.n_frames:  # the labels it learns changed: fit to them
                     self.model.fit_hyperparameters()

@@ -151,3 +151,27 @@ def test_relax_names_what_is_missing():
     a.calc = OTFCalculator(EMT())
     with pytest.raises(ConfigError, match="optimizer = 'BFSG'.*BFGS"):
         relax(a, optimizer="BFSG")
+
+
+def test_the_inner_minimization_walks_as_ases_bfgs_and_stops_at_the_trust_radius():
+    """SurrogateOpt's minimization on the model's surface: ASE's BFGS, step for step (its
+    Newton steps solved by Cholesky where the Hessian allows), cut at the trust radius."""
+    from ase.cluster import Icosahedron
+    from ase.optimize import BFGS
+
+    from otfml.surrogate_opt import _bfgs_within
+
+    start = Icosahedron("Cu", 2)
+    start.rattle(0.1, seed=3)
+    x = start.positions.copy()
+    ours, ase_ = start.copy(), start.copy()
+    for a in (ours, ase_):
+        a.calc = EMT()
+    _bfgs_within(ours, x, trust=10.0, fmax=0.01, maxstep=0.1, steps=40)
+    BFGS(ase_, logfile=None, maxstep=0.1).run(fmax=0.01, steps=40)
+    np.testing.assert_allclose(ours.positions, ase_.positions, atol=1e-9)
+    assert not np.allclose(ours.positions, x, atol=0.01)  # it went somewhere
+    cut = start.copy()
+    cut.calc = EMT()
+    _bfgs_within(cut, x, trust=0.02, fmax=0.01, maxstep=0.1)
+    assert np.linalg.norm(cut.positions - x, axis=1).max() == pytest.approx(0.02)
