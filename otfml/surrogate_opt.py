@@ -139,6 +139,8 @@ class SurrogateOpt(BFGS):
         self.qn_steps = qn_steps
         self._qn_taken = 0  # quasi-Newton steps since the last handover
         self._model_again = False  # the model leads again after quasi-Newton steps
+        #: the Hessian (3N, 3N), eV/Å², the last minimization on the model ended with
+        self._inner_H: np.ndarray | None = None
         super().__init__(atoms, logfile=logfile, trajectory=trajectory, maxstep=maxstep,
                          **kwargs)
 
@@ -242,7 +244,8 @@ class SurrogateOpt(BFGS):
         g = forces - self.learner.predict(a).forces
         a.calc = _Corrected(self.learner, x.copy(), g)
         e0 = a.get_potential_energy()
-        _bfgs_within(a, x, self.trust, fmax=_INNER_FMAX * self.fmax, maxstep=min(0.1, self.trust))
+        self._inner_H = _bfgs_within(a, x, self.trust, fmax=_INNER_FMAX * self.fmax,
+                                     maxstep=min(0.1, self.trust), H=self._inner_H)
         y = _kept_apart(x, a.positions.copy())
         a.positions = y
         return y, float(a.get_potential_energy()) - e0
@@ -257,26 +260,29 @@ class SurrogateOpt(BFGS):
 
 
 def _bfgs_within(atoms: Atoms, x: np.ndarray, trust: float, fmax: float, maxstep: float,
-                 steps: int = 300, alpha: float = 70.0) -> None:
+                 steps: int = 300, alpha: float = 70.0, H: np.ndarray | None = None
+                 ) -> np.ndarray:
     """Minimize ``atoms``' surface from ``x`` (N, 3), Å, as ASE's BFGS does (Hessian
-    ``alpha`` I at first, eV/Å², its update, steps scaled to ``maxstep``), until the largest
-    force is below ``fmax`` (eV/Å), ``steps`` steps, or an atom moved more than ``trust``
-    (Å) from ``x``: then it is put back onto that radius.
+    ``H`` (3N, 3N), eV/Å², or ``alpha`` I at first, its update, steps scaled to
+    ``maxstep``), until the largest force is below ``fmax`` (eV/Å), ``steps`` steps, or an
+    atom moved more than ``trust`` (Å) from ``x``: then it is put back onto that radius.
+    Returns the Hessian it ended with (the next minimization on a model that learned
+    one more frame starts from it).
 
     The Newton step solves with a Cholesky factor where the Hessian is positive definite,
     and falls back to ASE's eigenvalue decomposition (absolute eigenvalues) where it is not:
     the same step, at a fraction of the cost of a decomposition at every step.
     """
-    H = alpha * np.eye(x.size)
+    H = alpha * np.eye(x.size) if H is None else H.copy()
     p0 = f0 = None
     for n in range(steps + 1):
         moved = np.linalg.norm(atoms.positions - x, axis=1).max()
         if moved > trust:
             atoms.positions = x + (atoms.positions - x) * (trust / moved)
-            return
+            return H
         f = atoms.get_forces().ravel()
         if n == steps or (f.reshape(-1, 3) ** 2).sum(axis=1).max() < fmax**2:
-            return
+            return H
         p = atoms.positions.ravel().copy()
         if p0 is not None and np.abs(p - p0).max() >= 1e-7:
             dp, dg = p - p0, f0 - f  # the gradient's change
@@ -292,6 +298,7 @@ def _bfgs_within(atoms: Atoms, x: np.ndarray, trust: float, fmax: float, maxstep
         if longest >= maxstep:
             dpos *= maxstep / longest
         atoms.positions = (p + dpos).reshape(-1, 3)
+    return H
 
 
 def _kept_apart(x: np.ndarray, y: np.ndarray, shrink: float = 0.75) -> np.ndarray:

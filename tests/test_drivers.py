@@ -167,10 +167,23 @@ def test_the_inner_minimization_walks_as_ases_bfgs_and_stops_at_the_trust_radius
     ours, ase_ = start.copy(), start.copy()
     for a in (ours, ase_):
         a.calc = EMT()
-    _bfgs_within(ours, x, trust=10.0, fmax=0.01, maxstep=0.1, steps=40)
+    H = _bfgs_within(ours, x, trust=10.0, fmax=0.01, maxstep=0.1, steps=40)
     BFGS(ase_, logfile=None, maxstep=0.1).run(fmax=0.01, steps=40)
     np.testing.assert_allclose(ours.positions, ase_.positions, atol=1e-9)
     assert not np.allclose(ours.positions, x, atol=0.01)  # it went somewhere
+    # the next minimization starts from the Hessian this one ended with, as ASE's would
+    # from that Hessian
+    again, ase_ = start.copy(), start.copy()
+    for a in (again, ase_):
+        a.positions[0] += 0.05
+        a.calc = EMT()
+    _bfgs_within(again, again.positions.copy(), trust=10.0, fmax=0.01, maxstep=0.1,
+                 steps=40, H=H)
+    opt = BFGS(ase_, logfile=None, maxstep=0.1)
+    opt.H0 = H.copy()
+    opt.run(fmax=0.01, steps=40)
+    np.testing.assert_allclose(again.positions, ase_.positions, atol=1e-9)
+    assert not np.allclose(H, 70.0 * np.eye(len(H)))
     cut = start.copy()
     cut.calc = EMT()
     _bfgs_within(cut, x, trust=0.02, fmax=0.01, maxstep=0.1)
