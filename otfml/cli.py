@@ -204,7 +204,9 @@ def _cmd_train(args) -> int:
     model = load_model(args.store)
     model.save(args.output)
     left = model.extra.get("frames_left_out", 0)
-    print(f"trained on {model.n_frames} frames, {model.n_sparse} sparse environments "
+    held = (f" ({model.n_dropped} more taken out under model.max_frames / model.memory_gb; "
+            "their sparse environments stay)" if model.n_dropped else "")
+    print(f"trained on {model.n_frames} frames{held}, {model.n_sparse} sparse environments "
           f"{model.sparse_counts()}; saved {args.output}"
           + (f" ({left} frames of other reference fingerprints left out)" if left else ""))
     return 0

@@ -108,3 +108,15 @@ def test_otfml_check_names_a_dummy_atom(tmp_path, capsys):
     assert main(["check", str(cfg)]) != 0
     err = capsys.readouterr().err
     assert "no chemical element (X" in err and "atom(s) 3" in err
+
+
+def test_train_says_how_many_frames_the_model_took_out(mixed_store, tmp_path, capsys,
+                                                       monkeypatch):
+    """Frames beyond model.max_frames leave the model (the store keeps them): `otfml train`
+    says how many, so that "trained on N frames" is not read as all that was stored."""
+    import otfml.training
+
+    monkeypatch.setitem(otfml.training.MODEL_DEFAULTS, "max_frames", 2)
+    assert main(["train", mixed_store, "-o", str(tmp_path / "m.npz")]) == 0
+    printed = capsys.readouterr().out
+    assert "trained on 2 frames (1 more taken out under model.max_frames" in printed
