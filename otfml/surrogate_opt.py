@@ -287,7 +287,9 @@ def _bfgs_within(atoms: Atoms, x: np.ndarray, trust: float, fmax: float, maxstep
         if p0 is not None and np.abs(p - p0).max() >= 1e-7:
             dp, dg = p - p0, f0 - f  # the gradient's change
             Hdp = H @ dp
-            H += np.outer(dg, dg) / (dp @ dg) - np.outer(Hdp, Hdp) / (dp @ Hdp)
+            a, b = dp @ dg, dp @ Hdp
+            if abs(a) > 1e-12 and abs(b) > 1e-12:  # else the update would divide by zero
+                H += np.outer(dg, dg) / a - np.outer(Hdp, Hdp) / b
         p0, f0 = p, f.copy()
         try:
             dpos = scipy.linalg.cho_solve(scipy.linalg.cho_factor(H, lower=True), f)
