@@ -88,6 +88,9 @@ def redundant(Li: np.ndarray, n: int, threshold: float) -> list[int]:
         Indices into the set, in the order taken.
     """
     M = len(Li)
+    # diag(K^-1) from the columns of L^-1 first: a full set often has nothing to give up
+    if M < 2 or n < 1 or np.min(1.0 / np.einsum("ij,ij->j", Li, Li)) >= threshold:
+        return []
     Kinv = Li.T @ Li
     alive = np.ones(M, dtype=bool)
     drop: list[int] = []
