@@ -49,8 +49,7 @@ def _pair_force_terms(G: np.ndarray, ph: np.ndarray, u: np.ndarray, scale: np.nd
             # d kt_is / d D_ij = 2 d_is / |p_i| (G z_s - d_is G p_hat_i)
             T -= d[:, None, :] * u[a:b, :, None]
             T *= (scale[a:b, None] * d)[:, None, :]
-            part_inc = inc if b - a == inc.shape[1] else inc[:, a:b]  # a slice copies
-            out += part_inc @ T.reshape(b - a, 3 * m)
+            out += inc[:, a:b] @ T.reshape(b - a, 3 * m)
         return out
 
     parts = _in_two(spawn, part, P)
