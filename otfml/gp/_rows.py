@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -14,47 +15,33 @@ from ._kernels import _pair_range
 from ._threads import _in_two, _Task
 from ._types import _normalize, term_env
 
-#: pairs per chunk in :func:`_pair_force_terms`: its temporaries (pairs x 3 x columns, in
-#: double) stay tens of MB however many frames the model holds
-_PAIR_CHUNK = 16384
 
-
-def _incidence(pi: np.ndarray, pj: np.ndarray, n_atoms: int) -> scipy.sparse.csc_matrix:
+def _incidence(pi: np.ndarray, pj: np.ndarray, n_atoms: int) -> scipy.sparse.csr_matrix:
     """Sparse (n_atoms, P) matrix that scatters pair terms to atoms: +1 on each pair's
-    neighbour ``pj``, -1 on its centre ``pi`` (by columns: its pairs are taken in chunks)."""
+    neighbour ``pj``, -1 on its centre ``pi``."""
     P = len(pi)
-    return scipy.sparse.csc_matrix(
+    return scipy.sparse.csr_matrix(
         (np.concatenate([np.ones(P), -np.ones(P)]),
          (np.concatenate([pj, pi]), np.concatenate([np.arange(P)] * 2))),
         shape=(n_atoms, P))
 
 
 def _pair_force_terms(G: np.ndarray, ph: np.ndarray, u: np.ndarray, scale: np.ndarray,
-                      inc: scipy.sparse.csc_matrix, Zc: np.ndarray,
+                      inc: scipy.sparse.csr_matrix, Zc: np.ndarray,
                       spawn: Callable[[Callable], _Task] | None = None) -> np.ndarray:
     """``d kt / d r`` (n_atoms, 3, m) of m sparse columns ``Zc`` through P pairs.
 
     ``G`` (3P, F), ``ph`` (P, F), ``u`` (P, 3) and ``scale`` (P,) as
     :meth:`_Rows._geometry` keeps them; ``inc`` from :func:`_incidence`. The pairs are
-    shared with another thread through ``spawn`` (:func:`_in_two`), and each part taken
-    :data:`_PAIR_CHUNK` pairs at a time.
+    shared with another thread through ``spawn`` (:func:`_in_two`).
     """
-    P, m = len(u), len(Zc)
-
-    def part(i: int, j: int) -> np.ndarray:
-        out = np.zeros((inc.shape[0], 3 * m))
-        for a in range(i, j, _PAIR_CHUNK):
-            b = min(a + _PAIR_CHUNK, j)
-            T, d = _pair_range(G, ph, Zc, a, b)
-            # d kt_is / d D_ij = 2 d_is / |p_i| (G z_s - d_is G p_hat_i)
-            T -= d[:, None, :] * u[a:b, :, None]
-            T *= (scale[a:b, None] * d)[:, None, :]
-            out += inc[:, a:b] @ T.reshape(b - a, 3 * m)
-        return out
-
-    parts = _in_two(spawn, part, P)
-    out = parts[0] if len(parts) == 1 else parts[0] + parts[1]
-    return out.reshape(inc.shape[0], 3, m)
+    P = len(u)
+    Ts, ds = zip(*_in_two(spawn, functools.partial(_pair_range, G, ph, Zc), P))
+    T, d = (Ts[0], ds[0]) if len(Ts) == 1 else (np.concatenate(Ts), np.concatenate(ds))
+    # d kt_is / d D_ij = 2 d_is / |p_i| (G z_s - d_is G p_hat_i)
+    T -= d[:, None, :] * u[:, :, None]
+    T *= (scale[:, None] * d)[:, None, :]
+    return (inc @ T.reshape(P, 3 * len(Zc))).reshape(inc.shape[0], 3, len(Zc))
 
 
 class _Rows:
