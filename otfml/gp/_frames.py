@@ -108,8 +108,9 @@ class _Frames:
         held = held_after(len(labelled), self.max_frames, self.evict)
         if held[0] != 0:
             self.drop_frames([0])
-        for i in held[1:] if held[0] == 0 else held:
-            self.add_frame(*labelled[i], candidates=none, solve=False)
+        for i in held:
+            if i:  # the first is in already
+                self.add_frame(*labelled[i], candidates=none, solve=False)
         self.n_dropped = n_before + len(labelled) - len(held)
         return n_new
 
