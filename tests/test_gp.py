@@ -562,7 +562,8 @@ def test_dropping_frames_matches_a_model_built_without_them(cache_frames, drop):
     np.testing.assert_allclose(gp.c_E, ref.c_E, atol=1e-9 * np.abs(ref.c_E).max())
     for name in ("_EE", "_En", "_nn", "_ff", "_logN", "_n_e", "_n_f"):
         np.testing.assert_allclose(getattr(gp, name), getattr(ref, name), rtol=1e-9)
-    assert gp.log_marginal_likelihood() == pytest.approx(ref.log_marginal_likelihood(), rel=1e-8)
+    # the log-determinants amplify the rows' rounding (about 1e-8 of the likelihood here)
+    assert gp.log_marginal_likelihood() == pytest.approx(ref.log_marginal_likelihood(), rel=3e-8)
     test = _emt_frames(1, seed=11)[0][0]
     p, q = gp.predict(test), ref.predict(test)
     # subtracting frames costs a few digits (forces up to ~100 eV/Å here)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -15,33 +14,47 @@ from ._kernels import _pair_range
 from ._threads import _in_two, _Task
 from ._types import _normalize, term_env
 
+#: pairs per chunk in :func:`_pair_force_terms`: its temporaries (pairs x 3 x columns, in
+#: double) stay tens of MB however many frames the model holds
+_PAIR_CHUNK = 16384
 
-def _incidence(pi: np.ndarray, pj: np.ndarray, n_atoms: int) -> scipy.sparse.csr_matrix:
+
+def _incidence(pi: np.ndarray, pj: np.ndarray, n_atoms: int) -> scipy.sparse.csc_matrix:
     """Sparse (n_atoms, P) matrix that scatters pair terms to atoms: +1 on each pair's
-    neighbour ``pj``, -1 on its centre ``pi``."""
+    neighbour ``pj``, -1 on its centre ``pi`` (by columns: its pairs are taken in chunks)."""
     P = len(pi)
-    return scipy.sparse.csr_matrix(
+    return scipy.sparse.csc_matrix(
         (np.concatenate([np.ones(P), -np.ones(P)]),
          (np.concatenate([pj, pi]), np.concatenate([np.arange(P)] * 2))),
         shape=(n_atoms, P))
 
 
 def _pair_force_terms(G: np.ndarray, ph: np.ndarray, u: np.ndarray, scale: np.ndarray,
-                      inc: scipy.sparse.csr_matrix, Zc: np.ndarray,
+                      inc: scipy.sparse.csc_matrix, Zc: np.ndarray,
                       spawn: Callable[[Callable], _Task] | None = None) -> np.ndarray:
     """``d kt / d r`` (n_atoms, 3, m) of m sparse columns ``Zc`` through P pairs.
 
     ``G`` (3P, F), ``ph`` (P, F), ``u`` (P, 3) and ``scale`` (P,) as
-    :meth:`_Rows._geometry` keeps them; ``inc`` from :func:`_incidence`. The pairs are
-    shared with another thread through ``spawn`` (:func:`_in_two`).
+    :meth:`_Rows._geometry` keeps them; ``inc`` from :func:`_incidence`. The pairs are taken
+    :data:`_PAIR_CHUNK` at a time, each chunk's products shared with another thread through
+    ``spawn`` (:func:`_in_two`) and scattered to the atoms on this one.
     """
-    P = len(u)
-    Ts, ds = zip(*_in_two(spawn, functools.partial(_pair_range, G, ph, Zc), P))
-    T, d = (Ts[0], ds[0]) if len(Ts) == 1 else (np.concatenate(Ts), np.concatenate(ds))
-    # d kt_is / d D_ij = 2 d_is / |p_i| (G z_s - d_is G p_hat_i)
-    T -= d[:, None, :] * u[:, :, None]
-    T *= (scale[:, None] * d)[:, None, :]
-    return (inc @ T.reshape(P, 3 * len(Zc))).reshape(inc.shape[0], 3, len(Zc))
+    P, m = len(u), len(Zc)
+
+    def terms(i: int, j: int) -> np.ndarray:
+        T, d = _pair_range(G, ph, Zc, i, j)
+        # d kt_is / d D_ij = 2 d_is / |p_i| (G z_s - d_is G p_hat_i)
+        T -= d[:, None, :] * u[i:j, :, None]
+        T *= (scale[i:j, None] * d)[:, None, :]
+        return T.reshape(j - i, 3 * m)
+
+    out = np.zeros((inc.shape[0], 3 * m))
+    for a in range(0, P, _PAIR_CHUNK):
+        b = min(a + _PAIR_CHUNK, P)
+        for i, j, T in _in_two(spawn, lambda i, j, a=a: (a + i, a + j, terms(a + i, a + j)),
+                               b - a):
+            out += (inc if j - i == P else inc[:, i:j]) @ T  # a slice copies
+    return out.reshape(inc.shape[0], 3, m)
 
 
 class _Rows:
