@@ -175,6 +175,9 @@ def test_the_memory_estimate_matches_what_the_frames_take(caplog, monkeypatch, c
                                                for key, b in g.items()}}
     # ... and nothing was reallocated since: no copies of the rows as the buffers fill
     assert buffers["RF"] is gp._RF._a and len(buffers) > 1
+    # the cached gradients' buffers are as wide as their columns (their rows are written
+    # whole, so spare columns would be backed by memory)
+    assert all(b._a.shape[1] == b.m for g in gp._geo.values() for b in g.values())
     if cache_frames is None:
         assert all(buffers[f"{s}{key}"] is b._a for s, g in gp._geo.items()
                    for key, b in g.items())

@@ -58,11 +58,13 @@ class _Grow:
     Row capacity grows fourfold, column capacity twofold.  Rows beyond the
     used ones are never written, so the operating system does not back them
     with memory; the larger factor only cuts the copies of large structures' rows.
-    ``max_cols`` reserves the columns the array will at most need.
+    ``max_cols`` reserves the columns the array will at most need (an array whose rows
+    are written in full is backed in full: a column buffer wider than its columns would
+    cost memory for nothing).
     """
 
-    def __init__(self, ncols: int = 0, dtype=float, max_cols: int = 16) -> None:
-        self._a = np.zeros((64, max(ncols, max_cols)), dtype=dtype)
+    def __init__(self, ncols: int = 0, dtype=float, max_cols: int = 1) -> None:
+        self._a = np.zeros((64, max(ncols, max_cols, 1)), dtype=dtype)
         self.n = 0
         self.m = ncols
 
