@@ -976,3 +976,45 @@ def test_the_frames_held_after_eviction_follow_the_rule():
     assert gp_module._memory.held_after(12, 5, "oldest") == [7, 8, 9, 10, 11]
     assert gp_module._memory.held_after(12, 5, "thin") == [0, 8, 9, 10, 11]
     assert gp_module._memory.held_after(4, None, "thin") == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("threads", [False, True])
+def test_pair_terms_taken_in_chunks_equal_those_taken_at_once(monkeypatch, threads):
+    """The force rows' pair terms, taken a few hundred pairs at a time (and shared with
+    another thread), equal those of all pairs at once."""
+    from otfml.gp import _rows
+    from otfml.gp._threads import _Task
+
+    rng = np.random.default_rng(5)
+    P, F, m, n_atoms = 1500, 12, 40, 60
+    G = rng.normal(size=(3 * P, F)).astype(np.float32)
+    ph = rng.normal(size=(P, F)).astype(np.float32)
+    u, scale, Zc = rng.normal(size=(P, 3)), rng.uniform(0.5, 2, P), rng.normal(size=(m, F))
+    pi, pj = rng.integers(0, n_atoms, P), rng.integers(0, n_atoms, P)
+    inc = _rows._incidence(pi, pj, n_atoms)
+    spawn = _Task if threads else None
+    whole = _rows._pair_force_terms(G, ph, u, scale, inc, Zc, spawn)
+    monkeypatch.setattr(_rows, "_PAIR_CHUNK_BYTES", 1)  # 256 pairs per chunk
+    chunked = _rows._pair_force_terms(G, ph, u, scale, inc, Zc, spawn)
+    # (the same products; float32 GEMM may block rows differently)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-6 * np.abs(whole).max())
+    # against the terms written out pair by pair
+    T = (G.astype(np.float64) @ Zc.T).reshape(P, 3, m)
+    d = ph.astype(np.float64) @ Zc.T
+    T = (T - d[:, None, :] * u[:, :, None]) * (scale[:, None] * d)[:, None, :]
+    expect = np.zeros((n_atoms, 3, m))
+    np.add.at(expect, pj, T)
+    np.add.at(expect, pi, -T)
+    np.testing.assert_allclose(whole, expect, rtol=1e-5, atol=1e-5 * np.abs(expect).max())
+
+
+def test_a_symmetric_matrix_is_made_from_its_lower_triangle_in_place():
+    from otfml.gp.likelihood import _mirror_lower
+
+    rng = np.random.default_rng(2)
+    for M in (5, 256, 700):
+        S = rng.normal(size=(M, M))
+        S = S + S.T
+        A = np.tril(S) + np.triu(rng.normal(size=(M, M)), 1)  # garbage above the diagonal
+        assert _mirror_lower(A) is A
+        np.testing.assert_array_equal(A, S)

@@ -14,9 +14,10 @@ from ._kernels import _pair_range
 from ._threads import _in_two, _Task
 from ._types import _normalize, term_env
 
-#: pairs per chunk in :func:`_pair_force_terms`: its temporaries (pairs x 3 x columns, in
-#: double) stay tens of MB however many frames the model holds
-_PAIR_CHUNK = 16384
+#: bytes of a chunk's pair terms (pairs x 3 x columns, in double) in
+#: :func:`_pair_force_terms`: its temporaries stay tens of MB however many frames the model
+#: holds and however many columns a frame's rows have
+_PAIR_CHUNK_BYTES = 8 * 2**20
 
 
 def _incidence(pi: np.ndarray, pj: np.ndarray, n_atoms: int) -> scipy.sparse.csc_matrix:
@@ -36,21 +37,24 @@ def _pair_force_terms(G: np.ndarray, ph: np.ndarray, u: np.ndarray, scale: np.nd
 
     ``G`` (3P, F), ``ph`` (P, F), ``u`` (P, 3) and ``scale`` (P,) as
     :meth:`_Rows._geometry` keeps them; ``inc`` from :func:`_incidence`. The pairs are taken
-    :data:`_PAIR_CHUNK` at a time, each chunk's products shared with another thread through
-    ``spawn`` (:func:`_in_two`) and scattered to the atoms on this one.
+    in chunks of :data:`_PAIR_CHUNK_BYTES` of terms, each chunk's products shared with
+    another thread through ``spawn`` (:func:`_in_two`) and scattered to the atoms on this one.
     """
     P, m = len(u), len(Zc)
+    chunk = max(256, _PAIR_CHUNK_BYTES // (24 * max(m, 1)))
 
     def terms(i: int, j: int) -> np.ndarray:
         T, d = _pair_range(G, ph, Zc, i, j)
-        # d kt_is / d D_ij = 2 d_is / |p_i| (G z_s - d_is G p_hat_i)
-        T -= d[:, None, :] * u[i:j, :, None]
-        T *= (scale[i:j, None] * d)[:, None, :]
+        # d kt_is / d D_ij = 2 d_is / |p_i| (G z_s - d_is G p_hat_i), a direction at a time
+        for k in range(3):
+            T[:, k] -= d * u[i:j, k, None]
+        d *= scale[i:j, None]
+        T *= d[:, None, :]
         return T.reshape(j - i, 3 * m)
 
     out = np.zeros((inc.shape[0], 3 * m))
-    for a in range(0, P, _PAIR_CHUNK):
-        b = min(a + _PAIR_CHUNK, P)
+    for a in range(0, P, chunk):
+        b = min(a + chunk, P)
         for i, j, T in _in_two(spawn, lambda i, j, a=a: (a + i, a + j, terms(a + i, a + j)),
                                b - a):
             out += (inc if j - i == P else inc[:, i:j]) @ T  # a slice copies

@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 #: maximum, far below what moves a prediction. L-BFGS-B's own default (1e-5) spends
 #: many O(M^3) evaluations on a fit that starts at the optimum and ends where it began.
 _FIT_GTOL = 0.1
+#: rows per panel where an M x M product is formed in place
+_ROWS = 256
 
 def _B_rows(AE: np.ndarray, AF: np.ndarray, theta: np.ndarray, term: np.ndarray,
             start: int = 0) -> np.ndarray:
@@ -29,11 +31,25 @@ def _B_rows(AE: np.ndarray, AF: np.ndarray, theta: np.ndarray, term: np.ndarray,
     (M,)) of ``theta``."""
     se, sf = theta[1], theta[2]
     s = term_sigmas(theta)[term]
-    B = AE[start:] / se**2 + AF[start:] / sf**2
+    B = AE[start:] / se**2
+    for i in range(0, len(B), _ROWS):  # (AF / sf^2 row panels: no M x M temporary)
+        B[i:i + _ROWS] += AF[start + i:start + i + _ROWS] / sf**2
     B *= s[start:, None]
     B *= s[None, :]
     B[:, start:] += np.eye(len(AE) - start)
     return B
+
+
+def _mirror_lower(A: np.ndarray) -> np.ndarray:
+    """Square ``A`` made symmetric from its lower triangle, in place, by row panels (no
+    M x M temporary); ``A``."""
+    M = len(A)
+    for i in range(0, M, _ROWS):
+        j = min(i + _ROWS, M)
+        block = A[i:j, i:j]
+        block[...] = np.tril(block) + np.tril(block, -1).T
+        A[i:j, j:] = A[j:, i:j].T
+    return A
 
 
 def log_likelihood(data: dict, theta: np.ndarray, eval_gradient: bool = False):
@@ -65,25 +81,26 @@ def log_likelihood(data: dict, theta: np.ndarray, eval_gradient: bool = False):
     Binv, info = scipy.linalg.lapack.dpotri(LB[0], lower=1, overwrite_c=1)
     if info:
         return -np.inf, np.zeros(n)
-    Binv = np.tril(Binv) + np.tril(Binv, -1).T
+    Binv = _mirror_lower(Binv)
     # dQ/dlog(theta); T = u^T B^-1 u with u = S u0, v = B^-1 u.
     # A term's sigma: dS = D_t S, dB = D_t (B - I) + (B - I) D_t, so dT = 2 |v_t|^2 and
     # d log det B = 2 (M_t - tr_t B^-1).
     # The noises: dB_e = -2/se^2 S AE S and du_e = -2 S c / se^2 (likewise for sf).
-    dBinv = np.diag(Binv)
+    dBinv = np.diag(Binv).copy()
     dQ_t = [-2 * v[term == t] @ v[term == t] + 2 * (np.sum(term == t) - dBinv[term == t].sum())
             for t in range(n - 2)]
     sv = s * v
-    SBS = Binv * s[:, None]
+    SBS = Binv  # S B^-1 S, in place of B^-1
+    SBS *= s[:, None]
     SBS *= s[None, :]
     du_e = -2 * s * data["c"] / se**2
     dQ_e = (-2 * yWy / se**2 + 2 * n_e
             - (2 * v @ du_e + 2 / se**2 * sv @ data["AE"] @ sv)
-            - 2 / se**2 * np.sum(SBS * data["AE"]))
+            - 2 / se**2 * np.vdot(SBS, data["AE"]))
     du_f = -2 * s * data["bF"] / sf**2
     dQ_f = (-2 * ff / sf**2 + 2 * n_f
             - (2 * v @ du_f + 2 / sf**2 * sv @ data["AF"] @ sv)
-            - 2 / sf**2 * np.sum(SBS * data["AF"]))
+            - 2 / sf**2 * np.vdot(SBS, data["AF"]))
     return lml, -0.5 * np.array([dQ_t[0], dQ_e, dQ_f, *dQ_t[1:]])
 
 
