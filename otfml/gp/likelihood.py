@@ -96,11 +96,11 @@ def log_likelihood(data: dict, theta: np.ndarray, eval_gradient: bool = False):
     du_e = -2 * s * data["c"] / se**2
     dQ_e = (-2 * yWy / se**2 + 2 * n_e
             - (2 * v @ du_e + 2 / se**2 * sv @ data["AE"] @ sv)
-            - 2 / se**2 * np.vdot(SBS, data["AE"]))
+            - 2 / se**2 * np.einsum("ij,ij->", SBS, data["AE"]))
     du_f = -2 * s * data["bF"] / sf**2
     dQ_f = (-2 * ff / sf**2 + 2 * n_f
             - (2 * v @ du_f + 2 / sf**2 * sv @ data["AF"] @ sv)
-            - 2 / sf**2 * np.vdot(SBS, data["AF"]))
+            - 2 / sf**2 * np.einsum("ij,ij->", SBS, data["AF"]))
     return lml, -0.5 * np.array([dQ_t[0], dQ_e, dQ_f, *dQ_t[1:]])
 
 
