@@ -980,8 +980,8 @@ def test_the_frames_held_after_eviction_follow_the_rule():
 
 @pytest.mark.parametrize("threads", [False, True])
 def test_pair_terms_taken_in_chunks_equal_those_taken_at_once(monkeypatch, threads):
-    """The force rows' pair terms, taken a few hundred pairs at a time (and shared with
-    another thread), equal those of all pairs at once."""
+    """The force rows' pair terms, taken a few hundred pairs at a time (each chunk cut in
+    two as for a second thread), equal those of all pairs at once and of each pair alone."""
     from otfml.gp import _rows
     from otfml.gp._threads import _Task
 
