@@ -36,7 +36,8 @@ def _B_rows(AE: np.ndarray, AF: np.ndarray, theta: np.ndarray, term: np.ndarray,
         B[i:i + _ROWS] += AF[start + i:start + i + _ROWS] / sf**2
     B *= s[start:, None]
     B *= s[None, :]
-    B[:, start:] += np.eye(len(AE) - start)
+    rows = np.arange(len(B))
+    B[rows, start + rows] += 1.0  # the identity's part, on its diagonal alone
     return B
 
 
