@@ -45,13 +45,12 @@ def pack_triangles(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     out = dict(arrays)
     zs, Linv = out["zs"], out["Linv"]
     blocks = Linv[_channel_tril(zs)]
-    rows, cols = _tril(len(zs))
     for name in TRIANGULAR:
         if name == "Linv" and np.count_nonzero(blocks) == np.count_nonzero(Linv):
             out["Linv_blocks"] = blocks
             del out["Linv"]
         else:
-            out[name + "_tril"] = out.pop(name)[rows, cols]
+            out[name + "_tril"] = _packed(out.pop(name))
     return out
 
 
@@ -60,17 +59,36 @@ def unpack_triangles(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     out = dict(arrays)
     zs = out["zs"]
     M = len(zs)
-    rows, cols = _tril(M)
     for name in TRIANGULAR:
         if name + "_tril" in out:
-            full = np.zeros((M, M))
-            full[rows, cols] = out.pop(name + "_tril")
-            out[name] = full
+            out[name] = _unpacked(out.pop(name + "_tril"), M)
     if "Linv_blocks" in out:
         full = np.zeros((M, M))
         full[_channel_tril(zs)] = out.pop("Linv_blocks")
         out["Linv"] = full
     return out
+
+
+def _packed(L: np.ndarray) -> np.ndarray:
+    """The lower triangle of ``L`` (M, M), row by row (LAPACK's packed upper triangle of
+    ``L.T``, which is ``L``'s memory read in Fortran order)."""
+    if len(L) == 0:
+        return np.zeros(0)
+    ap, info = scipy.linalg.lapack.dtrttp(np.ascontiguousarray(L, dtype=float).T, uplo="U")
+    if info:
+        raise ValueError(f"dtrttp failed (info {info})")
+    return ap
+
+
+def _unpacked(ap: np.ndarray, M: int) -> np.ndarray:
+    """The C-ordered (M, M) lower triangular matrix whose triangle :func:`_packed` gave;
+    zero above the diagonal."""
+    if M == 0:
+        return np.zeros((0, 0))
+    a, info = scipy.linalg.lapack.dtpttr(M, np.asarray(ap, dtype=float), uplo="U")
+    if info:
+        raise ValueError(f"dtpttr failed (info {info})")
+    return a.T  # Fortran-ordered upper triangle: its transpose is C-ordered and lower
 
 
 def _channel_tril(zs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
