@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from .conftest import mopac
@@ -170,13 +171,13 @@ class _OneMessage:
         return self.msg is not None
 
     def recv(self, source, tag):
-        """The version's header; its bytes follow (:meth:`Recv`), as rank 0 sends them."""
+        """The version's header; its parts follow (:meth:`Recv`), as rank 0 sends them."""
         msg, self.msg = self.msg, None
-        self.data = msg.data
-        return dataclasses.replace(msg, data=len(msg.data))
+        self.parts = list(msg.data)
+        return dataclasses.replace(msg, data=[memoryview(p).nbytes for p in msg.data])
 
     def Recv(self, buf, source, tag) -> None:
-        buf[0][:] = self.data
+        buf[0][:] = self.parts.pop(0)
 
     def isend(self, msg, dest, tag):
         self.sent.append(msg)
@@ -203,7 +204,7 @@ def test_a_walker_loads_a_version_only_if_its_bytes_match_the_checksum():
 
     from otfml.descriptor import Descriptor
     from otfml.gp import SparseGP
-    from otfml.parallel.protocol import ModelVersion, model_bytes
+    from otfml.parallel.protocol import ModelVersion, model_parts
     from otfml.parallel.walker import WalkerLearner
     from otfml.policy import LearningPolicy
     from otfml.reference import make_reference
@@ -212,18 +213,77 @@ def test_a_walker_loads_a_version_only_if_its_bytes_match_the_checksum():
     a = molecule("CH3CH2OH")
     a.calc = EMT()
     gp.add_frame(a, a.get_potential_energy(), a.get_forces())
-    data, digest = model_bytes(gp)
+    data, digest = model_parts(gp)
     policy = LearningPolicy()
     good = ModelVersion(1, data, digest, policy, 0.0, 1)
     w = WalkerLearner(_OneMessage(good), make_reference(EMT()), species=[1, 6, 8])
     assert w.take_newest() and w.version == 1 and w.checksums == {1: digest}
-    damaged = bytearray(data)
-    damaged[len(damaged) // 2] ^= 0xFF
-    w = WalkerLearner(_OneMessage(ModelVersion(1, bytes(damaged), digest, policy, 0.0, 1)),
+    assert np.array_equal(w.model.predict(a).forces, gp.predict(a).forces)
+    largest = max(range(len(data)), key=lambda i: memoryview(data[i]).nbytes)
+    damaged = [bytearray(p) for p in data]
+    damaged[largest][len(damaged[largest]) // 2] ^= 0xFF
+    w = WalkerLearner(_OneMessage(ModelVersion(1, damaged, digest, policy, 0.0, 1)),
                       make_reference(EMT()), species=[1, 6, 8])
     with pytest.raises(RuntimeError, match="model version 1 reached walker 0 damaged"):
         w.take_newest()
     assert w.version == 0 and not w.checksums
+
+
+class _Later(_OneMessage):
+    """A communicator whose model version arrives at the ``after``-th probe."""
+
+    def __init__(self, msg, after: int) -> None:
+        super().__init__(msg)
+        self.after = after
+
+    def Iprobe(self, source, tag) -> bool:
+        self.after -= 1
+        return self.after < 0 and self.msg is not None
+
+
+def test_a_walker_about_to_call_waits_for_the_version_that_learned_its_last_label():
+    """It takes the awaited version as soon as it comes; where waiting has not been paying,
+    it waits only at every WAIT_EXPLORE-th chance, and never longer than a call costs."""
+    import time
+
+    from ase.build import molecule
+    from ase.calculators.emt import EMT
+
+    from otfml.descriptor import Descriptor
+    from otfml.gp import SparseGP
+    from otfml.parallel.protocol import ModelVersion, model_parts
+    from otfml.parallel.walker import WAIT_EXPLORE, WAIT_PRIOR, WalkerLearner
+    from otfml.policy import LearningPolicy
+    from otfml.reference import make_reference
+
+    gp = SparseGP(Descriptor([1, 6, 8]))
+    a = molecule("CH3CH2OH")
+    a.calc = EMT()
+    gp.add_frame(a, a.get_potential_energy(), a.get_forces())
+    data, digest = model_parts(gp)
+    # version 2 took in this walker's (walker 0's) first label
+    comm = _Later(ModelVersion(2, data, digest, LearningPolicy(), 0.0, 1, {0: 1}, 0.01),
+                  after=3)
+    w = WalkerLearner(comm, make_reference(EMT()), species=[1, 6, 8])
+    w.version = 1
+    assert not w._wait_for_own_label()  # nothing sent: nothing to wait for
+    w._sent = 1
+    w.timings["reference"].append(0.5)
+    assert w._wait_for_own_label()
+    assert w.version == 2 and w._taken_in == 1 and w.n_waits == 1
+    assert 0.0 < w.wait_s < 0.5
+    w._waited(paid=False)
+    assert w.n_waits_paid == 0 and w._wait_pays < WAIT_PRIOR
+    # a second label, whose version does not come: waiting has not paid, so the walker
+    # passes up its chances, but for one in WAIT_EXPLORE, which waits what a call costs
+    w._sent, w._wait_pays, w._wait_est = 2, 0.0, 0.1
+    w.timings["reference"][:] = [0.02]
+    for _ in range(WAIT_EXPLORE):
+        assert not w._wait_for_own_label()
+    t0 = time.perf_counter()
+    assert w._wait_for_own_label()
+    assert 0.02 + w._update_s <= time.perf_counter() - t0 < 0.5
+    assert w.n_waits == 2 and w.version == 2
 
 
 def _split_ethanol():

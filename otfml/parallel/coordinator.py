@@ -10,14 +10,16 @@ import time
 from ..errors import ReferenceFailed
 from ..learner import Learner
 from ..reference.base import Label, Reference
-from .protocol import DONE, LABEL, LabelMessage, ModelVersion, model_bytes, send_version
+from .protocol import DONE, LABEL, LabelMessage, ModelVersion, model_parts, send_version
 
 log = logging.getLogger(__name__)
 
 #: seconds between polls for a message while nothing arrives (the coordinator then yields
-#: its core to the walkers sharing it), and while model versions are still being sent (a
-#: large message moves only while its sender calls into MPI)
-_POLL_S, _SENDING_POLL_S = 0.002, 0.0002
+#: its core to the walkers sharing it: each poll wakes it, and takes a core from a walker
+#: for a moment; a label waits at most this long beside its reference call's tens of ms),
+#: and while model versions are still being sent (over transports where a large message
+#: moves only while its sender calls into MPI; within a node the receiver copies it alone)
+_POLL_S, _SENDING_POLL_S = 0.004, 0.001
 #: how long after a version is published the coordinator polls at the faster rate, s
 _SENDING_S = 0.05
 #: longest a learned label waits for the next version while more labels keep arriving, s
@@ -69,6 +71,8 @@ class Coordinator:
         self.version_bytes: list[int] = []
         self.update_s: list[float] = []
         self.summaries: dict[int, dict] = {}
+        #: per walker, how many of its labels were taken in (learned or refused)
+        self.taken_in: dict[int, int] = {}
         self._pending: list = []
         #: arrival time of the oldest label learned but not yet in a published version
         self._waiting_since: float | None = None
@@ -89,6 +93,7 @@ class Coordinator:
 
         walkers = self.comm.Get_size() - 1
         if self.learner.model is not None and self.learner.model.is_fitted:
+            self._warm_up()
             self._waiting_since = time.time()
             self._publish()  # a warm start: the walkers begin with it
         status = MPI.Status()
@@ -120,8 +125,16 @@ class Coordinator:
         self._pending = []
         return self.summaries
 
+    def _warm_up(self) -> None:
+        """Predict the model's last frame once, before the walkers begin: the compiled
+        prediction kernels load now rather than while the walkers step."""
+        frames = self.learner.model.frames
+        if frames and frames[-1].atoms is not None:
+            self.learner.predict(frames[-1].atoms)
+
     def _learn(self, msg: LabelMessage, arrived: float) -> None:
         L = self.learner
+        self.taken_in[msg.walker] = self.taken_in.get(msg.walker, 0) + 1
         self.received.label = Label(msg.energy, msg.forces, msg.fingerprint, msg.seconds)
         L.walker = msg.walker
         L.asked_version = msg.version
@@ -133,6 +146,8 @@ class Coordinator:
             L.step(msg.atoms())
         except ReferenceFailed as err:  # the label check: not stored, not learned
             log.error("walker %d, step %d: label refused: %s", msg.walker, msg.step, err)
+            if self._waiting_since is None:  # a version tells its walker it was taken in
+                self._waiting_since = arrived
             return
         self.update_s.append(time.perf_counter() - t0)
         if self._waiting_since is None:
@@ -150,11 +165,13 @@ class Coordinator:
         if L.model is None or not L.model.is_fitted or arrived is None:
             return
         self.version += 1
-        data, digest = model_bytes(L.model)
+        data, digest = model_parts(L.model)
         self.checksums[self.version] = digest
-        self.version_bytes.append(len(data))
+        self.version_bytes.append(sum(memoryview(p).nbytes for p in data))
+        recent = sorted(self.update_s[-9:])
         msg = ModelVersion(self.version, data, digest, L.policy, arrived,
-                           len(L.store) if L.store is not None else L.n_calls)
+                           len(L.store) if L.store is not None else L.n_calls,
+                           dict(self.taken_in), recent[len(recent) // 2] if recent else 0.0)
         self._pending += send_version(self.comm, msg, range(1, self.comm.Get_size()))
         self._published = time.time()
         self._tidy()

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import pickle
 import time
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -72,39 +72,47 @@ class ModelVersion:
     ----------
     version : int
         1, 2, ... in the order the coordinator made them.
-    data : bytes
-        The model's contents (:func:`model_bytes`); in the header :func:`send_version`
-        sends ahead of them, their length.
+    data : list of bytes-like
+        The model's contents as parts (:func:`model_parts`); in the header
+        :func:`send_version` sends ahead of them, their lengths.
     checksum : str
-        SHA-256 digest of ``data`` (every rank holds the same model of a version: each
-        walker checks the bytes it received against it).
+        CRC-32 of the parts (:func:`checksum`; every rank holds the same model of a
+        version: each walker checks the bytes it received against it).
     policy : object
         The coordinator's learning policy (its calibration) at this version.
     label_arrived : float
         UNIX time the label that made this version reached the coordinator.
     n_frames : int
         Frames the coordinator's store holds.
+    learned : dict
+        Per walker, how many of its labels the coordinator has taken in (learned, or
+        refused by the label check) up to this version.
+    update_s : float
+        The coordinator's recent update time per label (median), s.
     """
 
     version: int
-    data: bytes
+    data: list
     checksum: str
     policy: object
     label_arrived: float
     n_frames: int
+    learned: dict = field(default_factory=dict)
+    update_s: float = 0.0
 
 
 def send_version(comm, msg: ModelVersion, ranks) -> list:
     """Send ``msg`` to each of ``ranks`` without waiting: its header pickled once (tag
-    MODEL), then its bytes as they are (tag MODEL_DATA), so that neither is copied into
-    a second message. Returns the requests."""
+    MODEL), then each of its parts as it is (tag MODEL_DATA), so that no array is copied
+    into a message. Returns the requests."""
     from mpi4py import MPI
 
-    header = MPI.pickle.dumps(dataclasses.replace(msg, data=len(msg.data)))
+    header = MPI.pickle.dumps(dataclasses.replace(
+        msg, data=[memoryview(p).nbytes for p in msg.data]))
     reqs = []
     for rank in ranks:
         reqs.append(comm.Isend([header, MPI.BYTE], dest=rank, tag=MODEL))
-        reqs.append(comm.Isend([msg.data, MPI.BYTE], dest=rank, tag=MODEL_DATA))
+        reqs += [comm.Isend([p, MPI.BYTE], dest=rank, tag=MODEL_DATA) for p in msg.data]
     return reqs
 
 
@@ -116,29 +124,40 @@ def receive_versions(comm) -> ModelVersion | None:
     newest = None
     while comm.Iprobe(source=0, tag=MODEL):
         newest = comm.recv(source=0, tag=MODEL)
-        data = bytearray(newest.data)  # (the header holds the size)
-        comm.Recv([data, MPI.BYTE], source=0, tag=MODEL_DATA)
-        newest.data = data
+        parts = []
+        for n in newest.data:  # (the header holds the parts' sizes)
+            parts.append(bytearray(n))
+            comm.Recv([parts[-1], MPI.BYTE], source=0, tag=MODEL_DATA)
+        newest.data = parts
     return newest
 
 
-def model_bytes(model) -> tuple[bytes, str]:
-    """A model's contents (:meth:`otfml.gp.SparseGP.contents`, compact) as bytes, and their
-    checksum."""
-    data = pickle.dumps(model.contents(compact=True), protocol=pickle.HIGHEST_PROTOCOL)
-    return data, checksum(data)
+def model_parts(model) -> tuple[list, str]:
+    """A model's contents (:meth:`otfml.gp.SparseGP.contents`, compact) as parts to send,
+    and their checksum: a pickle stream, then the bytes of each of its arrays as they are
+    in memory (out of band: not copied)."""
+    buffers: list = []
+    stream = pickle.dumps(model.contents(compact=True), protocol=5,
+                          buffer_callback=buffers.append)
+    parts = [stream] + [b.raw() for b in buffers]
+    return parts, checksum(parts)
 
 
-def checksum(data: bytes) -> str:
-    """Hex SHA-256 digest of ``data`` (the first 32 hex digits)."""
-    return hashlib.sha256(data).hexdigest()[:32]
+def checksum(parts: list) -> str:
+    """CRC-32 of the bytes of ``parts`` in turn, as 8 hex digits."""
+    crc = 0
+    for p in parts:
+        crc = zlib.crc32(p, crc)
+    return f"{crc:08x}"
 
 
-def model_from_bytes(data: bytes):
-    """The model (prediction only) of :func:`model_bytes`'s bytes."""
+def model_from_parts(parts: list):
+    """The model (prediction only) of :func:`model_parts`'s parts (arrays made on the
+    received bytes, not copied)."""
     from ..gp import SparseGP
 
-    return SparseGP.from_contents(pickle.loads(data), "a model version")
+    return SparseGP.from_contents(pickle.loads(parts[0], buffers=parts[1:]),
+                                  "a model version")
 
 
 def wait_for(comm, tags: tuple[int, ...], source: int = 0):

@@ -165,7 +165,8 @@ class ParallelSession:
         return {"walker": self.walker, "steps": L.n_steps, "reference_calls": L.n_calls,
                 "screened": L.n_screened, "reference_failures": L.n_failures,
                 "versions_used": len(L.checksums), "last_version": L.version,
-                "version_install_s": L.install_s,
+                "version_install_s": L.install_s, "waits": L.n_waits,
+                "waits_paid": L.n_waits_paid, "wait_s": L.wait_s,
                 "checksums": L.checksums, "latency_s": L.latency,
                 "median_model_step_s": med(L.timings["model"]),
                 "median_reference_s": med(L.timings["reference"]), **self.extra}
