@@ -16,8 +16,12 @@ Also printed per K: the time from a label's arrival at the coordinator to each w
 of the version that learned it (median and worst), the coordinator's update time, the size
 of a model version, and the peak memory of a rank.
 
-    python benchmarks/parallel.py                     # the whole benchmark (~5 min on 2 cores)
+    python benchmarks/parallel.py                     # the whole benchmark (~9 min on 2 cores)
     python benchmarks/parallel.py --ks 1 2 --steps 500 --water-steps 4   # a quick look
+    python benchmarks/parallel.py --seed 1 --water-steps 0 --share-steps 0  # ethanol, seed 1
+
+``--seed S`` gives every walker of every job the seed it has at 0, plus ``1000 * S``; a part
+of 0 steps is left out.
 """
 
 from __future__ import annotations
@@ -89,17 +93,19 @@ def table(data: dict) -> str:
            "peak rank MB |",
            "|---|---|---|---|---|---|---|---|"]
     for k in ks:
-        m, w = rows["model"][k], rows["mopac"][k]
+        m, w = rows["model"][k], rows["mopac"].get(k)
         xm = f" ({m['steps_per_s'] / statistics.mean(alone[:k]):.2f}x)"
-        xw = f" ({w['labels_per_s'] / one_w['labels_per_s']:.2f}x)" if one_w else ""
+        xw = f" ({w['labels_per_s'] / one_w['labels_per_s']:.2f}x)" if one_w and w else ""
+        labels = f"{w['labels_per_s']:.3f}{xw}" if w else "-"
         lat = (f"{m['latency_median_s']:.3f} / {m['latency_worst_s']:.3f}"
                if m["latency_median_s"] is not None else "-")
         upd = f"{m['update_median_s']:.3f}" if m["update_median_s"] is not None else "-"
-        out.append(f"| {k} | {m['steps_per_s']:.0f}{xm} | {m['calls']} | "
-                   f"{w['labels_per_s']:.3f}{xw} | "
-                   f"{lat} | {upd} | {m['version_MB']:.1f} | "
-                   f"{max(m['peak_rank_MB'], w['peak_rank_MB']):.0f} |")
+        peak = max(m["peak_rank_MB"], w["peak_rank_MB"] if w else 0.0)
+        out.append(f"| {k} | {m['steps_per_s']:.0f}{xm} | {m['calls']} | {labels} | "
+                   f"{lat} | {upd} | {m['version_MB']:.1f} | {peak:.0f} |")
     shared, alone = data["shared"], data["alone"]
+    if shared is None:
+        return "\n".join(out)
     out += ["", f"Sharing, ethanol, 2 walkers x {args['share_steps']} steps from an empty store: "
             f"{shared['calls']} reference calls with one shared model ({shared['screened']} "
             f"requests screened by a newer version) against {sum(a['calls'] for a in alone)} "
@@ -110,33 +116,43 @@ def table(data: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ks", nargs="+", type=int, default=[1, 2, 3, 4])
-    ap.add_argument("--steps", type=int, default=3000, help="ethanol steps per walker")
+    ap.add_argument("--steps", type=int, default=10000,
+                    help="ethanol steps per walker (the calls a walker makes on starting from "
+                         "the warm-up's store weigh less the longer it runs)")
     ap.add_argument("--warm-steps", type=int, default=20000,
                     help="steps per walker of the warm-up job (as many walkers as the largest "
                          "K) whose labels warm-start the timed jobs")
     ap.add_argument("--water-steps", type=int, default=6, help="64-water steps per walker")
     ap.add_argument("--share-steps", type=int, default=2000,
                     help="ethanol steps per walker of the sharing comparison")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="added, times 1000, to every walker's seed")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args(argv)
     root = tempfile.mkdtemp(prefix="otfml-parallel-")
     # the warm-up covers the geometry of several walkers (seeds other than the timed ones),
     # so that model steps dominate the timed jobs at every K
+    s0 = 1000 * args.seed
     warm = job(os.path.join(root, "warm"), max(args.ks), "ethanol", args.warm_steps,
-               first_seed=100)
+               first_seed=s0 + 100)
     store = os.path.join(root, "warm", "shared.h5")
     rows = {"model": {}, "mopac": {}}
     # each walker alone: the baseline of "x one" (walkers of other seeds see other geometry)
     model_alone = [figures(job(os.path.join(root, f"alone_model{w}"), 1, "ethanol", args.steps,
-                               first_seed=w, store=store)) for w in range(max(args.ks))]
+                               first_seed=s0 + w, store=store)) for w in range(max(args.ks))]
     for k in args.ks:
         rows["model"][k] = model_alone[0] if k == 1 else figures(job(
-            os.path.join(root, f"model{k}"), k, "ethanol", args.steps, store=store))
-        rows["mopac"][k] = figures(job(os.path.join(root, f"water{k}"), k, "water64",
-                                       args.water_steps))
-    shared = figures(job(os.path.join(root, "shared"), 2, "ethanol", args.share_steps))
-    alone = [figures(job(os.path.join(root, f"alone{w}"), 1, "ethanol", args.share_steps,
-                         first_seed=w)) for w in (0, 1)]
+            os.path.join(root, f"model{k}"), k, "ethanol", args.steps, first_seed=s0,
+            store=store))
+        if args.water_steps:
+            rows["mopac"][k] = figures(job(os.path.join(root, f"water{k}"), k, "water64",
+                                           args.water_steps, first_seed=s0))
+    shared, alone = None, []
+    if args.share_steps:
+        shared = figures(job(os.path.join(root, "shared"), 2, "ethanol", args.share_steps,
+                             first_seed=s0))
+        alone = [figures(job(os.path.join(root, f"alone{w}"), 1, "ethanol", args.share_steps,
+                             first_seed=s0 + w)) for w in (0, 1)]
     data = {"args": vars(args), "warm_labels": warm["versions"], "rows": rows,
             "model_alone": model_alone, "shared": shared, "alone": alone}
     print(table(data))
