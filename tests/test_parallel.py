@@ -241,14 +241,17 @@ class _Later(_OneMessage):
         return self.after < 0 and self.msg is not None
 
 
-def test_a_walker_about_to_call_waits_for_the_version_that_learned_its_last_label():
+def test_a_walker_about_to_call_waits_for_the_version_that_learned_its_last_label(
+        monkeypatch):
     """It takes the awaited version as soon as it comes; where waiting has not been paying,
-    it waits only at every WAIT_EXPLORE-th chance, and never longer than a call costs."""
+    it waits only at every WAIT_EXPLORE-th chance, and never longer than a call costs; a
+    calibrating walker waits whatever its estimates say, and they do not count it."""
     import time
 
     from ase.build import molecule
     from ase.calculators.emt import EMT
 
+    import otfml.parallel.walker as walker_module
     from otfml.descriptor import Descriptor
     from otfml.gp import SparseGP
     from otfml.parallel.protocol import ModelVersion, model_parts
@@ -256,6 +259,7 @@ def test_a_walker_about_to_call_waits_for_the_version_that_learned_its_last_labe
     from otfml.policy import LearningPolicy
     from otfml.reference import make_reference
 
+    pytest.importorskip("mpi4py.MPI")  # started now, not within the timed waits
     gp = SparseGP(Descriptor([1, 6, 8]))
     a = molecule("CH3CH2OH")
     a.calc = EMT()
@@ -284,6 +288,12 @@ def test_a_walker_about_to_call_waits_for_the_version_that_learned_its_last_labe
     assert w._wait_for_own_label()
     assert 0.02 + w._update_s <= time.perf_counter() - t0 < 0.5
     assert w.n_waits == 2 and w.version == 2
+    estimates = (w._wait_est, w._wait_pays, w._passed)
+    monkeypatch.setattr(walker_module, "CALIBRATION_WAIT_S", 0.05)
+    t0 = time.perf_counter()
+    assert not w._wait_for_own_label(calibrating=True)  # not a choice
+    assert time.perf_counter() - t0 >= 0.05 and w.n_waits == 3
+    assert (w._wait_est, w._wait_pays, w._passed) == estimates
 
 
 def _split_ethanol():
