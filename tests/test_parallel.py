@@ -271,7 +271,7 @@ def test_a_walker_about_to_call_waits_for_the_version_that_learned_its_last_labe
     w = WalkerLearner(comm, make_reference(EMT()), species=[1, 6, 8])
     w.version = 1
     assert not w._wait_for_own_label()  # nothing sent: nothing to wait for
-    w._sent = 1
+    w.n_calls = 1
     w.timings["reference"].append(0.5)
     assert w._wait_for_own_label()
     assert w.version == 2 and w._taken_in == 1 and w.n_waits == 1
@@ -280,7 +280,7 @@ def test_a_walker_about_to_call_waits_for_the_version_that_learned_its_last_labe
     assert w.n_waits_paid == 0 and w._wait_pays < WAIT_PRIOR
     # a second label, whose version does not come: waiting has not paid, so the walker
     # passes up its chances, but for one in WAIT_EXPLORE, which waits what a call costs
-    w._sent, w._wait_pays, w._wait_est = 2, 0.0, 0.1
+    w.n_calls, w._wait_pays, w._wait_est = 2, 0.0, 0.1
     w.timings["reference"][:] = [0.02]
     for _ in range(WAIT_EXPLORE):
         assert not w._wait_for_own_label()

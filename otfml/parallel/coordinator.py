@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import statistics
 import time
 
 from ..errors import ReferenceFailed
@@ -168,10 +169,10 @@ class Coordinator:
         data, digest = model_parts(L.model)
         self.checksums[self.version] = digest
         self.version_bytes.append(sum(memoryview(p).nbytes for p in data))
-        recent = sorted(self.update_s[-9:])
         msg = ModelVersion(self.version, data, digest, L.policy, arrived,
                            len(L.store) if L.store is not None else L.n_calls,
-                           dict(self.taken_in), recent[len(recent) // 2] if recent else 0.0)
+                           dict(self.taken_in),
+                           statistics.median(self.update_s[-9:]) if self.update_s else 0.0)
         self._pending += send_version(self.comm, msg, range(1, self.comm.Get_size()))
         self._published = time.time()
         self._tidy()

@@ -84,7 +84,7 @@ class ModelVersion:
         UNIX time the label that made this version reached the coordinator.
     n_frames : int
         Frames the coordinator's store holds.
-    learned : dict
+    taken_in : dict
         Per walker, how many of its labels the coordinator has taken in (learned, or
         refused by the label check) up to this version.
     update_s : float
@@ -97,7 +97,7 @@ class ModelVersion:
     policy: object
     label_arrived: float
     n_frames: int
-    learned: dict = field(default_factory=dict)
+    taken_in: dict = field(default_factory=dict)
     update_s: float = 0.0
 
 

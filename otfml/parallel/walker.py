@@ -77,8 +77,7 @@ class WalkerLearner(Learner):
         #: waits for the version that learned this walker's previous label, their seconds,
         #: and how many of them ended with the request dropped (the version was sure)
         self.n_waits, self.wait_s, self.n_waits_paid = 0, 0.0, 0
-        self._sent = 0  # labels this walker sent to the coordinator
-        self._taken_in = 0  # of them, those the coordinator had taken in, at version
+        self._taken_in = 0  # this walker's labels the coordinator had taken in, at version
         self._update_s = 0.0  # the coordinator's update time per label, s
         self._wait_est: float | None = None  # running estimate of a wait, s
         self._wait_pays = WAIT_PRIOR  # running share of waits that dropped the request
@@ -114,7 +113,7 @@ class WalkerLearner(Learner):
         # this walker's settings (its stage's), the coordinator's calibration
         self.policy = type(self.policy)(**self.policy.settings()).inherit(newest.policy)
         self.version = newest.version
-        self._taken_in = newest.learned.get(self.walker, 0)
+        self._taken_in = newest.taken_in.get(self.walker, 0)
         self._update_s = newest.update_s
         self.checksums[newest.version] = digest
         self.latency.append(time.time() - newest.label_arrived)
@@ -151,7 +150,7 @@ class WalkerLearner(Learner):
         model whose errors were not measured yet) always waits for the version that
         measured them, up to :data:`CALIBRATION_WAIT_S`: one call measures them.
         """
-        if self._taken_in >= self._sent or not self.timings["reference"]:
+        if self._taken_in >= self.n_calls or not self.timings["reference"]:
             return False
         cost = float(np.median(self.timings["reference"][-20:])) + self._update_s
         if calibrating:
@@ -162,7 +161,7 @@ class WalkerLearner(Learner):
             return False
         self._passed = 0
         t0 = time.perf_counter()
-        while self._taken_in < self._sent and time.perf_counter() - t0 < cost:
+        while self._taken_in < self.n_calls and time.perf_counter() - t0 < cost:
             if not self.take_newest():
                 time.sleep(WAIT_POLL_S)
         waited = time.perf_counter() - t0
@@ -212,7 +211,6 @@ class WalkerLearner(Learner):
                                if k in ("charge", "multiplicity")},
             label.energy, label.forces, label.fingerprint, label.seconds, self.walker, step,
             self.version, float(dec.max_force_std)), dest=0, tag=LABEL))
-        self._sent += 1
         self.n_calls += 1
         self.steps_since_call = 0
         self.timings["update"].append(0.0)
