@@ -5,7 +5,8 @@
 REFERENCE: ``emt`` (a Cu13 cluster, 300 K) or ``mopac`` (ethanol, 500 K, PM7). With
 FAIL_WALKER, that walker's reference fails from its 3rd call on. Rank 0 writes
 OUT/result.json: frames stored, versions made and their checksums, and every walker's
-summary.
+summary (with the reasons of its reference calls). A store already in OUT warm-starts the
+model.
 """
 
 import json
@@ -71,6 +72,8 @@ with ParallelSession(reference, store=os.path.join(out, "shared.h5"), species=sp
         a.calc = s.calculator()
         Langevin(a, (2.0 if kind == "emt" else 0.5) * units.fs, temperature_K=T,
                  friction=0.02, rng=np.random.default_rng(s.walker)).run(steps)
+        s.extra = {"called_reasons": [h["reason"] for h in a.calc.learner.history
+                                      if h["called"]]}
 if s.walker is None:
     c = s.coordinator
     with Store(os.path.join(out, "shared.h5")) as st:

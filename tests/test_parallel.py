@@ -75,6 +75,19 @@ def test_walkers_with_mopac(tmp_path):
     assert all(d["steps"] == 101 for d in res["summaries"].values())
 
 
+@mopac
+def test_warm_started_walkers_measure_the_models_errors_with_one_call_each(tmp_path):
+    """A model warm-started from a store has no calibration: a walker's first call measures
+    its errors, and a walker that would call again meanwhile waits for the version that
+    measured them rather than calling "calibrating" again."""
+    _mpirun(3, tmp_path, 20, "mopac")  # the store
+    res = _mpirun(3, tmp_path, 20, "mopac")
+    assert all("error" not in d for d in res["summaries"].values()), [
+        d.get("error") for d in res["summaries"].values()]
+    calibrating = [d["called_reasons"].count("calibrating") for d in res["summaries"].values()]
+    assert max(calibrating) == 1, calibrating
+
+
 WORKFLOW = """
 system:
   structure: CH3CH2OH
