@@ -9,7 +9,11 @@ minimum of each, both far from the PM7 minimum) are optimized to fmax 0.05 eV/Å
   model) from an empty store;
 * ``otfml-warm``: the same after 500 steps of on-the-fly MD (300 K) of the same molecule
   from the start, with one store and model (only the optimization's calls count);
-* ``Sella`` (internal coordinates) where it is installed (``pip install sella``).
+* ``Sella``: a minimization (``order=0``) in internal coordinates;
+* ``geomeTRIC`` in internal coordinates through its ASE engine, converged on the largest
+  atomic force alone (its other criteria opened wide), as the others are.
+
+Sella and geomeTRIC run where they are installed (``pip install -e ".[compare]"``).
 
 Every run ends with an independent MOPAC call at the returned geometry: a start counts as
 converged when its largest force is at most fmax there. Printed per start: the reference
@@ -32,6 +36,7 @@ import tempfile
 import time
 
 import numpy as np
+from ase import units
 from ase.calculators.calculator import Calculator, all_changes
 from ase.io import read
 
@@ -149,12 +154,38 @@ def run_sella(atoms, steps: int) -> tuple[int, float]:
 
     calc = Counting()
     atoms.calc = calc
-    Sella(atoms, internal=True, logfile=None).run(fmax=FMAX, steps=steps)
+    Sella(atoms, order=0, internal=True, logfile=None).run(fmax=FMAX, steps=steps)
+    return calc.calls, calc.seconds
+
+
+def run_geometric(atoms, steps: int) -> tuple[int, float]:
+    import geometric
+    import geometric.errors
+    from geometric.ase_engine import EngineASE
+    from geometric.molecule import Molecule
+    from geometric.optimize import run_optimizer
+
+    calc = Counting()
+    molecule = Molecule()
+    molecule.elem = atoms.get_chemical_symbols()
+    molecule.xyzs = [atoms.positions.copy()]
+    prefix = os.path.join(_workdir(), "geometric")
+    quiet = os.path.join(os.path.dirname(geometric.__file__), "config", "logJson.ini")
+    try:
+        result = run_optimizer(customengine=EngineASE(molecule, calc), input=prefix,
+                               prefix=prefix, maxiter=steps, logIni=quiet,
+                               convergence_gmax=FMAX / (units.Hartree / units.Bohr),
+                               convergence_energy=1.0, convergence_grms=1.0,
+                               convergence_drms=1.0, convergence_dmax=1.0)
+        atoms.positions = result.xyzs[-1]
+    except geometric.errors.Error as err:  # not converged: the check judges the last geometry
+        print(f"geomeTRIC: {type(err).__name__}", file=sys.stderr)
+        atoms.positions = calc.atoms.positions
     return calc.calls, calc.seconds
 
 
 METHODS = {"BFGS": run_bfgs, "otfml": run_otfml, "otfml-warm": run_otfml_warm,
-           "Sella": run_sella}
+           "Sella": run_sella, "geomeTRIC": run_geometric}
 
 
 def check(atoms) -> tuple[float, float]:
