@@ -57,7 +57,9 @@ def main() -> int:
 
         lines += ["## Geometry optimization (`optimize.py`)", "",
                   "The 18 starts of `shared/geoopt` to fmax 0.05 eV/Å, each checked by an "
-                  "independent MOPAC call; otfml from an empty store.", "",
+                  "independent MOPAC call; otfml from an empty store (otfml-warm: after 500 "
+                  "steps of on-the-fly MD of the molecule), BFGS on MOPAC directly, Sella and "
+                  "geomeTRIC on MOPAC in internal coordinates.", "",
                   optimize.table(load_results([opt])[0]), "",
                   "Reproduce: `python benchmarks/optimize.py`.", ""]
     par = os.path.join(HERE, "results", "parallel.json")
@@ -70,8 +72,19 @@ def main() -> int:
             lines += ["## Walkers over MPI (`parallel.py`)", "",
                       "`mpirun --oversubscribe -n K+1` on the 2 cores, rank 0 coordinating; "
                       "summed over the walkers' MD time (docs/parallel.md).", "",
-                      parallel.table(json.load(fh)), "",
-                      "Reproduce: `python benchmarks/parallel.py`.", ""]
+                      "Seed 0 (`benchmarks/results/parallel.json`):", "",
+                      parallel.table(json.load(fh)), ""]
+        runs = {0: par} | {int(f.rsplit("seed", 1)[1].split(".")[0]): f for f in
+                           glob.glob(os.path.join(HERE, "results", "parallel_seed*.json"))}
+        if len(runs) > 1:
+            seeds = {}
+            for seed, f in runs.items():
+                with open(f) as fh:
+                    seeds[seed] = json.load(fh)
+            lines += ["Two walkers against one, seeds " + ", ".join(map(str, sorted(seeds)))
+                      + " (`--seed`; `benchmarks/results/parallel_seed*.json`):", "",
+                      parallel.seeds_table(seeds), ""]
+        lines += ["Reproduce: `python benchmarks/parallel.py [--seed S]`.", ""]
     rep = _load("replay_*.json")
     if rep:
         lines += ["## The loop along one fixed MOPAC trajectory (`replay.py`)", "",

@@ -113,6 +113,23 @@ def table(data: dict) -> str:
     return "\n".join(out)
 
 
+def seeds_table(runs: dict[int, dict]) -> str:
+    """Two walkers against one, a row per seed (``--json`` contents of runs with ``--seed``)."""
+    out = ["| seed | ethanol steps/s, 2 walkers (x one) | water64 labels/s, 2 walkers (x one) "
+           "| ethanol calls, 2 walkers | sharing: calls with one model / run apart |",
+           "|---|---|---|---|---|"]
+    for seed, data in sorted(runs.items()):
+        rows = {reg: {int(k): v for k, v in r.items()} for reg, r in data["rows"].items()}
+        alone = [a["steps_per_s"] for a in data["model_alone"]]
+        m, w1, w2 = rows["model"][2], rows["mopac"].get(1), rows["mopac"].get(2)
+        water = (f"{w2['labels_per_s'] / w1['labels_per_s']:.2f}x" if w1 and w2 else "-")
+        share = (f"{data['shared']['calls']} / {sum(a['calls'] for a in data['alone'])}"
+                 if data["shared"] else "-")
+        out.append(f"| {seed} | {m['steps_per_s'] / statistics.mean(alone[:2]):.2f}x | {water} "
+                   f"| {m['calls']} | {share} |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ks", nargs="+", type=int, default=[1, 2, 3, 4])
