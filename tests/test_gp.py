@@ -145,7 +145,7 @@ def test_work_is_split_into_whole_species_or_large_parts(lanes):
 def _held_bytes(gp: SparseGP) -> dict:
     """What the model's buffers and frames hold now, counted array by array."""
     def grown(b):
-        return b.n * b._a.shape[1] * b._a.itemsize
+        return b.n * b.shape_reserved[1] * b.view.itemsize
     rows = sum(grown(b) for b in (gp._RF, gp._RE, gp._EwT))
     cache = sum(grown(b) for g in gp._geo.values() for b in g.values())
     frames = sum(sum(a.nbytes for a in (fr.env.p, fr.env.c, fr.env.pi, fr.env.pj, fr.env.D,
@@ -171,10 +171,10 @@ def test_the_memory_estimate_matches_what_the_frames_take(caplog, monkeypatch, c
         for k, (a, e, f) in enumerate(frames):
             gp.add_frame(a, e, f, solve=False)
             if k == 0:  # the rows of max_frames frames are reserved at the first
-                buffers = {"RF": gp._RF._a, **{f"{s}{key}": b._a for s, g in gp._geo.items()
+                buffers = {"RF": gp._RF._t._a, **{f"{s}{key}": b._a for s, g in gp._geo.items()
                                                for key, b in g.items()}}
     # ... and nothing was reallocated since: no copies of the rows as the buffers fill
-    assert buffers["RF"] is gp._RF._a and len(buffers) > 1
+    assert buffers["RF"] is gp._RF._t._a and len(buffers) > 1
     # the cached gradients' buffers are as wide as their columns (their rows are written
     # whole, so spare columns would be backed by memory)
     assert all(b._a.shape[1] == b.m for g in gp._geo.values() for b in g.values())
@@ -213,8 +213,8 @@ def test_a_refused_reservation_leaves_the_buffers_growing(monkeypatch, caplog):
     overcommit), the buffers grow as they fill, and the estimate's peak says so."""
     import otfml.gp as gp_module
 
-    def refuse(self, n, m=None, exact=False):
-        if exact:
+    def refuse(self, n, m=None, exact=False, exact_cols=False):
+        if exact or exact_cols:
             raise MemoryError("refused")
         return grow(self, n, m)
 
@@ -638,6 +638,40 @@ def test_growable_array_keeps_columns_in_order(drop):
     np.testing.assert_array_equal(g.view, x[:, keep])
     g.add_columns(np.ones((300, 2)))  # the buffer stays usable
     np.testing.assert_array_equal(g.view[:, :len(keep)], x[:, keep])
+
+
+def test_an_array_stored_by_columns_equals_one_stored_by_rows():
+    """The force rows' buffer (stored column by column, so that reserved columns take no
+    memory) gives what a row-major one gives through the same appends and removals, and
+    each of its columns is one contiguous run of memory."""
+    from otfml.gp._buffers import _Grow, _GrowByColumns
+
+    rng = np.random.default_rng(1)
+    rows, cols = _Grow(0, max_cols=40), _GrowByColumns(40)
+    steps = [("add_columns", 5), ("append", 30), ("append", 70), ("reserve", 500),
+             ("add_columns", 3), ("keep_columns", [0, 2, 3, 6, 7]), ("append", 9),
+             ("keep_rows", 0.6), ("add_columns", 30), ("drop_rows", 11), ("append", 100)]
+    for op, arg in steps:
+        if op == "add_columns":
+            x = rng.normal(size=(rows.n, arg))
+            rows.add_columns(x), cols.add_columns(x)
+        elif op == "append":
+            x = rng.normal(size=(arg, rows.m))
+            rows.append(x), cols.append(x)
+        elif op == "reserve":
+            rows.reserve(arg, exact=True), cols.reserve(arg, exact=True)
+            assert cols.shape_reserved[0] == arg
+        elif op == "keep_columns":
+            rows.keep_columns(np.array(arg)), cols.keep_columns(np.array(arg))
+        elif op == "keep_rows":
+            keep = rng.random(rows.n) < arg
+            rows.keep_rows(keep), cols.keep_rows(keep)
+        else:
+            rows.drop_rows(arg), cols.drop_rows(arg)
+        assert (cols.n, cols.m) == (rows.n, rows.m)
+        np.testing.assert_array_equal(cols.view, rows.view)
+    assert cols.view.strides[0] == cols.view.itemsize  # down a column, element by element
+    assert cols.shape_reserved[1] == 40  # columns reserved, in no row's way
 
 
 def test_a_frames_own_sparse_tolerance_fills_a_set_only_to_the_admission_fill():

@@ -63,8 +63,8 @@ class _Grow:
     cost memory for nothing).
     """
 
-    def __init__(self, ncols: int = 0, dtype=float, max_cols: int = 1) -> None:
-        self._a = np.zeros((64, max(ncols, max_cols, 1)), dtype=dtype)
+    def __init__(self, ncols: int = 0, dtype=float, max_cols: int = 1, rows: int = 64) -> None:
+        self._a = np.zeros((rows, max(ncols, max_cols, 1)), dtype=dtype)
         self.n = 0
         self.m = ncols
 
@@ -72,11 +72,18 @@ class _Grow:
     def view(self) -> np.ndarray:
         return self._a[: self.n, : self.m]
 
-    def reserve(self, n: int, m: int | None = None, exact: bool = False) -> None:
+    @property
+    def shape_reserved(self) -> tuple[int, int]:
+        """(rows, columns) there is room for."""
+        return self._a.shape
+
+    def reserve(self, n: int, m: int | None = None, exact: bool = False,
+                exact_cols: bool = False) -> None:
         """Make room for ``n`` rows and ``m`` columns (default: the current ones).
 
         ``exact``: room for ``n`` rows, not the next fourfold capacity (a reservation
-        of the rows the array will at most need; see ``SparseGP._reserve``).
+        of the rows the array will at most need; see ``SparseGP._reserve``);
+        ``exact_cols``: the same for ``m`` columns.
         """
         m = self.m if m is None else m
         R, C = self._a.shape
@@ -86,6 +93,8 @@ class _Grow:
             R = max(R, n)
         while R < n:
             R *= 4
+        if exact_cols:
+            C = max(C, m)
         while C < m:
             C *= 2
         a = np.empty((R, C), dtype=self._a.dtype)  # only [:n, :m] is ever read
@@ -93,7 +102,9 @@ class _Grow:
         self._a = a
 
     def append(self, x: np.ndarray) -> None:
-        x = np.asarray(x).reshape(-1, self.m)
+        x = np.asarray(x)
+        if x.ndim != 2:
+            x = x.reshape(-1, self.m)
         self.reserve(self.n + len(x), self.m)
         self._a[self.n : self.n + len(x), : self.m] = x
         self.n += len(x)
@@ -115,27 +126,35 @@ class _Grow:
         runs = [(int(a), int(b)) for a, b in zip(np.r_[0, cut], np.r_[cut, m])
                 if keep[a] != a]  # runs before the first dropped column stay where they are
 
+        step = min(256, self._chunk())  # an overlapping move copies through a temporary
+
         def move(i0: int, i1: int) -> None:
-            for i in range(i0, i1, 256):
-                block = self._a[i: min(i + 256, i1)]
+            for i in range(i0, i1, step):
+                block = self._a[i: min(i + step, i1)]
                 for a, b in runs:
                     block[:, a:b] = block[:, keep[a]: keep[a] + b - a]
 
         _in_two(spawn, move, self.n)
         self.m = m
 
+    def _chunk(self) -> int:
+        """Rows moved at a time: about 8 MB (a gather's temporary is that large)."""
+        return max(1, (8 << 20) // max(1, self.m * self._a.itemsize))
+
     def drop_rows(self, n: int) -> None:
         """Drop the first ``n`` rows, moving the others up in place, in row chunks."""
-        for i in range(n, self.n, 4096):
-            j = min(i + 4096, self.n)
+        step = self._chunk()
+        for i in range(n, self.n, step):
+            j = min(i + step, self.n)
             self._a[i - n: j - n, : self.m] = self._a[i:j, : self.m]
         self.n -= n
 
     def keep_rows(self, keep: np.ndarray) -> None:
         """Keep only the rows where ``keep`` (bool, (n,)) is true, in order, in place."""
         idx = np.flatnonzero(keep)
-        for i in range(0, len(idx), 4096):  # idx[k] >= k: a chunk reads rows not yet written
-            j = min(i + 4096, len(idx))
+        step = self._chunk()
+        for i in range(0, len(idx), step):  # idx[k] >= k: a chunk reads rows not yet written
+            j = min(i + step, len(idx))
             self._a[i:j, : self.m] = self._a[idx[i:j], : self.m]
         self.n = len(idx)
 
@@ -144,6 +163,63 @@ class _Grow:
         self.reserve(self.n, self.m + j)
         self._a[: self.n, self.m : self.m + j] = x
         self.m += j
+
+
+class _GrowByColumns:
+    """Growable 2-D array stored column by column: rows appended, columns appended.
+
+    The interface of :class:`_Grow`, for an array whose columns the model adds over a run
+    (its sparse environments, up to ``max_cols``) and whose rows are many (every held
+    frame's force rows): each column is one contiguous run of memory, so the reserved
+    columns not yet in use are never backed by the operating system, whereas a row-major
+    buffer written row by row backs its full reserved width.
+    """
+
+    def __init__(self, max_cols: int) -> None:
+        self._t = _Grow(0, max_cols=64, rows=max(max_cols, 1))  # the transpose
+
+    @property
+    def n(self) -> int:
+        return self._t.m
+
+    @property
+    def m(self) -> int:
+        return self._t.n
+
+    @property
+    def view(self) -> np.ndarray:
+        return self._t.view.T
+
+    @property
+    def shape_reserved(self) -> tuple[int, int]:
+        """(rows, columns) there is room for."""
+        R, C = self._t._a.shape
+        return C, R
+
+    def reserve(self, n: int, m: int | None = None, exact: bool = False) -> None:
+        """As :meth:`_Grow.reserve`."""
+        self._t.reserve(self.m if m is None else m, n, exact_cols=exact)
+
+    def append(self, x: np.ndarray) -> None:
+        self._t.add_columns(np.asarray(x).T)
+
+    def add_columns(self, x: np.ndarray) -> None:
+        self._t.append(np.asarray(x).T)
+
+    def keep_columns(self, keep: np.ndarray,
+                     spawn: Callable[[Callable], _Task] | None = None) -> None:
+        """Keep only columns ``keep`` (increasing indices), in place."""
+        mask = np.zeros(self.m, dtype=bool)
+        mask[np.asarray(keep, dtype=np.int64)] = True
+        self._t.keep_rows(mask)
+
+    def keep_rows(self, keep: np.ndarray) -> None:
+        """Keep only the rows where ``keep`` (bool, (n,)) is true, in order, in place."""
+        self._t.keep_columns(np.flatnonzero(keep))
+
+    def drop_rows(self, n: int) -> None:
+        """Drop the first ``n`` rows."""
+        self._t.keep_columns(np.arange(n, self.n))
 
 
 def _times_blocks(blocks: list, x: np.ndarray, out: np.ndarray | None = None,

@@ -89,7 +89,7 @@ class _Memory:
         an update's temporaries).
         """
         env = self.frames[0].env
-        rows = n_frames * self._RF._a.shape[1] * 8 * (3 * len(env.numbers) + 2)
+        rows = n_frames * self._RF.shape_reserved[1] * 8 * (3 * len(env.numbers) + 2)
         blocks = geom["blocks"].values()
         cached = sum(a.nbytes for blk in blocks for key, a in blk.items() if key != "inc")
         cache = self._frames_cached(geom, n_frames) * cached

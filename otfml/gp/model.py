@@ -13,7 +13,7 @@ from ..baseline import ScreenedCoulomb
 from ..descriptor import Descriptor, Environments
 from ..prior import ForceFieldPrior
 from ..settings import EVICTIONS, default
-from ._buffers import _Grow, _Spare
+from ._buffers import _Grow, _GrowByColumns, _Spare
 from ._factor import _Factor
 from ._frames import _Frames
 from ._memory import _Memory
@@ -189,7 +189,7 @@ class SparseGP(_Rows, _SparseSet, _Frames, _Memory, _Likelihood, _Factor, _Persi
         # each species' block of L^-1 and its rows of Z, for the L^-1 they were cut from
         self._species_cache: tuple[weakref.ref, dict] | None = None
         # rows of the design matrix of every frame (normalized kernel units)
-        self._RF = _Grow(0, max_cols=M_max)  # force rows, (sum 3N, M)
+        self._RF = _GrowByColumns(M_max)  # force rows, (sum 3N, M)
         self._RE = _Grow(0, max_cols=M_max)  # energy rows, (frames, M)
         self._n_atoms = 0
         # descriptor gradients of the cached frames, per centre species (see _geometry)
