@@ -252,6 +252,10 @@ def from_smiles(smiles: str, rattle: float = 0.15, seed: int = 0):
     from otfml.system import _from_smiles
 
     atoms = _from_smiles(smiles, seed)
+    if atoms.info["smiles_charge"] or atoms.numbers.sum() % 2:
+        raise SystemExit(f"--smiles {smiles!r}: a charge or an odd number of electrons; the "
+                         "methods here run MOPAC neutral and closed-shell: give neutral "
+                         "closed-shell molecules")
     atoms.positions += np.random.default_rng(seed).normal(0.0, rattle, atoms.positions.shape)
     return atoms
 
