@@ -60,7 +60,7 @@ class _Grow:
     with memory; the larger factor only cuts the copies of large structures' rows.
     ``max_cols`` reserves the columns the array will at most need (an array whose rows
     are written in full is backed in full: a column buffer wider than its columns would
-    cost memory for nothing).
+    cost memory for nothing); ``rows``, the rows reserved at first.
     """
 
     def __init__(self, ncols: int = 0, dtype=float, max_cols: int = 1, rows: int = 64) -> None:
