@@ -669,6 +669,7 @@ def test_an_array_stored_by_columns_equals_one_stored_by_rows():
         else:
             rows.drop_rows(arg), cols.drop_rows(arg)
         assert (cols.n, cols.m) == (rows.n, rows.m)
+        assert cols.shape_reserved[0] == rows.shape_reserved[0]  # rows grow alike (fourfold)
         np.testing.assert_array_equal(cols.view, rows.view)
     assert cols.view.strides[0] == cols.view.itemsize  # down a column, element by element
     assert cols.shape_reserved[1] == 40  # columns reserved, in no row's way

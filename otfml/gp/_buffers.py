@@ -197,11 +197,18 @@ class _GrowByColumns:
         return C, R
 
     def reserve(self, n: int, m: int | None = None, exact: bool = False) -> None:
-        """As :meth:`_Grow.reserve`."""
+        """As :meth:`_Grow.reserve`: the row capacity grows fourfold, unless ``exact``."""
+        rows = self.shape_reserved[0]
+        if not exact and n > rows:  # (the transpose's columns double: they land on rows)
+            while rows < n:
+                rows *= 4
+            n = rows
         self._t.reserve(self.m if m is None else m, n, exact_cols=exact)
 
     def append(self, x: np.ndarray) -> None:
-        self._t.add_columns(np.asarray(x).T)
+        x = np.asarray(x)
+        self.reserve(self.n + len(x))
+        self._t.add_columns(x.T)
 
     def add_columns(self, x: np.ndarray) -> None:
         self._t.append(np.asarray(x).T)
