@@ -16,7 +16,8 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-import panel  # noqa: E402  (benchmarks/ is not a package)
+import optimize  # noqa: E402  (benchmarks/ is not a package)
+import panel  # noqa: E402
 from otf_md import load_results  # noqa: E402
 
 PAGE = os.path.join(os.path.dirname(HERE), "docs", "performance.md")
@@ -53,8 +54,6 @@ def main() -> int:
                   "--steps STEPS --plain-steps 2000 --seed SEED --thermostat-fs 100`.", ""]
     opt = os.path.join(HERE, "results", "optimize.json")
     if os.path.exists(opt):
-        import optimize
-
         lines += ["## Geometry optimization (`optimize.py`)", "",
                   "The 18 starts of `shared/geoopt` to fmax 0.05 eV/Å, each checked by an "
                   "independent MOPAC call; otfml from an empty store (otfml-warm: after 500 "
@@ -64,8 +63,6 @@ def main() -> int:
                   "Reproduce: `python benchmarks/optimize.py`.", ""]
     opt = os.path.join(HERE, "results", "optimize_smiles.json")
     if os.path.exists(opt):
-        import optimize
-
         rows = load_results([opt])[0]
         smiles = " ".join(f"'{s}'" for s in dict.fromkeys(r["start"] for r in rows))
         methods = " ".join(dict.fromkeys(r["method"] for r in rows))

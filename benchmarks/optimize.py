@@ -229,7 +229,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.smiles:
-        starts, best = {smi: functools.partial(from_smiles, smi) for smi in args.smiles}, {}
+        starts = {smi: functools.partial(from_smiles, smi) for smi in args.smiles}
     else:
         with open(os.path.join(args.geoopt, "anchors.json")) as fh:
             anchors = json.load(fh)
@@ -239,9 +239,10 @@ def main(argv=None) -> int:
     global WORK
     with tempfile.TemporaryDirectory(prefix="otfml-opt-") as WORK:
         rows = _runs(args, starts)
+    if args.smiles:  # the lowest energy any method reached from each start
+        best = {name: min(r["energy"] for r in rows if r["start"] == name) for name in starts}
     for r in rows:
-        e0 = best.get(r["start"], min(q["energy"] for q in rows if q["start"] == r["start"]))
-        r["above_best_meV"] = 1e3 * (r["energy"] - e0)
+        r["above_best_meV"] = 1e3 * (r["energy"] - best[r["start"]])
     print(json.dumps(rows, indent=1) if args.json else table(rows))
     return 0
 

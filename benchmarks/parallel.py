@@ -72,12 +72,17 @@ def figures(res: dict) -> dict:
             "peak_rank_MB": max([d["rss_MB"] for d in w] + [res["coordinator_rss_MB"]])}
 
 
+def _by_k(data: dict) -> tuple[dict, list]:
+    """A run's figures per K (``--json`` keys are strings) and each walker's steps/s alone."""
+    rows = {reg: {int(k): v for k, v in r.items()} for reg, r in data["rows"].items()}
+    return rows, [a["steps_per_s"] for a in data["model_alone"]]
+
+
 def table(data: dict) -> str:
     """The markdown of one run's figures (``--json``'s content)."""
-    rows, args = data["rows"], data["args"]
-    rows = {reg: {int(k): v for k, v in r.items()} for reg, r in rows.items()}
+    args = data["args"]
+    rows, alone = _by_k(data)
     ks = sorted(rows["model"])
-    alone = [a["steps_per_s"] for a in data["model_alone"]]
     one_w = rows["mopac"].get(1)
     out = [f"Ethanol (500 K): {args['steps']} steps per walker from the store of a warm-up "
            f"of {max(args['ks'])} walkers x {args['warm_steps']} steps (other seeds; "
@@ -119,8 +124,7 @@ def seeds_table(runs: dict[int, dict]) -> str:
            "| ethanol calls, 2 walkers | sharing: calls with one model / run apart |",
            "|---|---|---|---|---|"]
     for seed, data in sorted(runs.items()):
-        rows = {reg: {int(k): v for k, v in r.items()} for reg, r in data["rows"].items()}
-        alone = [a["steps_per_s"] for a in data["model_alone"]]
+        rows, alone = _by_k(data)
         m, w1, w2 = rows["model"][2], rows["mopac"].get(1), rows["mopac"].get(2)
         water = (f"{w2['labels_per_s'] / w1['labels_per_s']:.2f}x" if w1 and w2 else "-")
         share = (f"{data['shared']['calls']} / {sum(a['calls'] for a in data['alone'])}"
